@@ -1,0 +1,3 @@
+from export.cli import export_entry
+
+export_entry()

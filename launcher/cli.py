@@ -1,0 +1,161 @@
+"""Command line: `launch`, and the umbrella `zeroship launch|export|runs`.
+
+Exit codes: 0 ok, 2 user error (bad recipe, data, arguments, run id), 1 unexpected failure
+(a bug: printed with its traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+from rich.table import Table
+
+from launcher.errors import Problem, ZeroshipError
+
+console = Console(stderr=True)
+out = Console()
+
+
+def run_cli(fn: Callable[[], int | None]) -> int:
+    """Run a command: user errors → message + exit 2, bugs → traceback + exit 1."""
+    try:
+        return fn() or 0
+    except ZeroshipError as exc:
+        console.print(f"[bold red]error:[/] {exc.title}", highlight=False)
+        for problem in exc.problems:
+            console.print(f"  [red]-[/] {problem}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse exits 2 already; keep our format
+        self.print_usage(sys.stderr)
+        console.print(f"[bold red]error:[/] {message}", highlight=False)
+        raise SystemExit(2)
+
+
+# ------------------------------------------------------------------ launch
+def launch_parser(prog: str = "launch") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Validate a recipe and run its fine-tuning on Ray Train + DeepSpeed.")
+    p.add_argument("recipe", help="path to a recipe YAML")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-5 scaling.workers=4")
+    p.add_argument("--check", action="store_true", help="validate and print the plan; start nothing")
+    p.add_argument("--runs", metavar="DIR", help="storage root for runs (default: the recipe's run.storage)")
+    return p
+
+
+def launch(argv: list[str] | None = None, prog: str = "launch") -> int:
+    args = launch_parser(prog).parse_args(argv)
+
+    def go() -> int:
+        from launcher.plan import build_plan, print_plan
+        from launcher.recipe import load_recipe
+
+        recipe, resolved = load_recipe(args.recipe, args.overrides)
+        if args.runs:
+            resolved["run"]["storage"] = args.runs
+        plan = build_plan(recipe, resolved, args.recipe)
+        print_plan(plan, out)
+        if args.check:
+            out.print("[green]recipe OK[/] (--check: nothing started)")
+            return 0
+        from launcher.driver import launch_run
+
+        return launch_run(recipe, resolved, plan, recipe_path=args.recipe, overrides=args.overrides)
+
+    return run_cli(go)
+
+
+# ------------------------------------------------------------------ runs
+def runs_command(argv: list[str]) -> int:
+    p = _Parser(prog="zeroship runs", description="List runs, or show one.")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "show"])
+    p.add_argument("run", nargs="?", help="run id for `show` (run-42, 42, latest)")
+    p.add_argument("--runs", metavar="DIR", default="runs", help="storage root (default: runs)")
+    args = p.parse_args(argv)
+
+    def go() -> int:
+        from launcher.runs import Registry
+
+        reg = Registry(args.runs)
+        if args.action == "show":
+            if not args.run:
+                raise ZeroshipError(Problem("zeroship runs show", "which run?", "e.g. zeroship runs show latest"))
+            return show_run(reg.get(args.run))
+        table = Table(title=f"runs in {reg.root}")
+        for col in ("id", "state", "task", "winner", "created"):
+            table.add_column(col)
+        for run in reg.runs():
+            st = run.status()
+            win = st.get("winner") or {}
+            metric = f"{win['metric']}={win['value']:.4f}" if win.get("value") is not None else ""
+            color = {"succeeded": "green", "failed": "red", "running": "yellow"}.get(st.get("state"), "")
+            table.add_row(run.id, f"[{color}]{st.get('state')}[/]" if color else str(st.get("state")),
+                          str(st.get("task", "")), metric, str(st.get("created", "")))
+        out.print(table)
+        return 0
+
+    return run_cli(go)
+
+
+def show_run(run) -> int:
+    st = run.status()
+    out.print(f"[bold]{run.id}[/] {st.get('state')}  ({run.dir})")
+    if st.get("error"):
+        out.print(f"[red]error:[/] {st['error']}", highlight=False)
+    if st.get("winner"):
+        out.print("winner: " + json.dumps(st["winner"]))
+    rows = [m for m in run.metrics() if m.get("kind", "eval") == "eval"]
+    if rows:
+        keys = [k for k in rows[0] if k.startswith("eval_")]
+        table = Table(title="evaluations")
+        for col in ["trial", "epoch", "step", *keys]:
+            table.add_column(col)
+        for m in rows:
+            table.add_row(str(m.get("trial", "")), str(m.get("epoch")), str(m.get("step")),
+                          *[f"{m[k]:.4f}" if isinstance(m.get(k), float) else str(m.get(k)) for k in keys])
+        out.print(table)
+    return 0
+
+
+# ------------------------------------------------------------------ umbrella
+def zeroship(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = "usage: zeroship {launch,export,runs} ...  (zeroship COMMAND --help for more)"
+    if not argv or argv[0] in ("-h", "--help"):
+        out.print(usage)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "launch":
+        return launch(rest, prog="zeroship launch")
+    if cmd == "export":
+        from export.cli import main as export_main
+
+        return export_main(rest, prog="zeroship export")
+    if cmd == "runs":
+        return runs_command(rest)
+    console.print(f"[bold red]error:[/] unknown command {cmd!r}\n{usage}", highlight=False)
+    return 2
+
+
+def launch_entry() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(launch())
+
+
+def zeroship_entry() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(zeroship())
+
+
+if __name__ == "__main__":
+    launch_entry()

@@ -1,0 +1,385 @@
+"""Reading, labelling, tokenizing and batching the data.
+
+Readers run in the driver before Ray starts, so a malformed file fails fast with `file:line`.
+Workers receive the parsed examples, tokenize them with the model's fast tokenizer and cut
+them into length-grouped batches that are the same for every rank.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import DataError, Problem
+
+MAX_PROBLEMS = 20  # report this many bad lines, then stop reading
+
+
+@dataclass
+class Example:
+    """NER: tokens + tags. Classification: text + label."""
+
+    tokens: list[str] | None = None
+    tags: list[str] | None = None
+    text: str | None = None
+    label: str | None = None
+    where: str = ""
+
+
+@dataclass
+class Split:
+    path: str
+    examples: list[Example]
+    invalid_bio: int = 0  # sequences with an I- that does not continue its entity
+
+
+@dataclass
+class Dataset:
+    task: str
+    labels: list[str]
+    splits: dict[str, Split] = field(default_factory=dict)
+
+    def warnings(self) -> list[str]:
+        out = []
+        for name, split in self.splits.items():
+            if split.invalid_bio:
+                out.append(
+                    f"{split.path}: {split.invalid_bio} sentence(s) with invalid BIO (I- without its B-);"
+                    " trained as given"
+                )
+        return out
+
+
+class _Collector:
+    def __init__(self, path: str):
+        self.path, self.problems = path, []
+
+    def add(self, line: int, what: str, fix: str = "") -> None:
+        self.problems.append(Problem(f"{self.path}:{line}", what, fix))
+        if len(self.problems) >= MAX_PROBLEMS:
+            self.raise_if_any(truncated=True)
+
+    def raise_if_any(self, truncated: bool = False) -> None:
+        if self.problems:
+            title = "A data file is invalid." + (f" (first {MAX_PROBLEMS} problems)" if truncated else "")
+            raise DataError(self.problems, title=title)
+
+
+def _read_lines(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(Problem(path, "file not found" if not p.exists() else "not a file",
+                                "check the data paths in the recipe (relative to the recipe file)"))
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(Problem(f"{path}:{line}", f"not UTF-8 (byte 0x{raw[exc.start]:02x})",
+                                "re-encode the file as UTF-8")) from None
+    return text.splitlines()
+
+
+def read_conll(path: str) -> list[Example]:
+    """Columns separated by whitespace or tabs, token first, tag last; blank line between sentences."""
+    out, tokens, tags, start = [], [], [], 1
+    bad = _Collector(path)
+    ncols = None
+    lines = _read_lines(path)
+    for lineno, line in enumerate(lines + [""], start=1):
+        if not line.strip():
+            if tokens:
+                out.append(Example(tokens=tokens, tags=tags, where=f"{path}:{start}"))
+            tokens, tags = [], []
+            continue
+        if line.startswith("-DOCSTART-"):
+            continue
+        cols = line.split("\t") if "\t" in line else line.split()
+        if not tokens:
+            start = lineno
+        if len(cols) < 2:
+            bad.add(lineno, f"expected 'token ... tag', got {len(cols)} column(s): {line[:60]!r}")
+            continue
+        if ncols is None:
+            ncols = len(cols)
+        elif len(cols) != ncols:
+            bad.add(lineno, f"expected {ncols} columns like the first row, got {len(cols)}")
+            continue
+        token, tag = cols[0].strip(), cols[-1].strip()
+        if not token:
+            bad.add(lineno, "empty token")
+            continue
+        if not tag:
+            bad.add(lineno, "empty tag")
+            continue
+        tokens.append(token)
+        tags.append(tag)
+    bad.raise_if_any()
+    return out
+
+
+def read_jsonl(path: str, task: str) -> list[Example]:
+    out = []
+    bad = _Collector(path)
+    for lineno, line in enumerate(_read_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            bad.add(lineno, f"invalid JSON: {exc.msg} (column {exc.colno})")
+            continue
+        if not isinstance(row, dict):
+            bad.add(lineno, f"expected a JSON object, got {type(row).__name__}")
+            continue
+        where = f"{path}:{lineno}"
+        if task == "token_classification":
+            tokens, tags = row.get("tokens"), row.get("tags")
+            if not isinstance(tokens, list) or not isinstance(tags, list):
+                bad.add(lineno, 'expected {"tokens": [...], "tags": [...]}')
+            elif len(tokens) != len(tags):
+                bad.add(lineno, f"{len(tokens)} tokens but {len(tags)} tags")
+            elif not tokens:
+                bad.add(lineno, "empty sentence")
+            elif not all(isinstance(t, str) and t.strip() for t in tokens):
+                bad.add(lineno, "every token must be a non-empty string")
+            elif not all(isinstance(t, str) and t for t in tags):
+                bad.add(lineno, "every tag must be a non-empty string")
+            else:
+                out.append(Example(tokens=tokens, tags=tags, where=where))
+        else:
+            text, label = row.get("text"), row.get("label")
+            if not isinstance(text, str) or label is None or isinstance(label, (dict, list)):
+                bad.add(lineno, 'expected {"text": "...", "label": ...}')
+            else:
+                out.append(Example(text=text, label=str(label), where=where))
+    bad.raise_if_any()
+    return out
+
+
+def read_csv(path: str, text_column: str, label_column: str, delimiter: str) -> list[Example]:
+    lines = _read_lines(path)
+    bad = _Collector(path)
+    if not lines:
+        raise DataError(Problem(path, "empty file", "the first row must be a header"))
+    reader = csv.reader(lines, delimiter=delimiter)
+    header = next(reader)
+    missing = [c for c in (text_column, label_column) if c not in header]
+    if missing:
+        raise DataError(Problem(f"{path}:1", f"header has no column {', '.join(map(repr, missing))}",
+                                f"header is {header}; set data.text_column/label_column or data.delimiter"))
+    ti, li = header.index(text_column), header.index(label_column)
+    out = []
+    for lineno, row in enumerate(reader, start=2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            bad.add(reader.line_num, f"expected {len(header)} columns, got {len(row)}")
+            continue
+        if not row[li].strip():
+            bad.add(reader.line_num, "empty label")
+            continue
+        out.append(Example(text=row[ti], label=row[li].strip(), where=f"{path}:{reader.line_num}"))
+    bad.raise_if_any()
+    return out
+
+
+def count_invalid_bio(tags: list[str]) -> bool:
+    prev = "O"
+    for tag in tags:
+        if tag.startswith("I-") and prev[2:] != tag[2:]:
+            return True
+        prev = tag
+    return False
+
+
+def infer_labels(task: str, examples: list[Example]) -> list[str]:
+    if task == "token_classification":
+        seen = {t for ex in examples for t in ex.tags}
+        return ["O"] + sorted(seen - {"O"})
+    return sorted({ex.label for ex in examples})
+
+
+def _check_bio_label(tag: str, where: str, bad: _Collector) -> None:
+    if tag != "O" and not (tag[:2] in ("B-", "I-") and len(tag) > 2):
+        bad.problems.append(Problem(where, f"tag {tag!r} is not BIO (O, B-TYPE, I-TYPE)"))
+
+
+def load_dataset(data: dict, task: str) -> Dataset:
+    """Read every split named in the recipe's `data` section and settle the label set."""
+    splits: dict[str, Split] = {}
+    for name in ("train", "validation", "test"):
+        path = data.get(name)
+        if not path:
+            continue
+        if data["format"] == "conll":
+            examples = read_conll(path)
+        elif data["format"] == "jsonl":
+            examples = read_jsonl(path, task)
+        else:
+            examples = read_csv(path, data["text_column"], data["label_column"], data["delimiter"])
+        if not examples:
+            raise DataError(Problem(path, f"the {name} split has no examples"))
+        invalid = sum(count_invalid_bio(ex.tags) for ex in examples) if task == "token_classification" else 0
+        splits[name] = Split(path, examples, invalid)
+    labels = data.get("labels") or infer_labels(task, splits["train"].examples)
+    closed = set(labels)
+    bad = _Collector("")
+    if task == "token_classification":
+        for tag in labels:
+            _check_bio_label(tag, "data.labels", bad)
+        if "O" not in closed:
+            bad.problems.append(Problem("data.labels", "the BIO label set must contain 'O'"))
+    for name, split in splits.items():
+        for ex in split.examples:
+            values = ex.tags if task == "token_classification" else [ex.label]
+            for i, value in enumerate(values):
+                if value not in closed:
+                    origin = "data.labels in the recipe" if data.get("labels") else "the train split"
+                    line = _token_line(ex, i) if data["format"] == "conll" else ex.where
+                    bad.problems.append(Problem(line, f"label {value!r} is not in {origin}",
+                                                f"known labels: {', '.join(labels[:12])}"))
+                    break
+            if len(bad.problems) >= MAX_PROBLEMS:
+                break
+    if task == "sequence_classification" and len(labels) < 2:
+        bad.problems.append(Problem(splits["train"].path, f"only one label ({labels}) in train"))
+    bad.raise_if_any()
+    return Dataset(task, list(labels), splits)
+
+
+def _token_line(ex: Example, i: int) -> str:
+    """A CoNLL sentence starts at a line and has one token per line, so token i is i lines below."""
+    path, _, line = ex.where.rpartition(":")
+    return f"{path}:{int(line) + i}"
+
+
+# ============================================================ tokenization (workers and export)
+@dataclass
+class Feature:
+    input_ids: list[int]
+    attention_mask: list[int]
+    token_type_ids: list[int] | None
+    labels: list[int] | int
+    example: int  # index of the source example
+    word_ids: list[int | None] | None = None  # NER: word index per subtoken
+
+
+def encode_ner(tokenizer, examples: list[Example], label2id: dict[str, int], max_length: int,
+               stride: int) -> list[Feature]:
+    """Tokenize pre-split words; label the first subtoken of each word, -100 elsewhere.
+
+    Sentences longer than max_length become overlapping windows (`stride` subtokens of overlap);
+    every window is trained on and `merge_word_predictions` stitches them back for evaluation.
+    """
+    feats: list[Feature] = []
+    batch = tokenizer([ex.tokens for ex in examples], is_split_into_words=True, truncation=True,
+                      max_length=max_length, stride=stride, return_overflowing_tokens=True)
+    mapping = batch["overflow_to_sample_mapping"]
+    for w in range(len(batch["input_ids"])):
+        ex_i = mapping[w]
+        word_ids = batch.word_ids(w)
+        tags = examples[ex_i].tags
+        labels, prev = [], None
+        for wid in word_ids:
+            if wid is None or wid == prev:
+                labels.append(-100)
+            else:
+                labels.append(label2id[tags[wid]] if tags is not None else -100)
+            prev = wid
+        feats.append(Feature(batch["input_ids"][w], batch["attention_mask"][w],
+                             batch["token_type_ids"][w] if "token_type_ids" in batch else None,
+                             labels, ex_i, word_ids))
+    return feats
+
+
+def encode_cls(tokenizer, examples: list[Example], label2id: dict[str, int], max_length: int) -> list[Feature]:
+    batch = tokenizer([ex.text for ex in examples], truncation=True, max_length=max_length)
+    return [
+        Feature(batch["input_ids"][i], batch["attention_mask"][i],
+                batch["token_type_ids"][i] if "token_type_ids" in batch else None,
+                label2id[ex.label] if ex.label is not None else -100, i)
+        for i, ex in enumerate(examples)
+    ]
+
+
+def merge_word_predictions(features: list[Feature], window_preds: list[list[int]],
+                           n_words: list[int]) -> list[list[int | None]]:
+    """Per example and word: the prediction from the window where the word sits most centrally."""
+    best: list[list[tuple[int, int] | None]] = [[None] * n for n in n_words]
+    for feat, preds in zip(features, window_preds):
+        length = len(feat.input_ids)
+        prev = None
+        for pos, wid in enumerate(feat.word_ids):
+            if wid is None or wid == prev:
+                prev = wid
+                continue
+            prev = wid
+            centrality = min(pos, length - 1 - pos)
+            slot = best[feat.example][wid]
+            if slot is None or centrality > slot[0]:
+                best[feat.example][wid] = (centrality, preds[pos])
+    return [[s[1] if s else None for s in row] for row in best]
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, shuffle: bool) -> list[list[int]]:
+    """Batches of similar length (less padding); order shuffled by seed when training."""
+    order = list(range(len(lengths)))
+    rng = random.Random(seed)
+    if shuffle:
+        rng.shuffle(order)
+    chunk = batch_size * 50
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start:start + chunk], key=lambda i: lengths[i])
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    if shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+def shard_batches(batches: list[list[int]], rank: int, world: int) -> tuple[list[list[int]], list[bool]]:
+    """Round-robin batches over ranks, padded so every rank runs the same number of steps.
+
+    Collective ops (ZeRO gathers, gradient all-reduce) hang if ranks disagree on the step count.
+    Padding batches repeat earlier ones; the flag marks them so evaluation can drop their output.
+    """
+    n = len(batches)
+    total = -(-n // world) * world if n else world
+    mine, real = [], []
+    for i in range(rank, total, world):
+        mine.append(batches[i % n] if n else [])
+        real.append(i < n)
+    return mine, real
+
+
+def collate(features: list[Feature], pad_id: int, with_type_ids: bool) -> dict[str, Any]:
+    """Pad to the longest in the batch (dynamic padding)."""
+    import torch
+
+    width = max(len(f.input_ids) for f in features)
+    def pad(seq, value):
+        return list(seq) + [value] * (width - len(seq))
+    out = {
+        "input_ids": torch.tensor([pad(f.input_ids, pad_id) for f in features]),
+        "attention_mask": torch.tensor([pad(f.attention_mask, 0) for f in features]),
+    }
+    if with_type_ids:
+        out["token_type_ids"] = torch.tensor([pad(f.token_type_ids or [], 0) for f in features])
+    if isinstance(features[0].labels, list):
+        out["labels"] = torch.tensor([pad(f.labels, -100) for f in features])
+    else:
+        out["labels"] = torch.tensor([f.labels for f in features])
+    return out
+
+
+def examples_to_dicts(examples: list[Example]) -> list[dict]:
+    return [{k: v for k, v in ex.__dict__.items() if v is not None} for ex in examples]
+
+
+def examples_from_dicts(rows: list[dict]) -> list[Example]:
+    return [Example(**row) for row in rows]

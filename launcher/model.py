@@ -1,0 +1,187 @@
+"""Encoder + projection head + task classifier: one class for training, checkpoints and export.
+
+Saved form (`best/`): `model.safetensors` (every weight, head included), `model.json` (what it
+takes to rebuild: encoder config, head, task, labels) and the tokenizer files. Loading reads only
+safetensors and JSON, never a pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from launcher.errors import Problem, RunError
+
+FORMAT_VERSION = 1
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+class ProjectionHead(nn.Module):
+    """`layers` × (Linear → activation → LayerNorm? → Dropout), projecting into the task space."""
+
+    def __init__(self, in_dim: int, dim: int, layers: int, activation: str, dropout: float,
+                 layernorm: bool):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        for i in range(layers):
+            blocks += [nn.Linear(in_dim if i == 0 else dim, dim), ACTIVATIONS[activation]()]
+            if layernorm:
+                blocks.append(nn.LayerNorm(dim))
+            blocks.append(nn.Dropout(dropout))
+        self.net = nn.Sequential(*blocks)
+        self.out_dim = dim if layers else in_dim
+        self.dropout = nn.Dropout(dropout) if not layers else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.net(x))
+
+
+class ZeroshipModel(nn.Module):
+    def __init__(self, encoder: nn.Module, task: str, labels: list[str], head: dict, pooling: str = "cls"):
+        super().__init__()
+        self.encoder = encoder
+        if getattr(self.encoder, "pooler", None) is not None:
+            self.encoder.pooler = None  # unused, and unused params upset ZeRO's gradient hooks
+        self.task, self.labels, self.head_config, self.pooling = task, list(labels), dict(head), pooling
+        hidden = encoder.config.hidden_size
+        self.head = ProjectionHead(hidden, head["dim"], head["layers"], head["activation"],
+                                   head["dropout"], head["layernorm"])
+        self.classifier = nn.Linear(self.head.out_dim, len(labels))
+
+    @property
+    def uses_token_type_ids(self) -> bool:
+        return getattr(self.encoder.config, "type_vocab_size", 0) > 0
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None and self.uses_token_type_ids:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.encoder(**kwargs).last_hidden_state
+        if self.task == "sequence_classification":
+            if self.pooling == "mean":
+                mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+                hidden = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            else:
+                hidden = hidden[:, 0]
+        return self.classifier(self.head(hidden))
+
+    # ------------------------------------------------------------ describe / save / load
+    def describe(self, extra: dict | None = None) -> dict:
+        return {"format_version": FORMAT_VERSION, "task": self.task, "labels": self.labels,
+                "head": self.head_config, "pooling": self.pooling,
+                "encoder_config": self.encoder.config.to_dict(), **(extra or {})}
+
+    def save(self, folder: Path, tokenizer=None, extra: dict | None = None,
+             state_dict: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = state_dict if state_dict is not None else self.state_dict()
+        save_file({k: v.detach().to(torch.float32).contiguous() for k, v in state.items()},
+                  str(folder / "model.safetensors"), metadata={"format": "pt"})
+        (folder / "model.json").write_text(json.dumps(self.describe(extra), indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(folder))
+
+
+def _encoder_config(source: str, num_hidden_layers: int | None, attn: str | None):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source)
+    if num_hidden_layers is not None:
+        config.num_hidden_layers = min(num_hidden_layers, config.num_hidden_layers)
+    if attn:
+        config._attn_implementation = attn
+    return config
+
+
+def build_model(model_cfg: dict, labels: list[str], attn: str | None = None) -> ZeroshipModel:
+    """A fresh model from the recipe's `model` section: pretrained encoder, new head."""
+    from transformers import AutoModel
+
+    from launcher.recipe import resolve_encoder
+
+    source = resolve_encoder(model_cfg["encoder"])
+    config = _encoder_config(source, model_cfg.get("num_hidden_layers"), attn)
+    encoder = AutoModel.from_pretrained(source, config=config)
+    return ZeroshipModel(encoder, model_cfg["task"], labels, model_cfg["head"], model_cfg.get("pooling", "cls"))
+
+
+def read_model_json(folder: Path) -> dict:
+    path = Path(folder) / "model.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunError(Problem(str(path), "missing", "this folder is not a zeroship checkpoint")) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(Problem(str(path), f"corrupt: {exc}")) from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise RunError(Problem(str(path), f"format_version {meta.get('format_version')!r} is not "
+                               f"{FORMAT_VERSION}", "re-run with this zeroship version"))
+    return meta
+
+
+def load_model(folder: str | Path, attn: str | None = None) -> tuple[ZeroshipModel, dict]:
+    """Rebuild a saved model from `model.json` + `model.safetensors` (no pickle involved)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel
+
+    folder = Path(folder)
+    meta = read_model_json(folder)
+    enc = dict(meta["encoder_config"])
+    config = AutoConfig.for_model(enc.pop("model_type"), **{
+        k: v for k, v in enc.items() if k not in ("transformers_version", "architectures")})
+    if attn:
+        config._attn_implementation = attn
+    encoder = AutoModel.from_config(config)
+    model = ZeroshipModel(encoder, meta["task"], meta["labels"], meta["head"], meta.get("pooling", "cls"))
+    weights = folder / "model.safetensors"
+    try:
+        state = load_file(str(weights))
+    except FileNotFoundError:
+        raise RunError(Problem(str(weights), "missing")) from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RunError(Problem(str(weights), f"corrupt weights: {exc}")) from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RunError(Problem(str(weights), f"weights do not fit model.json: missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]}"))
+    model.eval()
+    return model, meta
+
+
+def apply_freeze(model: ZeroshipModel, freeze: Any) -> int:
+    """Freeze none / embeddings / encoder / bottom N layers. Returns the number of frozen tensors."""
+    frozen = 0
+    targets: list[nn.Module] = []
+    if freeze == "encoder":
+        targets = [model.encoder]
+    elif freeze == "embeddings" or (isinstance(freeze, int) and freeze > 0):
+        targets = [model.encoder.embeddings]
+        if isinstance(freeze, int):
+            targets += list(model.encoder.encoder.layer[:freeze])
+    for module in targets:
+        for p in module.parameters():
+            p.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float, head_lr: float | None) -> list[dict]:
+    """Decoupled weight decay on weights only (not biases, not LayerNorm); head may get its own lr."""
+    groups: dict[tuple, list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name or ".norm" in name
+        is_head = not name.startswith("encoder.")
+        key = (0.0 if no_decay else weight_decay, (head_lr or lr) if is_head else lr)
+        groups.setdefault(key, []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lr": glr} for (wd, glr), ps in groups.items()]

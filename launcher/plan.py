@@ -1,0 +1,120 @@
+"""The resolved plan of a run: what `launch --check` prints and what `launch` starts from.
+
+Building it reads and validates the data files (so a malformed line fails before Ray starts)
+and locates the encoder without downloading anything.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from launcher.data import Dataset, load_dataset
+from launcher.ds_config import build_ds_config
+from launcher.errors import Problem, RecipeError
+from launcher.recipe import PACKAGED_PREFIX, Recipe, resolve_encoder
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    resolved: dict
+    dataset: Dataset
+    encoder_source: str
+    ds_config: dict
+    warnings: list[str] = field(default_factory=list)
+
+
+def locate_encoder(encoder: str, recipe_path: str) -> tuple[str, list[str]]:
+    """Where the encoder comes from. Local paths must exist; hub names only warn (no download here)."""
+    if encoder.startswith(PACKAGED_PREFIX):
+        return resolve_encoder(encoder), []
+    path = Path(encoder)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise RecipeError(Problem(f"{recipe_path} model.encoder", f"{encoder} has no config.json",
+                                      "point at a Hugging Face model folder"))
+        return str(path), []
+    if encoder.startswith((".", "/", "~")) or path.exists():
+        raise RecipeError(Problem(f"{recipe_path} model.encoder", f"local model folder {encoder} not found",
+                                  "fix the path, or use a hub name / packaged:all-MiniLM-L6-v2"))
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(encoder, "config.json")
+    if isinstance(cached, str):
+        return encoder, []
+    return encoder, [f"model.encoder {encoder!r} is not a local folder nor in the local Hugging Face cache;"
+                     " every node must be able to download it when the run starts"]
+
+
+def build_plan(recipe: Recipe, resolved: dict, recipe_path: str) -> Plan:
+    source, warnings = locate_encoder(resolved["model"]["encoder"], recipe_path)
+    dataset = load_dataset(resolved["data"], recipe.model.task)
+    warnings += dataset.warnings()
+    sc = recipe.scaling
+    if sc.use_gpu:
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                warnings.append("scaling.use_gpu is on but this machine has no GPU; the cluster must have them")
+        except ImportError:
+            pass
+    return Plan(recipe, resolved, dataset, source, build_ds_config(resolved, sc.workers), warnings)
+
+
+def _size(path: str) -> str:
+    n = Path(path).stat().st_size
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def print_plan(plan: Plan, console: Console) -> None:
+    r = plan.recipe
+    t = Table(title="zeroship plan", show_header=False, title_justify="left")
+    t.add_column("what", style="bold")
+    t.add_column("value")
+    head = r.model.head
+    t.add_row("model", f"{r.model.encoder}" + (f" → {plan.encoder_source}" if plan.encoder_source != r.model.encoder else ""))
+    t.add_row("task", r.model.task + (f" (pooling {r.model.pooling})" if r.model.task == "sequence_classification" else ""))
+    t.add_row("head", f"{head.layers} × Linear({head.dim}) {head.activation}"
+              f"{' + LayerNorm' if head.layernorm else ''}, dropout {head.dropout}")
+    if r.model.freeze != "none":
+        t.add_row("freeze", str(r.model.freeze))
+    labels = plan.dataset.labels
+    t.add_row("labels", f"{len(labels)}: {', '.join(labels[:12])}{' …' if len(labels) > 12 else ''}")
+    for name, split in plan.dataset.splits.items():
+        t.add_row(f"data.{name}", f"{split.path} ({_size(split.path)}, {len(split.examples)} examples)")
+    t.add_row("max length / stride", f"{r.data.max_length} / {r.data.stride}")
+    sc = r.scaling
+    res = f"{sc.cpus_per_worker:g} CPU" + (f" + {sc.gpus_per_worker:g} GPU" if sc.use_gpu else "")
+    t.add_row("workers", f"{sc.workers} × ({res}), {sc.placement_strategy}")
+    ds = r.deepspeed
+    off = [f"optimizer→{ds.offload_optimizer}"] if ds.offload_optimizer != "none" else []
+    off += [f"params→{ds.offload_params}"] if ds.offload_params != "none" else []
+    t.add_row("deepspeed", f"ZeRO-{ds.zero_stage}, {ds.precision}" + (f", offload {' '.join(off)}" if off else ""))
+    tr = r.train
+    t.add_row("batch", f"{tr.batch_size}/worker × {tr.grad_accum} accum × {sc.workers} workers"
+              f" = {r.effective_batch_size} effective")
+    t.add_row("train", f"{tr.epochs} epochs, lr {tr.lr:g} ({tr.schedule}, warmup {tr.warmup_ratio:g}),"
+              f" seed {tr.seed}, eval every {tr.eval_every}")
+    t.add_row("select", f"{r.metric} ({r.mode})" + (
+        f", early stop after {tr.early_stopping.patience} evals without gain" if tr.early_stopping else ""))
+    reg = r.regularization
+    t.add_row("regularization", f"weight decay {reg.weight_decay:g}, label smoothing {reg.label_smoothing:g},"
+              f" max grad norm {reg.max_grad_norm:g}")
+    if r.sweep:
+        params = ", ".join(f"{k}∈{v}" for k, v in r.sweep.parameters.items())
+        t.add_row("sweep", f"{r.sweep.method}, {r.sweep_size()} trials: {params}")
+    t.add_row("storage", f"{plan.resolved['run']['storage']}")
+    console.print(t)
+    console.print("deepspeed config: " + json.dumps(plan.ds_config), highlight=False, soft_wrap=True)
+    for w in plan.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)

@@ -1,0 +1,156 @@
+"""Run registry: `run-<N>` directories under a storage root, with an atomic status file.
+
+Ids are allocated with `mkdir`, which is atomic: two launches racing for the same N see one
+succeed and the other get FileExistsError and try N+1. Every write that matters goes to a temp
+name first and is renamed into place, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import Problem, RunError
+
+RUN_ID = re.compile(r"^run-(\d{1,9})$")
+STATES = ("pending", "running", "succeeded", "failed")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write via a temp file in the same folder and rename over the target."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def _number(name: str) -> int | None:
+    match = RUN_ID.match(name)
+    return int(match.group(1)) if match else None
+
+
+def normalize_run_id(text: str) -> str | None:
+    """`run-42` or `42` → `run-42`; `latest` → None (resolved against the registry)."""
+    text = str(text).strip()
+    if text == "latest":
+        return None
+    if text.isdigit() and len(text) <= 9:
+        return f"run-{int(text)}"
+    if RUN_ID.match(text):
+        return f"run-{int(RUN_ID.match(text).group(1))}"
+    raise RunError(
+        Problem(f"run id {text!r}", "not a run id", "use run-<N>, <N> or latest (see `zeroship runs`)")
+    )
+
+
+@dataclass
+class Run:
+    id: str
+    dir: Path
+
+    @property
+    def status_path(self) -> Path:
+        return self.dir / "status.json"
+
+    @property
+    def best_dir(self) -> Path:
+        return self.dir / "best"
+
+    def status(self) -> dict:
+        try:
+            return json.loads(self.status_path.read_text())
+        except FileNotFoundError:
+            raise RunError(Problem(str(self.status_path), "missing: not a zeroship run")) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RunError(Problem(str(self.status_path), f"corrupt status file: {exc}")) from None
+
+    def update(self, **fields: Any) -> dict:
+        status = self.status()
+        if "state" in fields and fields["state"] not in STATES:
+            raise ValueError(f"bad state {fields['state']}")
+        status.update(fields)
+        status["updated"] = now()
+        atomic_write_json(self.status_path, status)
+        return status
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def metrics(self) -> list[dict]:
+        path = self.dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Registry:
+    """The runs under one storage root."""
+
+    def __init__(self, root: str | Path = "runs"):
+        self.root = Path(root)
+
+    def ids(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        return sorted(n for n in (_number(p.name) for p in self.root.iterdir()) if n is not None)
+
+    def allocate(self, extra: dict | None = None) -> Run:
+        """Create the next `run-<N>` directory atomically and write its pending status."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        n = (self.ids() or [0])[-1] + 1
+        while True:
+            path = self.root / f"run-{n}"
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                n += 1
+        run = Run(f"run-{n}", path)
+        stamp = now()
+        status = {"id": run.id, "state": "pending", "created": stamp, "updated": stamp,
+                  "error": None, "winner": None}
+        status.update(extra or {})
+        atomic_write_json(run.status_path, status)
+        return run
+
+    def get(self, text: str) -> Run:
+        """Resolve a user-supplied id (run-42, 42, latest) to an existing run."""
+        run_id = normalize_run_id(text)
+        if run_id is None:
+            ids = self.ids()
+            if not ids:
+                raise RunError(Problem(str(self.root), "no runs yet", "launch a recipe first"))
+            run_id = f"run-{ids[-1]}"
+        path = self.root / run_id
+        if not (path / "status.json").is_file():
+            known = ", ".join(f"run-{n}" for n in self.ids()[-5:]) or "none"
+            raise RunError(
+                Problem(str(path), f"no run {run_id} here", f"recent runs: {known}; or pass --runs DIR")
+            )
+        return Run(run_id, path)
+
+    def runs(self) -> list[Run]:
+        return [Run(f"run-{n}", self.root / f"run-{n}") for n in self.ids()
+                if (self.root / f"run-{n}" / "status.json").is_file()]
