@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from launcher.cli import console, run_cli
+from launcher.cli import run_cli
 from launcher.errors import Problem, ZeroshipError
 
 

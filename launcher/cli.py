@@ -10,8 +10,7 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.table import Table

@@ -101,15 +101,17 @@ def _encoder_config(source: str, num_hidden_layers: int | None, attn: str | None
     return config
 
 
-def build_model(model_cfg: dict, labels: list[str], attn: str | None = None) -> ZeroshipModel:
-    """A fresh model from the recipe's `model` section: pretrained encoder, new head."""
+def build_model(model_cfg: dict, labels: list[str], attn: str | None = None,
+                pretrained: bool = True) -> ZeroshipModel:
+    """A model from the recipe's `model` section: pretrained encoder (or an empty skeleton of
+    the same shape, to load a checkpoint into) and a new head."""
     from transformers import AutoModel
 
     from launcher.recipe import resolve_encoder
 
     source = resolve_encoder(model_cfg["encoder"])
     config = _encoder_config(source, model_cfg.get("num_hidden_layers"), attn)
-    encoder = AutoModel.from_pretrained(source, config=config)
+    encoder = AutoModel.from_pretrained(source, config=config) if pretrained else AutoModel.from_config(config)
     return ZeroshipModel(encoder, model_cfg["task"], labels, model_cfg["head"], model_cfg.get("pooling", "cls"))
 
 

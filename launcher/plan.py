@@ -52,6 +52,12 @@ def locate_encoder(encoder: str, recipe_path: str) -> tuple[str, list[str]]:
 
 
 def build_plan(recipe: Recipe, resolved: dict, recipe_path: str) -> Plan:
+    missing = [Problem(f"{recipe_path} data.{split}", f"file not found: {resolved['data'][split]}",
+                       "paths are relative to the recipe file's folder")
+               for split in ("train", "validation", "test")
+               if resolved["data"][split] and not Path(resolved["data"][split]).is_file()]
+    if missing:
+        raise RecipeError(missing)
     source, warnings = locate_encoder(resolved["model"]["encoder"], recipe_path)
     dataset = load_dataset(resolved["data"], recipe.model.task)
     warnings += dataset.warnings()

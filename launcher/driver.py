@@ -1,0 +1,314 @@
+"""The driver: allocate the run, connect to Ray, fit a TorchTrainer, keep the winner.
+
+Flow: allocate `run-N` → write recipe.yaml → ray (cluster if one is there, else a local one on
+127.0.0.1) → TorchTrainer(train_worker) with a live progress display → pick the best checkpoint
+by the recipe's metric → merge its ZeRO shards into `best/` (written to a temp folder, renamed
+into place only once complete) → evaluate the merged model again → status `succeeded`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from launcher.data import examples_to_dicts
+from launcher.errors import Problem, ZeroshipError
+from launcher.plan import Plan
+from launcher.recipe import Recipe
+from launcher.runs import Registry, Run, atomic_write, atomic_write_json
+from launcher.train_loop import CKPT_TAG, STATE_FILE, train_worker
+
+console = Console()
+
+
+class ClusterError(ZeroshipError):
+    """The Ray cluster cannot run this recipe."""
+
+
+# ------------------------------------------------------------------ Ray
+def connect_ray(recipe: Recipe) -> str:
+    """Join the cluster when one is there (RAY_ADDRESS, as under `ray job submit`), else start a
+    local Ray bound to loopback. Returns a short description."""
+    import ray
+
+    if ray.is_initialized():
+        return "existing ray session"
+    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+    runtime_env = {"env_vars": env}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=runtime_env, log_to_driver=True)
+        where = f"cluster at {os.environ['RAY_ADDRESS']}"
+    else:
+        # The dashboard serves the State API that Ray Train's placement-group cleaner polls; without
+        # it the driver log fills with "Failed to query Ray Train Controller actor state".
+        kwargs: dict[str, Any] = {}
+        if os.environ.get("ZEROSHIP_RAY_TMPDIR"):
+            kwargs["_temp_dir"] = os.environ["ZEROSHIP_RAY_TMPDIR"]
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1",
+                 runtime_env=runtime_env, log_to_driver=True, **kwargs)
+        where = f"local ray ({os.cpu_count()} CPUs, 127.0.0.1)"
+    _check_resources(recipe)
+    return where
+
+
+def _check_resources(recipe: Recipe) -> None:
+    import ray
+
+    sc = recipe.scaling
+    have = ray.cluster_resources()
+    need_cpu = sc.workers * sc.cpus_per_worker
+    problems = []
+    if need_cpu > have.get("CPU", 0):
+        problems.append(Problem("scaling", f"{sc.workers} workers × {sc.cpus_per_worker:g} CPU = {need_cpu:g}"
+                                f" CPUs, but the cluster has {have.get('CPU', 0):g}",
+                                "lower scaling.workers or scaling.cpus_per_worker, or use a bigger cluster"))
+    if sc.use_gpu and sc.workers * sc.gpus_per_worker > have.get("GPU", 0):
+        problems.append(Problem("scaling", f"{sc.workers} workers × {sc.gpus_per_worker:g} GPU, but the "
+                                f"cluster has {have.get('GPU', 0):g} GPUs", "set scaling.use_gpu: false on CPU"))
+    if problems:
+        raise ClusterError(problems)
+
+
+def progress_board():
+    """A tiny actor that workers push events to and the driver drains (works across nodes)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ProgressBoard:
+        def __init__(self) -> None:
+            self.events: list[dict] = []
+
+        def push(self, event: dict) -> None:
+            self.events.append(event)
+
+        def drain(self) -> list[dict]:
+            events, self.events = self.events, []
+            return events
+
+    return ProgressBoard.remote()
+
+
+# ------------------------------------------------------------------ progress display
+class ProgressView:
+    """Drains the board in a thread, appends evaluations to metrics.jsonl, draws a rich bar."""
+
+    def __init__(self, board, run: Run, trial: str = ""):
+        self.board, self.run, self.trial = board, run, trial
+        self.evals: list[dict] = []
+        self.stop_reason: str | None = None
+        self._stop = threading.Event()
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                 TextColumn("{task.fields[steps]}"),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                                 TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
+        self.task = self.progress.add_task(f"{run.id} training", total=None, info="starting workers…", steps="")
+        self.latest_eval = ""
+        self.total = 0
+
+    def handle(self, event: dict) -> None:
+        kind = event.pop("kind")
+        if kind == "start":
+            self.total = event["total_steps"]
+            self.progress.update(self.task, total=self.total, info="", steps=f"step 0/{self.total}")
+        elif kind == "step":
+            self.progress.update(self.task, completed=event["step"], steps=f"step {event['step']}/{self.total}",
+                                 info=f"loss {event['loss']:.4f} lr {event['lr']:.2e} {self.latest_eval}")
+        elif kind == "eval":
+            self.evals.append(event)
+            self.run.append_metrics({"kind": "eval", **event})
+            shown = {k: v for k, v in event.items() if k.startswith("eval_") and k != "eval_loss"}
+            self.latest_eval = " ".join(f"{k}={v:.4f}" for k, v in list(shown.items())[:2])
+            self.progress.update(self.task, completed=event["step"], info=self.latest_eval)
+        elif kind == "end":
+            self.stop_reason = event.get("stop_reason")
+
+    def drain(self) -> None:
+        import ray
+
+        for event in ray.get(self.board.drain.remote()):
+            self.handle(event)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                self.drain()
+            except Exception:  # the display must never take the run down
+                pass
+
+    def __enter__(self) -> ProgressView:
+        self.progress.start()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.thread.join()
+        try:
+            self.drain()
+        finally:
+            self.progress.stop()
+
+
+# ------------------------------------------------------------------ fit
+def fit(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[Any, ProgressView]:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    board = progress_board()
+    data = {name: examples_to_dicts(split.examples) for name, split in plan.dataset.splits.items()
+            if name in ("train", "validation")}
+    config = {"recipe": resolved, "labels": plan.dataset.labels, "data": data, "progress": board,
+              "metric": recipe.metric, "mode": recipe.mode}
+    sc = recipe.scaling
+    resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=sc.workers, use_gpu=sc.use_gpu,
+                                               resources_per_worker=resources,
+                                               placement_strategy=sc.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name="train", storage_path=str((run.dir / "ray").resolve()),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=recipe.run.keep_best, checkpoint_score_attribute=recipe.metric,
+                checkpoint_score_order=recipe.mode),
+            failure_config=ray.train.FailureConfig(max_failures=recipe.run.max_failures)),
+    )
+    with ProgressView(board, run) as view:
+        result = trainer.fit()
+    return result, view
+
+
+# ------------------------------------------------------------------ winner → best/
+def pick_winner(result, metric: str, mode: str) -> tuple[Any, dict]:
+    candidates = [(ckpt, m) for ckpt, m in (result.best_checkpoints or []) if metric in m]
+    if not candidates:
+        raise RuntimeError("training finished without a reported checkpoint")
+    key = (lambda cm: cm[1][metric]) if mode == "max" else (lambda cm: -cm[1][metric])
+    return max(candidates, key=key)
+
+
+def merged_state_dict(ckpt_dir: Path) -> dict:
+    """The full fp32 state dict from a DeepSpeed checkpoint folder written by this project's workers."""
+    import torch
+
+    state = json.loads((ckpt_dir / STATE_FILE).read_text())
+    if state["zero_stage"] == 0:
+        # zero_to_fp32 does not handle stage 0: the module's weights sit whole in rank 0's file
+        model_states = torch.load(ckpt_dir / CKPT_TAG / "mp_rank_00_model_states.pt",
+                                  map_location="cpu", weights_only=False)  # our own checkpoint
+        return {k: v.float() for k, v in model_states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=CKPT_TAG)
+
+
+def write_best(run: Run, resolved: dict, labels: list[str], ckpt_dir: Path, winner: dict,
+               plan: Plan) -> dict:
+    """Merge the winning shards into best/ and check the merged model reproduces the metric."""
+    from transformers import AutoTokenizer
+
+    from launcher.evaluate import evaluate_model
+    from launcher.model import build_model
+
+    model = build_model(resolved["model"], labels, pretrained=False)
+    state = merged_state_dict(ckpt_dir)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    persistent = {n for n, _ in model.named_parameters()} | set(model.state_dict())
+    missing = [k for k in missing if k in persistent]
+    if missing or unexpected:
+        raise RuntimeError(f"merged checkpoint does not fit the model: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(plan.encoder_source)
+    dcfg = resolved["data"]
+    metrics = {}
+    for split in ("validation", "test"):
+        if split in plan.dataset.splits:
+            metrics[split] = evaluate_model(model, tokenizer, model.task, labels,
+                                            plan.dataset.splits[split].examples,
+                                            dcfg["max_length"], dcfg["stride"])
+    metrics["reported"] = winner
+    tmp = run.dir / ".best.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(tmp, tokenizer=tokenizer, extra={
+        "max_length": dcfg["max_length"], "stride": dcfg["stride"], "run": run.id,
+        "metric": resolved["train"]["metric"] or winner["metric"]})
+    atomic_write_json(tmp / "metrics.json", metrics)
+    shutil.rmtree(run.best_dir, ignore_errors=True)
+    os.replace(tmp, run.best_dir)
+    return metrics
+
+
+# ------------------------------------------------------------------ launch
+def launch_run(recipe: Recipe, resolved: dict, plan: Plan, recipe_path: str, overrides: list[str]) -> int:
+    if recipe.sweep is not None:
+        raise ZeroshipError(Problem(f"{recipe_path} sweep", "sweeps are not supported by launch yet",
+                                    "remove the sweep section (or use --check to validate it)"))
+    reg = Registry(resolved["run"]["storage"])
+    run = reg.allocate({"task": recipe.model.task, "recipe": str(recipe_path), "overrides": list(overrides)})
+    atomic_write(run.dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    console.print(f"[bold]{run.id}[/] started → {run.dir}")
+    started = time.time()
+    try:
+        where = connect_ray(recipe)
+        console.print(f"ray: {where}")
+        run.update(state="running", started=time.time())
+        result, view = fit(recipe, resolved, plan, run)
+        ckpt, reported = pick_winner(result, recipe.metric, recipe.mode)
+        winner = {"trial": reported.get("trial") or None, "epoch": reported["epoch"], "step": reported["step"],
+                  "metric": recipe.metric, "value": reported[recipe.metric]}
+        with ckpt.as_directory() as folder:
+            metrics = write_best(run, resolved, plan.dataset.labels, Path(folder), winner, plan)
+        wall = time.time() - started
+        run.update(state="succeeded", winner=winner, stop_reason=view.stop_reason, wall_seconds=round(wall, 1))
+    except ZeroshipError as exc:
+        _fail(run, exc.render())
+        raise
+    except KeyboardInterrupt:
+        _fail(run, "interrupted")
+        raise
+    except Exception as exc:
+        _fail(run, f"{type(exc).__name__}: {exc}")
+        console.print(f"[bold red]{run.id} failed:[/] {type(exc).__name__}: {exc}", highlight=False)
+        if os.environ.get("ZEROSHIP_DEBUG"):
+            traceback.print_exc()
+        return 1
+    print_results(run, winner, metrics, view.stop_reason, wall)
+    return 0
+
+
+def _fail(run: Run, error: str) -> None:
+    shutil.rmtree(run.dir / ".best.tmp", ignore_errors=True)
+    run.update(state="failed", error=error)
+
+
+def print_results(run: Run, winner: dict, metrics: dict, stop_reason: str | None, wall: float) -> None:
+    table = Table(title=f"{run.id} results (winner: epoch {winner['epoch']}, step {winner['step']})")
+    table.add_column("split")
+    keys = [k for k in metrics.get("validation", {}) if k.startswith("eval_")]
+    for k in keys:
+        table.add_column(k.removeprefix("eval_"))
+    for split in ("validation", "test"):
+        if split in metrics:
+            table.add_row(split, *[f"{metrics[split][k]:.4f}" for k in keys])
+    console.print(table)
+    if stop_reason:
+        console.print(f"stopped: {stop_reason}; wall time {wall:.0f} s")
+    console.print(f"[bold green]{run.id} succeeded[/]: {winner['metric']}={winner['value']:.4f} → {run.best_dir}",
+                  highlight=False)
+    console.print(f"export it: zeroship export onnx {run.id}" + (
+        f" --runs {run.dir.parent}" if run.dir.parent.resolve() != Path("runs").resolve() else ""))

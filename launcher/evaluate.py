@@ -1,0 +1,77 @@
+"""Evaluation shared by the workers, the driver (merged checkpoint) and the exporter (parity).
+
+`predict` runs any forward function over batches of features and returns per-feature argmax
+predictions (and the summed loss); `score` turns those into the task metrics on whole examples,
+stitching NER windows back into sentences first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from launcher.data import Example, Feature, collate, encode_cls, encode_ner, merge_word_predictions
+from launcher.metrics import cls_metrics, ner_metrics
+
+
+def encode(task: str, tokenizer, examples: list[Example], labels: list[str], max_length: int,
+           stride: int) -> list[Feature]:
+    label2id = {label: i for i, label in enumerate(labels)}
+    if task == "token_classification":
+        return encode_ner(tokenizer, examples, label2id, max_length, stride)
+    return encode_cls(tokenizer, examples, label2id, max_length)
+
+
+def predict(forward: Callable, features: list[Feature], batches: list[list[int]], real: list[bool],
+            pad_id: int, with_type_ids: bool) -> tuple[dict[int, list[int] | int], float, int]:
+    """Argmax per feature over the given batches. Padding batches (real=False) run but are dropped.
+
+    Returns ({feature index: prediction}, summed token/example loss, number of labelled items).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    preds: dict[int, list[int] | int] = {}
+    loss_sum, count = 0.0, 0
+    with torch.no_grad():
+        for batch_ids, is_real in zip(batches, real):
+            batch = collate([features[i] for i in batch_ids], pad_id, with_type_ids)
+            labels = batch.pop("labels")
+            logits = forward(**batch).float()
+            if not is_real:
+                continue
+            flat = logits.reshape(-1, logits.shape[-1])
+            gold = labels.reshape(-1)
+            loss_sum += float(F.cross_entropy(flat, gold, ignore_index=-100, reduction="sum"))
+            count += int((gold != -100).sum())
+            arg = logits.argmax(-1).tolist()
+            for i, p in zip(batch_ids, arg):
+                preds[i] = p
+    return preds, loss_sum, count
+
+
+def score(task: str, labels: list[str], examples: list[Example], features: list[Feature],
+          preds: dict[int, list[int] | int], loss_sum: float, count: int) -> dict[str, float]:
+    if task == "token_classification":
+        window_preds = [preds[i] for i in range(len(features))]
+        merged = merge_word_predictions(features, window_preds, [len(ex.tokens) for ex in examples])
+        pred_tags = [[labels[p] if p is not None else "O" for p in row] for row in merged]
+        metrics = ner_metrics([ex.tags for ex in examples], pred_tags)
+    else:
+        label2id = {label: i for i, label in enumerate(labels)}
+        gold = [label2id[ex.label] for ex in examples]
+        metrics = cls_metrics(gold, [preds[i] for i in range(len(features))], len(labels))
+    metrics["eval_loss"] = loss_sum / max(count, 1)
+    return metrics
+
+
+def evaluate_model(model, tokenizer, task: str, labels: list[str], examples: list[Example],
+                   max_length: int, stride: int, batch_size: int = 32) -> dict[str, float]:
+    """Single-process evaluation of a plain (non-DeepSpeed) model, as the driver and export use it."""
+    from launcher.data import length_grouped_batches
+
+    features = encode(task, tokenizer, examples, labels, max_length, stride)
+    batches = length_grouped_batches([len(f.input_ids) for f in features], batch_size, 0, shuffle=False)
+    model.eval()
+    preds, loss_sum, count = predict(model, features, batches, [True] * len(batches),
+                                     tokenizer.pad_token_id, model.uses_token_type_ids)
+    return score(task, labels, examples, features, preds, loss_sum, count)

@@ -1,0 +1,188 @@
+"""What every Ray Train worker runs: data → model → DeepSpeed → epochs → evaluate → checkpoint.
+
+Everything the worker needs arrives in `config` (the resolved recipe, the label set, the parsed
+examples, a handle to the driver's progress board); nothing is read from module globals.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from typing import Any
+
+CKPT_TAG = "zero"
+STATE_FILE = "zeroship_state.json"
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
+    return fn
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from deepspeed.utils import logger as ds_logger
+    from transformers import AutoTokenizer
+
+    from launcher.data import collate, examples_from_dicts, length_grouped_batches, shard_batches
+    from launcher.ds_config import build_ds_config
+    from launcher.evaluate import encode, predict, score
+    from launcher.model import apply_freeze, build_model, param_groups
+    from launcher.recipe import resolve_encoder
+
+    # ---------------------------------------------------------------- setup
+    recipe, labels, board = config["recipe"], config["labels"], config.get("progress")
+    mcfg, dcfg, tcfg, rcfg = recipe["model"], recipe["data"], recipe["train"], recipe["regularization"]
+    task, metric, mode = mcfg["task"], config["metric"], config["mode"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(recipe["scaling"]["cpus_per_worker"])))
+    ds_logger.setLevel("WARNING")
+    seed_everything(tcfg["seed"])
+
+    def emit(event: dict, wait: bool = False) -> None:
+        if board is not None and rank == 0:
+            ref = board.push.remote(event)
+            if wait:
+                import ray
+                ray.get(ref)
+
+    # ---------------------------------------------------------------- data
+    tokenizer = AutoTokenizer.from_pretrained(resolve_encoder(mcfg["encoder"]))
+    train_ex = examples_from_dicts(config["data"]["train"])
+    val_ex = examples_from_dicts(config["data"]["validation"])
+    enc = dict(task=task, tokenizer=tokenizer, labels=labels, max_length=dcfg["max_length"], stride=dcfg["stride"])
+    train_feats = encode(examples=train_ex, **enc)
+    val_feats = encode(examples=val_ex, **enc)
+    val_batches, val_real = shard_batches(
+        length_grouped_batches([len(f.input_ids) for f in val_feats], tcfg["batch_size"], 0, shuffle=False),
+        rank, world)
+
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        lengths = [len(f.input_ids) for f in train_feats]
+        batches = length_grouped_batches(lengths, tcfg["batch_size"], tcfg["seed"] + epoch, shuffle=True)
+        return shard_batches(batches, rank, world)[0]
+
+    micro_per_epoch = len(epoch_batches(0))
+    steps_per_epoch = max(1, micro_per_epoch // tcfg["grad_accum"])
+    total_steps = steps_per_epoch * tcfg["epochs"]
+
+    # ---------------------------------------------------------------- model + DeepSpeed
+    model = build_model(mcfg, labels)
+    apply_freeze(model, mcfg["freeze"])
+    with_type_ids = model.uses_token_type_ids
+    optimizer = torch.optim.AdamW(param_groups(model, rcfg["weight_decay"], tcfg["lr"], tcfg.get("head_lr")),
+                                  lr=tcfg["lr"])
+    warmup = int(tcfg["warmup_ratio"] * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg["schedule"], warmup, total_steps))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=build_ds_config(recipe, world))
+
+    def evaluate() -> dict[str, float]:
+        engine.eval()
+        preds, loss_sum, count = predict(engine, val_feats, val_batches, val_real,
+                                         tokenizer.pad_token_id, with_type_ids)
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, (preds, loss_sum, count))
+        engine.train()
+        all_preds: dict = {}
+        for p, _, _ in gathered:
+            all_preds.update(p)
+        return score(task, labels, val_ex, val_feats, all_preds,
+                     sum(g[1] for g in gathered), sum(g[2] for g in gathered))
+
+    # ---------------------------------------------------------------- checkpoint + report
+    best_value: float | None = None
+    bad_evals = 0
+    es = tcfg.get("early_stopping")
+
+    def checkpoint_and_report(metrics: dict[str, float], epoch: int, step: int) -> bool:
+        """Every rank saves its ZeRO shard and reports; returns True when early stopping says stop."""
+        nonlocal best_value, bad_evals
+        value = metrics[metric]
+        better = best_value is None or (
+            value > best_value + (es["min_delta"] if es else 0) if mode == "max"
+            else value < best_value - (es["min_delta"] if es else 0))
+        if better:
+            best_value, bad_evals = value, 0
+        else:
+            bad_evals += 1
+        stop = [bool(es and bad_evals >= es["patience"])]
+        dist.broadcast_object_list(stop, src=0)  # rank 0 decides; every rank stops at the same step
+        record = {**metrics, "epoch": epoch, "step": step, "trial": config.get("trial", "")}
+        tmp = tempfile.mkdtemp(prefix="zeroship-ckpt-")
+        try:
+            engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"epoch": epoch, "step": step})
+            if rank == 0:
+                with open(os.path.join(tmp, STATE_FILE), "w") as fh:
+                    json.dump({"epoch": epoch, "step": step, "metrics": metrics, "labels": labels,
+                               "zero_stage": recipe["deepspeed"]["zero_stage"]}, fh)
+            emit({"kind": "eval", **record}, wait=True)
+            ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return stop[0]
+
+    # ---------------------------------------------------------------- train
+    label_smoothing = rcfg["label_smoothing"]
+    emit({"kind": "start", "total_steps": total_steps, "world": world, "examples": len(train_ex)})
+    step, stopped, started = 0, None, time.time()
+    eval_every = tcfg["eval_every"]
+    last_eval_step = -1
+    for epoch in range(1, tcfg["epochs"] + 1):
+        engine.train()
+        for micro, batch_ids in enumerate(epoch_batches(epoch)):
+            if micro >= steps_per_epoch * tcfg["grad_accum"]:
+                break  # keep every rank and epoch at the same number of optimizer steps
+            batch = collate([train_feats[i] for i in batch_ids], tokenizer.pad_token_id, with_type_ids)
+            labels_t = batch.pop("labels")
+            logits = engine(**batch).float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels_t.reshape(-1),
+                                   ignore_index=-100, label_smoothing=label_smoothing)
+            engine.backward(loss)
+            engine.step()
+            if (micro + 1) % tcfg["grad_accum"]:
+                continue  # DeepSpeed accumulates; an optimizer step happens every grad_accum micro-batches
+            step += 1
+            if rank == 0 and (step % max(1, total_steps // 100) == 0 or step == total_steps):
+                emit({"kind": "step", "step": step, "epoch": epoch, "loss": float(loss),
+                      "lr": scheduler.get_last_lr()[0], "elapsed": time.time() - started})
+            if isinstance(eval_every, int) and step % eval_every == 0:
+                last_eval_step = step
+                if checkpoint_and_report(evaluate(), epoch, step):
+                    stopped = f"early stopping: {metric} did not improve for {es['patience']} evaluations"
+                    break
+        if stopped:
+            break
+        if eval_every == "epoch" or (epoch == tcfg["epochs"] and last_eval_step != step):
+            last_eval_step = step
+            if checkpoint_and_report(evaluate(), epoch, step):
+                stopped = f"early stopping: {metric} did not improve for {es['patience']} evaluations"
+                break
+    emit({"kind": "end", "step": step, "stop_reason": stopped or "completed all epochs"}, wait=True)

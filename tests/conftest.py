@@ -1,0 +1,54 @@
+"""Shared test setup: offline Hugging Face, quiet tokenizers, helpers to run the CLIs for real."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TOY_NER = ROOT / "recipes" / "data" / "toy_ner"
+TOY_CLS = ROOT / "recipes" / "data" / "toy_cls"
+
+
+def cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run one of the console scripts (launch, export, zeroship) in a fresh process."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([str(BIN / args[0]), *args[1:]], cwd=cwd or ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def ray_tmp():
+    """A short, private Ray temp dir (Unix socket paths must stay under ~107 characters)."""
+    with tempfile.TemporaryDirectory(prefix="zs-", dir="/tmp") as tmp:
+        yield tmp
+
+
+def tiny_ner_recipe(folder: Path, **sections) -> Path:
+    """A quick NER recipe on the shipped toy data with a 2-layer MiniLM; sections override keys."""
+    import yaml
+
+    recipe = {
+        "model": {"encoder": "packaged:all-MiniLM-L6-v2", "task": "token_classification",
+                  "num_hidden_layers": 2, "head": {"dim": 64, "layers": 1}},
+        "data": {"format": "conll", "train": str(TOY_NER / "train.conll"),
+                 "validation": str(TOY_NER / "validation.conll"), "max_length": 48, "stride": 8},
+        "train": {"epochs": 1, "lr": 2e-4, "head_lr": 2e-3, "batch_size": 16, "seed": 7},
+        "deepspeed": {"zero_stage": 2},
+        "scaling": {"workers": 2},
+        "run": {"storage": str(folder / "runs")},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value}
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path

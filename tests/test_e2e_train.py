@@ -1,0 +1,175 @@
+"""End to end: real Ray Train workers, real DeepSpeed (CPU, gloo), real models, through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import BIN, ROOT, TOY_CLS, TOY_NER, cli, tiny_ner_recipe
+
+pytestmark = pytest.mark.e2e
+
+EVAL_BEST = """
+import json, sys
+from transformers import AutoTokenizer
+from launcher.data import load_dataset
+from launcher.evaluate import evaluate_model
+from launcher.model import load_model
+best, data = sys.argv[1], json.loads(sys.argv[2])
+model, meta = load_model(best)
+ds = load_dataset(data, meta["task"])
+tok = AutoTokenizer.from_pretrained(best)
+print(json.dumps(evaluate_model(model, tok, meta["task"], meta["labels"], ds.splits["validation"].examples,
+                                meta["max_length"], meta["stride"])))
+"""
+
+
+def evaluate_best_in_fresh_process(best: Path, data: dict) -> dict:
+    res = subprocess.run([sys.executable, "-c", EVAL_BEST, str(best), json.dumps(data)],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def random_tagger_f1() -> float:
+    """Chance level from the data: tag each validation word by sampling the train tag frequencies."""
+    from seqeval.metrics import f1_score
+
+    from launcher.data import read_conll
+
+    train, val = read_conll(str(TOY_NER / "train.conll")), read_conll(str(TOY_NER / "validation.conll"))
+    tags = [t for ex in train for t in ex.tags]
+    rng = random.Random(0)
+    return f1_score([ex.tags for ex in val], [[rng.choice(tags) for _ in ex.tags] for ex in val])
+
+
+def run_dir(tmp_path: Path, out: str) -> Path:
+    status = sorted((tmp_path / "runs").glob("run-*/status.json"))
+    assert status, out
+    return status[-1].parent
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_ner_run_zero_stage(tmp_path, ray_tmp, stage):
+    recipe = tiny_ner_recipe(tmp_path, deepspeed={"zero_stage": stage}, train={"epochs": 2})
+    res = cli("launch", str(recipe), env={"ZEROSHIP_RAY_TMPDIR": ray_tmp})
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    run = run_dir(tmp_path, out)
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "succeeded" and status["error"] is None
+    assert f"{run.name} succeeded: eval_f1=" in res.stdout
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in evals] == [1, 2]  # one line per evaluation
+    winner = status["winner"]
+    assert winner["value"] == max(e["eval_f1"] for e in evals)
+    # best/ loads into the model class in a fresh process and reproduces the winner's metric
+    data = {"format": "conll", "train": str(TOY_NER / "train.conll"),
+            "validation": str(TOY_NER / "validation.conll"), "test": None, "labels": None}
+    again = evaluate_best_in_fresh_process(run / "best", data)
+    assert abs(again["eval_f1"] - winner["value"]) <= 1e-6
+    chance = random_tagger_f1()
+    assert chance < 0.2
+    assert winner["value"] >= chance + 0.5, (winner, chance)
+    assert {"model.safetensors", "model.json", "metrics.json", "tokenizer.json"} <= {
+        p.name for p in (run / "best").iterdir()}
+    assert not (run / ".best.tmp").exists()
+
+
+def test_sequence_classification_zero0(tmp_path, ray_tmp):
+    recipe = tiny_ner_recipe(
+        tmp_path,
+        model={"task": "sequence_classification", "pooling": "mean"},
+        data={"format": "csv", "train": str(TOY_CLS / "train.csv"), "validation": str(TOY_CLS / "validation.csv"),
+              "test": str(TOY_CLS / "test.csv")},
+        train={"epochs": 2, "lr": 3e-4},
+        deepspeed={"zero_stage": 0})
+    res = cli("launch", str(recipe), env={"ZEROSHIP_RAY_TMPDIR": ray_tmp})
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    run = run_dir(tmp_path, res.stdout)
+    status = json.loads((run / "status.json").read_text())
+    metrics = json.loads((run / "best" / "metrics.json").read_text())
+    labels = [line.rsplit(",", 1)[1] for line in (TOY_CLS / "validation.csv").read_text().splitlines()[1:]]
+    majority = max(labels.count(x) for x in set(labels)) / len(labels)
+    assert status["winner"]["metric"] == "eval_accuracy"
+    assert abs(metrics["validation"]["eval_accuracy"] - status["winner"]["value"]) <= 1e-6
+    assert metrics["validation"]["eval_accuracy"] >= majority + 0.3, (metrics, majority)
+    assert "test" in metrics
+
+
+def test_malformed_data_fails_before_ray(tmp_path):
+    bad = tmp_path / "bad.conll"
+    bad.write_text("Anna B-PER\nruns O\n\nBerlin\n")
+    recipe = tiny_ner_recipe(tmp_path, data={"train": str(bad)})
+    start = time.time()
+    res = cli("launch", str(recipe))
+    assert res.returncode == 2
+    assert f"{bad}:4" in res.stderr and "Traceback" not in res.stderr
+    assert time.time() - start < 30 and "ray" not in res.stdout.lower()
+    assert not (tmp_path / "runs").exists()  # no run allocated for a recipe that cannot start
+
+
+def test_unschedulable_run_is_marked_failed(tmp_path, ray_tmp):
+    recipe = tiny_ner_recipe(tmp_path, scaling={"workers": 64})
+    res = cli("launch", str(recipe), env={"ZEROSHIP_RAY_TMPDIR": ray_tmp})
+    assert res.returncode == 2, res.stderr
+    assert "64 workers" in res.stderr
+    run = run_dir(tmp_path, res.stderr)
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and "64 workers" in status["error"]
+    assert not (run / "best").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit(tmp_path, ray_tmp):
+    """`ray job submit -- launch recipes/quickstart_ner.yaml` against a head this test starts on loopback."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+           "PATH": f"{BIN}:{os.environ['PATH']}"}
+    gcs, dash = _free_port(), _free_port()
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+         "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+         "--temp-dir", ray_tmp, "--num-cpus", "2", "--include-dashboard", "true"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", dash), timeout=1):
+                    break
+            except OSError:
+                time.sleep(1)
+        runs = tmp_path / "runs"
+        res = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+             "launch", "recipes/quickstart_ner.yaml", "train.epochs=1", "model.num_hidden_layers=2",
+             "--runs", str(runs)],
+            env=env, capture_output=True, text=True, timeout=900)
+        out = res.stdout + res.stderr
+        assert res.returncode == 0, out[-4000:]
+        run = runs / "run-1"
+        status = json.loads((run / "status.json").read_text())
+        assert status["state"] == "succeeded"
+        assert {"recipe.yaml", "metrics.jsonl", "best"} <= {p.name for p in run.iterdir()}
+        assert (run / "best" / "model.safetensors").is_file()
+        assert "cluster at" in out  # it joined the test's cluster instead of starting its own
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)

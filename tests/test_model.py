@@ -1,0 +1,67 @@
+"""The model class: save → load round trip, corrupt files refused, freezing, parameter groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from launcher.errors import RunError
+from launcher.model import apply_freeze, build_model, load_model, param_groups
+
+MODEL = {"encoder": "packaged:all-MiniLM-L6-v2", "task": "token_classification", "num_hidden_layers": 1,
+         "pooling": "cls", "head": {"dim": 32, "layers": 2, "activation": "gelu", "dropout": 0.1, "layernorm": True}}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(MODEL, ["O", "B-X", "I-X"]).eval()
+
+
+def test_round_trip_same_logits(tmp_path, model):
+    model.save(tmp_path)
+    loaded, meta = load_model(tmp_path)
+    ids = torch.randint(1000, 2000, (2, 9))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        assert torch.equal(model(ids, mask), loaded(ids, mask))
+    assert meta["labels"] == ["O", "B-X", "I-X"] and meta["head"]["layers"] == 2
+
+
+def test_sequence_head_mean_pooling_ignores_padding():
+    torch.manual_seed(0)
+    m = build_model({**MODEL, "task": "sequence_classification", "pooling": "mean"}, ["a", "b"]).eval()
+    ids = torch.randint(1000, 2000, (1, 6))
+    padded = torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(1, 6, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)], 1)
+    with torch.no_grad():
+        assert torch.allclose(m(ids, torch.ones_like(ids)), m(padded, mask), atol=1e-5)
+
+
+def test_corrupt_or_missing_files_refused(tmp_path, model):
+    model.save(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(RunError, match="corrupt weights"):
+        load_model(tmp_path)
+    (tmp_path / "model.json").write_text("{not json")
+    with pytest.raises(RunError, match="corrupt"):
+        load_model(tmp_path)
+    with pytest.raises(RunError, match="missing"):
+        load_model(tmp_path / "nope")
+
+
+def test_freeze_and_param_groups():
+    m = build_model({**MODEL, "num_hidden_layers": 2}, ["O", "B-X"])
+    assert apply_freeze(m, 1) > 0
+    assert not any(p.requires_grad for p in m.encoder.embeddings.parameters())
+    assert not any(p.requires_grad for p in m.encoder.encoder.layer[0].parameters())
+    assert all(p.requires_grad for p in m.encoder.encoder.layer[1].parameters())
+    groups = param_groups(m, 0.01, 1e-4, 1e-3)
+    grouped = {id(p) for g in groups for p in g["params"]}
+    assert grouped == {id(p) for p in m.parameters() if p.requires_grad}  # frozen ones not optimized
+    for g in groups:
+        if g["weight_decay"] > 0:
+            assert all(p.ndim >= 2 for p in g["params"])  # no decay on biases / LayerNorm
+    head_lrs = {g["lr"] for g in groups if any(p is m.classifier.weight for p in g["params"])}
+    assert head_lrs == {1e-3}

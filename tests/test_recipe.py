@@ -1,0 +1,111 @@
+"""Recipe schema: defaults, overrides, and a corpus of broken recipes that must fail cleanly."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, cli
+
+from launcher.errors import RecipeError
+from launcher.recipe import load_recipe, parse_override, sweep_points
+
+BROKEN = sorted((Path(__file__).parent / "broken").glob("*.yaml"))
+SPECIAL = {"21_empty.yaml": "empty", "22_binary.yaml": "not UTF-8"}
+
+
+def expectation(path: Path) -> str:
+    if path.name in SPECIAL:
+        return SPECIAL[path.name]
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# expect: "), f"{path.name} needs an '# expect:' first line"
+    return first.removeprefix("# expect: ")
+
+
+def test_corpus_is_large_enough():
+    assert len(BROKEN) >= 25
+
+
+@pytest.mark.parametrize("path", BROKEN, ids=lambda p: p.stem)
+def test_broken_recipe_exits_2_with_field_path(path: Path):
+    res = cli("launch", "--check", str(path), cwd=path.parent)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+    assert expectation(path) in res.stderr, res.stderr
+    # the message names the recipe file, or the data file and line the recipe led to
+    assert path.name in res.stderr or re.search(r"\.conll:\d+", res.stderr), res.stderr
+
+
+BROKEN_OVERRIDES = [
+    (["train.lr=abc"], "train.lr"),
+    (["train.lr"], "expected key.path=value"),
+    (["train..lr=1"], "not a dotted field path"),
+    (["deepspeed.zero_stage=9"], "deepspeed.zero_stage"),
+    (["scaling.workers=-2"], "scaling.workers"),
+    (["model.head.dimm=3"], "did you mean 'dim'"),
+    (["train.batch_size=[1, 2"], "not valid YAML"),
+    (["deepspeed.zero_stage=0", "deepspeed.offload_params=cpu"], "offload_params"),
+]
+
+
+@pytest.mark.parametrize("overrides,expected", BROKEN_OVERRIDES)
+def test_broken_overrides_exit_2(overrides, expected):
+    res = cli("launch", "--check", "recipes/quickstart_ner.yaml", *overrides)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    assert expected in res.stderr
+
+
+def test_every_error_reported_at_once_with_lines(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "model:\n  encoder: packaged:all-MiniLM-L6-v2\n  task: token_classification\n  haed: {}\n"
+        "data:\n  format: conll\n  train: a\n  validation: b\n"
+        "train:\n  lr: -1\n  epochs: 0\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    text = str(err.value)
+    assert f"{path}:4 model.haed" in text and "did you mean 'head'" in text
+    assert f"{path}:10 train.lr" in text
+    assert f"{path}:11 train.epochs" in text
+
+
+@pytest.mark.parametrize("recipe", ["quickstart_ner.yaml", "quickstart_cls.yaml", "large_ner.yaml"])
+def test_shipped_recipes_check_ok(recipe):
+    res = cli("launch", "--check", f"recipes/{recipe}")
+    assert res.returncode == 0, res.stderr
+    assert "zeroship plan" in res.stdout and "recipe OK" in res.stdout
+
+
+def test_check_prints_plan_details():
+    res = cli("launch", "--check", "recipes/quickstart_ner.yaml", "scaling.workers=4", "train.grad_accum=2")
+    assert res.returncode == 0, res.stderr
+    assert "16/worker × 2 accum × 4 workers = 128 effective" in res.stdout
+    assert "600 examples" in res.stdout  # rows counted from the data file
+    assert '"stage": 2' in res.stdout  # the DeepSpeed config
+
+
+def test_overrides_apply_and_parse_as_yaml():
+    recipe, resolved = load_recipe(ROOT / "recipes/quickstart_ner.yaml",
+                                   ["train.lr=3e-5", "scaling.workers=4", "data.labels=[O, B-PER, I-PER]"])
+    assert recipe.train.lr == 3e-5 and recipe.scaling.workers == 4
+    assert recipe.data.labels == ["O", "B-PER", "I-PER"]
+    assert resolved["data"]["train"].startswith(str(ROOT))  # relative to the recipe file
+    assert parse_override("train.eval_every=epoch") == ("train.eval_every", "epoch")
+
+
+def test_defaults_and_derived_values():
+    recipe, _ = load_recipe(ROOT / "recipes/quickstart_cls.yaml")
+    assert recipe.metric == "eval_accuracy" and recipe.mode == "max"
+    assert recipe.deepspeed.precision == "fp32" and recipe.run.storage == "runs"
+    recipe, _ = load_recipe(ROOT / "recipes/quickstart_ner.yaml", ["train.metric=eval_loss"])
+    assert recipe.mode == "min"
+
+
+def test_sweep_points_grid():
+    recipe, _ = load_recipe(ROOT / "recipes/large_ner.yaml",
+                            ["sweep.parameters={train.lr: [1.0e-5, 2.0e-5], train.batch_size: [8, 16, 32]}"])
+    points = sweep_points(recipe)
+    assert len(points) == recipe.sweep_size() == 6
+    assert {p["train.batch_size"] for p in points} == {8, 16, 32}

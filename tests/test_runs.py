@@ -1,0 +1,69 @@
+"""Run registry: atomic id allocation, id validation, status file."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+
+import pytest
+from conftest import cli
+
+from launcher.errors import RunError
+from launcher.runs import Registry, normalize_run_id
+
+
+def _allocate(root: str, barrier, queue) -> None:
+    barrier.wait()  # every process starts allocating at the same moment
+    queue.put(Registry(root).allocate().id)
+
+
+def test_concurrent_allocation_gives_distinct_ids(tmp_path):
+    ctx = mp.get_context("fork")
+    barrier, queue = ctx.Barrier(20), ctx.Queue()
+    procs = [ctx.Process(target=_allocate, args=(str(tmp_path), barrier, queue)) for _ in range(20)]
+    for p in procs:
+        p.start()
+    ids = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert len(set(ids)) == 20
+    assert sorted(int(i.split("-")[1]) for i in ids) == list(range(1, 21))
+
+
+@pytest.mark.parametrize("bad", ["../x", "run-1/../../etc", "/etc/passwd", "run-", "run-1x", "..", "run-../1",
+                                 "42/..", "run-1\x00", "", "run--1", "1e3"])
+def test_bad_run_ids_refused(bad):
+    with pytest.raises(RunError):
+        normalize_run_id(bad)
+
+
+def test_id_forms(tmp_path):
+    reg = Registry(tmp_path)
+    first, second = reg.allocate(), reg.allocate()
+    assert (first.id, second.id) == ("run-1", "run-2")
+    assert reg.get("1").dir == first.dir and reg.get("run-2").dir == second.dir
+    assert reg.get("latest").id == "run-2"
+    with pytest.raises(RunError, match="no run run-9"):
+        reg.get("run-9")
+
+
+def test_status_written_atomically_with_required_fields(tmp_path):
+    run = Registry(tmp_path).allocate({"task": "token_classification"})
+    status = json.loads(run.status_path.read_text())
+    assert {"id", "state", "created", "updated", "error", "winner"} <= set(status)
+    assert status["state"] == "pending"
+    run.update(state="failed", error="boom")
+    assert run.status()["state"] == "failed" and run.status()["error"] == "boom"
+    assert not list(run.dir.glob(".status.json.*"))  # no temp files left behind
+
+
+def test_runs_cli_lists_and_refuses_traversal(tmp_path):
+    reg = Registry(tmp_path)
+    reg.allocate({"task": "token_classification"}).update(
+        state="succeeded", winner={"metric": "eval_f1", "value": 0.75})
+    res = cli("zeroship", "runs", "--runs", str(tmp_path))
+    assert res.returncode == 0 and "run-1" in res.stdout and "eval_f1=0.7500" in res.stdout
+    res = cli("zeroship", "runs", "show", "../../etc", "--runs", str(tmp_path))
+    assert res.returncode == 2 and "not a run id" in res.stderr
+    res = cli("zeroship", "runs", "show", "run-77", "--runs", str(tmp_path))
+    assert res.returncode == 2 and "no run run-77" in res.stderr
