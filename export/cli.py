@@ -1,20 +1,123 @@
-"""`export onnx RUN ...` (also `zeroship export onnx ...` and `python -m export onnx ...`)."""
+"""`export onnx RUN`, `export predict BUNDLE TEXT...`, `export bench RUN`.
+
+Also reachable as `zeroship export ...` and `python -m export ...` (`export` alone is a shell builtin
+in bash and zsh). Exit codes: 0 ok, 2 user error (unknown run, bad arguments, corrupt bundle),
+1 the export itself failed its checks (parity or metric drop) or a bug.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+from pathlib import Path
 
-from launcher.cli import run_cli
+from launcher.cli import _Parser, console, out, run_cli
 from launcher.errors import Problem, ZeroshipError
 
 
+class BundleUserError(ZeroshipError):
+    """The bundle cannot be used."""
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Export a run's winning checkpoint to ONNX, and use the bundle.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    o = sub.add_parser("onnx", help="export RUN (run-42, 42 or latest) to a verified ONNX bundle")
+    o.add_argument("run")
+    o.add_argument("--runs", default="runs", metavar="DIR", help="storage root (default: runs)")
+    o.add_argument("--out", metavar="DIR", help="bundle folder (default: runs/RUN/onnx)")
+    o.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    o.add_argument("--optimize", action="store_true", help="apply onnxruntime transformer fusions")
+    o.add_argument("--quantize", choices=["int8"], help="dynamic int8 quantization (CPU)")
+    o.add_argument("--fp16", action="store_true", help="also write an fp16 variant (GPU)")
+    o.add_argument("--max-length", type=int, metavar="N", help="max tokens per window (default: as trained)")
+    o.add_argument("--max-metric-drop", type=float, default=1.0, metavar="POINTS",
+                   help="fail if an optimized/int8/fp16 variant loses more than this (default 1.0)")
+    pr = sub.add_parser("predict", help="predict with a bundle (or a run's bundle) using the runtime only")
+    pr.add_argument("bundle", help="bundle folder, or a run id whose runs/RUN/onnx to use")
+    pr.add_argument("texts", nargs="+")
+    pr.add_argument("--runs", default="runs", metavar="DIR")
+    pr.add_argument("--variant", default="auto", choices=["auto", "fp32", "optimized", "int8", "fp16"])
+    b = sub.add_parser("bench", help="latency/throughput of PyTorch vs each ONNX variant of RUN's bundle")
+    b.add_argument("run")
+    b.add_argument("--runs", default="runs", metavar="DIR")
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--repeats", type=int, default=20)
+    return p
+
+
+def bundle_path(text: str, runs: str) -> Path:
+    path = Path(text)
+    if path.is_dir():
+        return path
+    from launcher.runs import Registry
+
+    return Registry(runs).get(text).dir / "onnx"
+
+
 def main(argv: list[str] | None = None, prog: str = "export") -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
 
     def go() -> int:
-        raise ZeroshipError(Problem(prog, "ONNX export is not implemented yet"))
+        from export.runtime import BundleError
+
+        try:
+            if args.command == "onnx":
+                return cmd_onnx(args)
+            if args.command == "predict":
+                return cmd_predict(args)
+            return cmd_bench(args)
+        except BundleError as exc:
+            raise BundleUserError(Problem("", str(exc))) from None
 
     return run_cli(go)
+
+
+def cmd_onnx(args) -> int:
+    from export.onnx import ExportOptions, ParityError, export_run
+
+    if args.max_length is not None and args.max_length < 8:
+        raise ZeroshipError(Problem("--max-length", f"must be at least 8, got {args.max_length}"))
+    opts = ExportOptions(opset=args.opset, optimize=args.optimize, quantize=args.quantize, fp16=args.fp16,
+                         max_length=args.max_length, max_metric_drop=args.max_metric_drop,
+                         out=Path(args.out) if args.out else None,
+                         log=lambda msg: out.print(msg, highlight=False))
+    try:
+        path, manifest = export_run(args.run, args.runs, opts)
+    except ParityError as exc:
+        console.print(f"[bold red]export failed:[/] {exc}; no bundle was written", highlight=False)
+        return 1
+    metric = manifest["metric"]
+    summary = ", ".join(f"{k} {v[metric]:.4f}" for k, v in manifest["metrics"].items())
+    out.print(f"[bold green]bundle written[/] → {path}  ({metric}: {summary})", highlight=False)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from export.runtime import Predictor
+
+    predictor = Predictor.load(bundle_path(args.bundle, args.runs), variant=args.variant)
+    out.print(f"[dim]{predictor.bundle} ({predictor.variant})[/]")
+    for text, result in zip(args.texts, predictor.predict(list(args.texts))):
+        out.print(f"[bold]{text}[/]", highlight=False)
+        if predictor.task == "token_classification":
+            for ent in result or []:
+                out.print(f"  {ent['label']:<6} {ent['text']!r} [{ent['start']}:{ent['end']}] {ent['score']:.3f}",
+                          highlight=False)
+            if not result:
+                out.print("  (no entities)")
+        else:
+            out.print(f"  {result['label']} {result['score']:.3f}", highlight=False)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from export.bench import run_bench
+
+    result = run_bench(args.run, args.runs, threads=args.threads, repeats=args.repeats, console=out)
+    out.print(json.dumps(result["settings"]), highlight=False)
+    return 0
 
 
 def export_entry() -> None:

@@ -267,6 +267,7 @@ class Feature:
     labels: list[int] | int
     example: int  # index of the source example
     word_ids: list[int | None] | None = None  # NER: word index per subtoken
+    starts: list[bool] | None = None  # NER: True where a subtoken is its word's first (label carrier)
 
 
 def encode_ner(tokenizer, examples: list[Example], label2id: dict[str, int], max_length: int,
@@ -278,22 +279,22 @@ def encode_ner(tokenizer, examples: list[Example], label2id: dict[str, int], max
     """
     feats: list[Feature] = []
     batch = tokenizer([ex.tokens for ex in examples], is_split_into_words=True, truncation=True,
-                      max_length=max_length, stride=stride, return_overflowing_tokens=True)
+                      max_length=max_length, stride=stride, return_overflowing_tokens=True,
+                      return_offsets_mapping=True)
     mapping = batch["overflow_to_sample_mapping"]
     for w in range(len(batch["input_ids"])):
         ex_i = mapping[w]
         word_ids = batch.word_ids(w)
         tags = examples[ex_i].tags
-        labels, prev = [], None
-        for wid in word_ids:
-            if wid is None or wid == prev:
-                labels.append(-100)
-            else:
-                labels.append(label2id[tags[wid]] if tags is not None else -100)
-            prev = wid
+        # Offsets are within each word, so a word's first subtoken starts at 0. (A window can begin
+        # mid-word; its leading continuation pieces must not carry the word's label.)
+        starts = [wid is not None and off[0] == 0 and (i == 0 or word_ids[i - 1] != wid)
+                  for i, (wid, off) in enumerate(zip(word_ids, batch["offset_mapping"][w]))]
+        labels = [label2id[tags[wid]] if start and tags is not None else -100
+                  for wid, start in zip(word_ids, starts)]
         feats.append(Feature(batch["input_ids"][w], batch["attention_mask"][w],
                              batch["token_type_ids"][w] if "token_type_ids" in batch else None,
-                             labels, ex_i, word_ids))
+                             labels, ex_i, word_ids, starts))
     return feats
 
 
@@ -313,12 +314,9 @@ def merge_word_predictions(features: list[Feature], window_preds: list[list[int]
     best: list[list[tuple[int, int] | None]] = [[None] * n for n in n_words]
     for feat, preds in zip(features, window_preds):
         length = len(feat.input_ids)
-        prev = None
-        for pos, wid in enumerate(feat.word_ids):
-            if wid is None or wid == prev:
-                prev = wid
+        for pos, (wid, start) in enumerate(zip(feat.word_ids, feat.starts)):
+            if not start:
                 continue
-            prev = wid
             centrality = min(pos, length - 1 - pos)
             slot = best[feat.example][wid]
             if slot is None or centrality > slot[0]:

@@ -53,7 +53,3 @@ class RunError(ZeroshipError):
 
 class ExportError(ZeroshipError):
     """The export cannot proceed."""
-
-
-class BundleError(ZeroshipError):
-    """The ONNX bundle is missing or corrupt."""

@@ -52,3 +52,36 @@ def tiny_ner_recipe(folder: Path, **sections) -> Path:
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def train_run(folder: Path, ray_dir: str, **sections) -> Path:
+    """Train a tiny recipe through the real CLI; return its run directory."""
+    recipe = tiny_ner_recipe(folder, **sections)
+    res = cli("launch", str(recipe), env={"ZEROSHIP_RAY_TMPDIR": ray_dir})
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    runs = sorted((folder / "runs").glob("run-*"), key=lambda p: int(p.name.split("-")[1]))
+    return runs[-1]
+
+
+CLS_SECTIONS = dict(
+    model={"task": "sequence_classification", "pooling": "mean"},
+    data={"format": "csv", "train": str(TOY_CLS / "train.csv"), "validation": str(TOY_CLS / "validation.csv"),
+          "test": str(TOY_CLS / "test.csv")},
+    train={"epochs": 2, "lr": 3e-4},
+    deepspeed={"zero_stage": 0})
+
+
+@pytest.fixture(scope="session")
+def ner_run(tmp_path_factory) -> Path:
+    """A tiny NER run (ZeRO-2, 2 workers, 2 epochs), shared by the training and export tests."""
+    folder = tmp_path_factory.mktemp("ner")
+    with tempfile.TemporaryDirectory(prefix="zs-", dir="/tmp") as ray_dir:
+        return train_run(folder, ray_dir, train={"epochs": 2})
+
+
+@pytest.fixture(scope="session")
+def cls_run(tmp_path_factory) -> Path:
+    """A tiny sequence-classification run (ZeRO-0, so the stage-0 merge path is covered)."""
+    folder = tmp_path_factory.mktemp("cls")
+    with tempfile.TemporaryDirectory(prefix="zs-", dir="/tmp") as ray_dir:
+        return train_run(folder, ray_dir, **CLS_SECTIONS)

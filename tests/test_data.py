@@ -136,3 +136,13 @@ def test_batches_are_length_grouped_and_shards_equal():
     assert len({len(s[0]) for s in shards}) == 1  # every rank runs the same number of steps
     real = [b for s in shards for b, ok in zip(*s) if ok]
     assert sorted(map(tuple, real)) == sorted(map(tuple, batches))  # each real batch exactly once
+
+
+def test_window_starting_mid_word_does_not_label_continuation(tokenizer):
+    words = ["Vandersloot"] * 40  # every word splits into several subtokens
+    feats = encode_ner(tokenizer, [Example(tokens=words, tags=["B-PER"] * 40)], {"O": 0, "B-PER": 1}, 16, 5)
+    assert len(feats) > 2
+    for f in feats:
+        for tok, wid, lab in zip(tokenizer.convert_ids_to_tokens(f.input_ids), f.word_ids, f.labels):
+            if lab != -100:
+                assert not tok.startswith("##"), (tok, wid)

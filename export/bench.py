@@ -1,0 +1,83 @@
+"""`export bench RUN`: PyTorch eager vs every ONNX variant in the bundle, same inputs, one process.
+
+Threads are pinned (torch and onnxruntime alike) and stated; each figure is the median of
+`repeats` timed runs after a warm-up. b=1 uses real validation sentences one at a time (latency);
+b=32 uses batches of 32 padded to their longest (throughput).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from export.onnx import load_validation, ort_forward, resolve_run
+from export.runtime import VARIANT_FILES, make_session, read_manifest
+from launcher.data import collate
+from launcher.model import load_model
+
+
+def _time(fn, repeats: int) -> list[float]:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run_bench(run_id: str, runs_dir: str | Path, threads: int = 2, repeats: int = 20, console=None) -> dict:
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(threads)
+    run = resolve_run(run_id, runs_dir)
+    bundle = run.dir / "onnx"
+    manifest = read_manifest(bundle)
+    model, meta = load_model(run.best_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(run.best_dir))
+    val = load_validation(run, meta, tokenizer, manifest["max_length"], batch_size=32)
+    feats, pad = val.features, tokenizer.pad_token_id
+    with_tt = model.uses_token_type_ids
+    singles = [collate([f], pad, with_tt) for f in feats[:16]]
+    batch32 = collate(feats[:32], pad, with_tt)
+    for b in singles + [batch32]:
+        b.pop("labels")
+    engines = {"torch eager": model}
+    for variant in ("fp32", "optimized", "int8"):
+        if VARIANT_FILES[variant] in manifest["files"]:
+            names = list(manifest["inputs"])
+            engines[f"onnx {variant}"] = ort_forward(make_session(bundle / VARIANT_FILES[variant], threads=threads), names)
+    rows = {}
+    with torch.no_grad():
+        for name, fwd in engines.items():
+            lat = _time(lambda fwd=fwd: [fwd(**b) for b in singles], repeats)
+            lat_per = [t / len(singles) * 1000 for t in lat]
+            thr = _time(lambda fwd=fwd: fwd(**batch32), max(3, repeats // 4))
+            rows[name] = {"b1_ms_p50": statistics.median(lat_per),
+                          "b1_ms_p90": sorted(lat_per)[int(0.9 * (len(lat_per) - 1))],
+                          "b32_ms": statistics.median(thr) * 1000,
+                          "b32_samples_per_s": 32 / statistics.median(thr)}
+    base = rows["torch eager"]
+    for r in rows.values():
+        r["b1_speedup"] = base["b1_ms_p50"] / r["b1_ms_p50"]
+        r["b32_speedup"] = base["b32_ms"] / r["b32_ms"]
+    lengths = [len(f.input_ids) for f in feats[:16]]
+    settings = {"run": run.id, "threads": threads, "repeats": repeats, "b1_inputs": len(singles),
+                "b1_mean_tokens": sum(lengths) / len(lengths), "b32_width": int(batch32["input_ids"].shape[1]),
+                "onnxruntime_providers": ["CPUExecutionProvider"]}
+    result = {"settings": settings, "results": rows}
+    (bundle / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    if console is not None:
+        table = Table(title=f"export bench {run.id} ({threads} threads, median of {repeats})")
+        for col in ("engine", "b=1 p50 ms", "b=1 p90 ms", "b=1 ×", "b=32 ms", "b=32 samples/s", "b=32 ×"):
+            table.add_column(col, justify="right" if col != "engine" else "left")
+        for name, r in rows.items():
+            table.add_row(name, f"{r['b1_ms_p50']:.2f}", f"{r['b1_ms_p90']:.2f}", f"{r['b1_speedup']:.2f}",
+                          f"{r['b32_ms']:.1f}", f"{r['b32_samples_per_s']:.0f}", f"{r['b32_speedup']:.2f}")
+        console.print(table)
+    return result

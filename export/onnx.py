@@ -1,0 +1,289 @@
+"""A run's `best/` → a verified ONNX bundle.
+
+Steps: rebuild the model (eager attention, so onnxruntime's BERT fusions can match the graph) →
+`torch.onnx.export` with dynamic batch/sequence axes → `onnx.checker` → parity against PyTorch on
+real validation batches (fp32 must agree to 1e-4 with identical argmax, else the export fails) →
+optional fusions / int8 / fp16, each re-evaluated on the validation split → bundle written into a
+temp folder and renamed into place only when complete, manifest last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from export.runtime import VARIANT_FILES, make_session, sha256_file
+from launcher.data import Feature, length_grouped_batches, load_dataset
+from launcher.errors import ExportError, Problem
+from launcher.evaluate import encode, predict, score
+from launcher.model import ZeroshipModel, load_model
+from launcher.runs import Registry, Run
+
+PARITY_MAX_ABS = 1e-4
+OUTPUT = "logits"
+
+
+class ParityError(Exception):
+    """The exported graph does not compute what the PyTorch model computes (exit 1: not the user's fault)."""
+
+
+@dataclass
+class ExportOptions:
+    out: Path | None = None
+    opset: int = 17
+    optimize: bool = False
+    quantize: str | None = None  # "int8"
+    fp16: bool = False
+    max_length: int | None = None
+    max_metric_drop: float = 1.0  # points (metric × 100)
+    parity_batches: int = 8
+    log: Any = print
+
+
+@dataclass
+class Validation:
+    """The run's validation split, tokenized as in training."""
+
+    examples: list
+    features: list[Feature]
+    batches: list[list[int]]
+    metric: str
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_run(run_id: str, runs_dir: str | Path) -> Run:
+    run = Registry(runs_dir).get(run_id)
+    status = run.status()
+    if status.get("state") != "succeeded":
+        raise ExportError(Problem(run.id, f"run state is {status.get('state')!r}, not 'succeeded'",
+                                  "export a finished run (see `zeroship runs`)"))
+    if not (run.best_dir / "model.json").is_file():
+        raise ExportError(Problem(str(run.best_dir), "missing: this run has no winning checkpoint"))
+    return run
+
+
+def load_validation(run: Run, meta: dict, tokenizer, max_length: int, batch_size: int = 16) -> Validation:
+    import yaml
+
+    recipe = yaml.safe_load((run.dir / "recipe.yaml").read_text())
+    data = dict(recipe["data"], labels=meta["labels"], test=None)
+    ds = load_dataset(data, meta["task"])
+    examples = ds.splits["validation"].examples
+    feats = encode(meta["task"], tokenizer, examples, meta["labels"], max_length, meta["stride"])
+    batches = length_grouped_batches([len(f.input_ids) for f in feats], batch_size, 0, shuffle=False)
+    return Validation(examples, feats, batches, meta.get("metric") or "eval_f1")
+
+
+def export_graph(model: ZeroshipModel, path: Path, opset: int) -> list[str]:
+    """TorchScript-based exporter (dynamo=False): its graph is the one ORT's BERT fusions recognise."""
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if model.uses_token_type_ids else [])
+    dummy = tuple(torch.ones(2, 8, dtype=torch.long) if n != "token_type_ids" else torch.zeros(2, 8, dtype=torch.long)
+                  for n in names)
+    axes = {n: {0: "batch", 1: "sequence"} for n in names}
+    axes[OUTPUT] = {0: "batch", 1: "sequence"} if model.task == "token_classification" else {0: "batch"}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, dummy, str(path), input_names=names, output_names=[OUTPUT],
+                          dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+    return names
+
+
+def ort_forward(session, names: list[str]):
+    """A forward function over an onnxruntime session with the torch model's call signature."""
+    def forward(input_ids, attention_mask, token_type_ids=None):
+        feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+        if "token_type_ids" in names:
+            feed["token_type_ids"] = (token_type_ids if token_type_ids is not None
+                                      else torch.zeros_like(input_ids)).numpy()
+        return torch.from_numpy(session.run([OUTPUT], feed)[0].astype(np.float32))
+    return forward
+
+
+def check_parity(model: ZeroshipModel, session, names: list[str], val: Validation, pad_id: int,
+                 n_batches: int) -> dict:
+    """Max |Δ logits| and argmax agreement over real (unpadded) positions of validation batches."""
+    from launcher.data import collate
+
+    forward = ort_forward(session, names)
+    max_diff, agree, total = 0.0, 0, 0
+    batches = val.batches[:n_batches]
+    with torch.no_grad():
+        for ids in batches:
+            batch = collate([val.features[i] for i in ids], pad_id, model.uses_token_type_ids)
+            batch.pop("labels")
+            ref = model(**batch).float()
+            got = forward(**batch)
+            if model.task == "token_classification":
+                mask = batch["attention_mask"].bool()
+                ref, got = ref[mask], got[mask]
+            max_diff = max(max_diff, float((ref - got).abs().max()))
+            agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+            total += int(ref.shape[0])
+    return {"max_abs_diff": max_diff, "argmax_agreement": agree / max(total, 1), "batches": len(batches),
+            "positions": total}
+
+
+def evaluate_with(forward, model: ZeroshipModel, val: Validation, pad_id: int) -> dict:
+    preds, loss_sum, count = predict(forward, val.features, val.batches, [True] * len(val.batches),
+                                     pad_id, model.uses_token_type_ids)
+    return score(model.task, model.labels, val.examples, val.features, preds, loss_sum, count)
+
+
+def optimize_graph(src: Path, dst: Path, model: ZeroshipModel) -> dict[str, int]:
+    """onnxruntime's transformer fusions; returns the fused-operator counts."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    cfg = model.encoder.config
+    model_type = "bert" if cfg.model_type in ("bert", "roberta", "xlm-roberta", "distilbert", "electra") else cfg.model_type
+    opt = optimize_model(str(src), model_type=model_type, num_heads=cfg.num_attention_heads,
+                         hidden_size=cfg.hidden_size, opt_level=1)
+    opt.save_model_to_file(str(dst))
+    return {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # DefaultTensorType: without it, an ORT-optimized graph fails with "Unable to find data type"
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+
+
+def convert_fp16(src: Path, dst: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save(model, str(dst))
+
+
+def hf_config(model: ZeroshipModel, meta: dict) -> dict:
+    """config.json in the Hugging Face layout, so standard tooling (e.g. optimum) can read it."""
+    config = dict(meta["encoder_config"])
+    config["id2label"] = {str(i): label for i, label in enumerate(model.labels)}
+    config["label2id"] = {label: i for i, label in enumerate(model.labels)}
+    arch = "ForTokenClassification" if model.task == "token_classification" else "ForSequenceClassification"
+    config["architectures"] = [type(model.encoder).__name__.replace("Model", "") + arch]
+    config["zeroship"] = {"task": model.task, "head": meta["head"], "pooling": meta.get("pooling")}
+    return config
+
+
+def export_run(run_id: str, runs_dir: str | Path, opts: ExportOptions) -> tuple[Path, dict]:
+    import onnx
+    import onnxruntime
+    from transformers import AutoTokenizer
+
+    log = opts.log
+    run = resolve_run(run_id, runs_dir)
+    model, meta = load_model(run.best_dir, attn="eager")
+    tokenizer = AutoTokenizer.from_pretrained(str(run.best_dir))
+    max_length = opts.max_length or meta["max_length"]
+    val = load_validation(run, meta, tokenizer, max_length)
+    pad_id = tokenizer.pad_token_id
+    out = Path(opts.out) if opts.out else run.dir / "onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; services read the bundle as another user
+    try:
+        started = time.time()
+        fp32 = tmp / VARIANT_FILES["fp32"]
+        names = export_graph(model, fp32, opts.opset)
+        onnx.checker.check_model(str(fp32))
+        log(f"exported {fp32.name} (opset {opts.opset}, inputs {', '.join(names)}) in {time.time() - started:.1f}s")
+        session = make_session(fp32)
+        parity = check_parity(model, session, names, val, pad_id, opts.parity_batches)
+        log(f"parity vs PyTorch on {parity['batches']} validation batches: max |Δ| {parity['max_abs_diff']:.2e},"
+            f" argmax agreement {parity['argmax_agreement']:.2%}")
+        if parity["max_abs_diff"] > PARITY_MAX_ABS or parity["argmax_agreement"] < 1.0:
+            raise ParityError(f"ONNX output differs from PyTorch: max |Δ| {parity['max_abs_diff']:.2e} "
+                              f"(limit {PARITY_MAX_ABS:g}), argmax agreement {parity['argmax_agreement']:.4%}")
+        with torch.no_grad():
+            metrics = {"torch": evaluate_with(model, model, val, pad_id)}
+        metrics["onnx"] = evaluate_with(ort_forward(session, names), model, val, pad_id)
+        variants = {"fp32": {"file": fp32.name}}
+        source = fp32
+        if opts.optimize:
+            dst = tmp / VARIANT_FILES["optimized"]
+            fusions = optimize_graph(fp32, dst, model)
+            log(f"fusions: {fusions or 'none matched'}")
+            variants["optimized"] = {"file": dst.name, "fusions": fusions}
+            metrics["optimized"] = evaluate_with(ort_forward(make_session(dst), names), model, val, pad_id)
+            source = dst
+        if opts.quantize == "int8":
+            dst = tmp / VARIANT_FILES["int8"]
+            quantize_int8(source, dst)
+            variants["int8"] = {"file": dst.name, "from": source.name}
+            metrics["int8"] = evaluate_with(ort_forward(make_session(dst), names), model, val, pad_id)
+        if opts.fp16:
+            dst = tmp / VARIANT_FILES["fp16"]
+            convert_fp16(source, dst)
+            variants["fp16"] = {"file": dst.name, "from": source.name}
+            metrics["fp16"] = evaluate_with(ort_forward(make_session(dst), names), model, val, pad_id)
+        metric = val.metric
+        drops = {}
+        for name in ("optimized", "int8", "fp16"):
+            if name in metrics:
+                drop = 100 * (metrics["torch"][metric] - metrics[name][metric])
+                if val.metric == "eval_loss":
+                    drop = -drop
+                drops[name] = drop
+                log(f"{name}: {metric} {metrics[name][metric]:.4f} vs torch {metrics['torch'][metric]:.4f}"
+                    f" (drop {drop:+.2f} points)")
+                if drop > opts.max_metric_drop:
+                    raise ParityError(f"{name} variant loses {drop:.2f} points of {metric} "
+                                      f"(limit --max-metric-drop {opts.max_metric_drop:g})")
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "config.json").write_text(json.dumps(hf_config(model, meta), indent=2) + "\n")
+        manifest = {
+            "format_version": 1,
+            "run": run.id,
+            "task": model.task,
+            "labels": model.labels,
+            "metric": metric,
+            "max_length": max_length,
+            "stride": meta["stride"],
+            "pad_token_id": pad_id,
+            "opset": opts.opset,
+            "inputs": {n: ["batch", "sequence"] for n in names},
+            "outputs": {OUTPUT: ["batch", "sequence", "labels"] if model.task == "token_classification"
+                        else ["batch", "labels"]},
+            "variants": variants,
+            "parity": parity,
+            "metrics": metrics,
+            "metric_drop_points": drops,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
+                         "onnxruntime": onnxruntime.__version__},
+            "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                      for p in sorted(tmp.iterdir()) if p.is_file()},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _swap_into_place(tmp, out)
+        return out, manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Replace `out` with the finished temp folder; an old bundle is removed only after the swap."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,221 @@
+"""Serve an exported bundle with onnxruntime, tokenizers and numpy alone (no torch, no transformers).
+
+    from export.runtime import Predictor
+    p = Predictor.load("runs/run-7/onnx")
+    p.predict(["Mara Okafor joined Kestrel Systems in Port Selwyn."])
+    # NER → [[{"label": "PER", "start": 0, "end": 11, "text": "Mara Okafor", "score": 0.99}, ...]]
+    # classification → [{"label": "sports", "score": 0.97, "scores": {...}}]
+
+NER aggregation follows the common "first" strategy: each word takes the label predicted on its
+first subtoken; B-/I- runs of one type become a span whose score is the mean of its words'
+probabilities. Long texts are cut into overlapping windows and every word takes its prediction
+from the window where it sits most centrally.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+VARIANT_FILES = {"fp32": "model.onnx", "optimized": "model_optimized.onnx", "int8": "model_int8.onnx",
+                 "fp16": "model_fp16.onnx"}
+
+
+class BundleError(Exception):
+    """The bundle is missing, incomplete or corrupt."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(bundle: Path, verify: bool = True) -> dict:
+    path = bundle / "manifest.json"
+    if not path.is_file():
+        raise BundleError(f"{bundle}: no manifest.json — not a complete zeroship bundle "
+                          "(export it with `zeroship export onnx RUN`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: corrupt manifest ({exc})") from None
+    if verify:
+        for name, info in manifest.get("files", {}).items():
+            file = bundle / name
+            if not file.is_file():
+                raise BundleError(f"{file}: listed in the manifest but missing")
+            if file.stat().st_size != info["bytes"] or sha256_file(file) != info["sha256"]:
+                raise BundleError(f"{file}: sha256 does not match the manifest — the file was changed or "
+                                  "damaged; export the run again")
+    return manifest
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(-1, keepdims=True)
+
+
+def pick_variant(manifest: dict, variant: str, providers: list[str]) -> str:
+    available = [v for v, f in VARIANT_FILES.items() if f in manifest["files"]]
+    if variant != "auto":
+        if variant not in available:
+            raise BundleError(f"variant {variant!r} is not in this bundle (has: {', '.join(available)})")
+        return variant
+    on_gpu = providers[0] == "CUDAExecutionProvider"
+    order = ["fp16", "optimized", "fp32"] if on_gpu else ["int8", "optimized", "fp32"]
+    return next(v for v in order if v in available)
+
+
+def make_session(model_path: Path, providers: list[str] | None = None,
+                 threads: int | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(model_path), sess_options=options,
+                                providers=providers or ["CPUExecutionProvider"])
+
+
+class Predictor:
+    """A loaded bundle. `predict` is safe to call from several threads at once."""
+
+    def __init__(self, bundle: Path, manifest: dict, session: ort.InferenceSession, tokenizer: Tokenizer,
+                 variant: str):
+        self.bundle, self.manifest, self.session, self.variant = bundle, manifest, session, variant
+        self.task: str = manifest["task"]
+        self.labels: list[str] = manifest["labels"]
+        self.max_length: int = manifest["max_length"]
+        self.stride: int = manifest["stride"]
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.tokenizer = tokenizer
+        self.pad_id = manifest["pad_token_id"]
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path, providers: list[str] | None = None, variant: str = "auto",
+             threads: int | None = None, verify: bool = True) -> Predictor:
+        bundle = Path(bundle_dir)
+        if not bundle.is_dir():
+            raise BundleError(f"{bundle}: no such bundle folder")
+        manifest = read_manifest(bundle, verify=verify)
+        providers = providers or ["CPUExecutionProvider"]
+        chosen = pick_variant(manifest, variant, providers)
+        try:
+            tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+            session = make_session(bundle / VARIANT_FILES[chosen], providers, threads)
+        except BundleError:
+            raise
+        except Exception as exc:  # onnxruntime / tokenizers raise their own types for bad files
+            raise BundleError(f"{bundle}: cannot load ({type(exc).__name__}: {exc})") from None
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(manifest["max_length"],
+                                    stride=manifest["stride"] if manifest["task"] == "token_classification" else 0)
+        return cls(bundle, manifest, session, tokenizer, chosen)
+
+    # ------------------------------------------------------------ inference
+    def logits(self, encodings: list[Any], batch_size: int = 32) -> list[np.ndarray]:
+        """Run the model on encodings, in batches padded to their longest member."""
+        out: list[np.ndarray] = []
+        for start in range(0, len(encodings), batch_size):
+            chunk = encodings[start:start + batch_size]
+            width = max(len(e.ids) for e in chunk)
+            feed = {
+                "input_ids": np.full((len(chunk), width), self.pad_id, dtype=np.int64),
+                "attention_mask": np.zeros((len(chunk), width), dtype=np.int64),
+                "token_type_ids": np.zeros((len(chunk), width), dtype=np.int64),
+            }
+            for row, enc in enumerate(chunk):
+                n = len(enc.ids)
+                feed["input_ids"][row, :n] = enc.ids
+                feed["attention_mask"][row, :n] = 1
+                feed["token_type_ids"][row, :n] = enc.type_ids
+            result = self.session.run(["logits"], {k: v for k, v in feed.items() if k in self.input_names})[0]
+            for row, enc in enumerate(chunk):
+                out.append(result[row, : len(enc.ids)] if self.task == "token_classification" else result[row])
+        return out
+
+    def predict(self, texts: list[str] | str, batch_size: int = 32) -> list[Any]:
+        single = isinstance(texts, str)
+        texts = [texts] if single else texts
+        if not isinstance(texts, (list, tuple)):
+            raise TypeError(f"predict() takes a string or a list of strings, got {type(texts).__name__}")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"predict(): item {i} is {type(text).__name__}, not str")
+        if not texts:
+            return []
+        encodings = self.tokenizer.encode_batch(list(texts))
+        if self.task == "sequence_classification":
+            results = [self._classify(lg) for lg in self.logits(encodings, batch_size)]
+        else:
+            windows, owner = [], []
+            for i, enc in enumerate(encodings):
+                for window in [enc, *enc.overflowing]:
+                    windows.append(window)
+                    owner.append(i)
+            logits = self.logits(windows, batch_size)
+            per_text: list[list[tuple[Any, np.ndarray]]] = [[] for _ in texts]
+            for window, lg, i in zip(windows, logits, owner):
+                per_text[i].append((window, lg))
+            results = [self._entities(text, parts) for text, parts in zip(texts, per_text)]
+        return results[0] if single else results
+
+    def _classify(self, logits: np.ndarray) -> dict:
+        probs = softmax(logits.astype(np.float32))
+        best = int(probs.argmax())
+        return {"label": self.labels[best], "score": float(probs[best]),
+                "scores": {label: float(p) for label, p in zip(self.labels, probs)}}
+
+    def _entities(self, text: str, parts: list[tuple[Any, np.ndarray]]) -> list[dict]:
+        # word → (start, end) in characters, and its first subtoken's probabilities (most central window)
+        spans: dict[int, list[int]] = {}
+        for enc, _ in parts:
+            for wid, (s, e) in zip(enc.word_ids, enc.offsets):
+                if wid is not None:
+                    span = spans.setdefault(wid, [s, e])
+                    span[0], span[1] = min(span[0], s), max(span[1], e)
+        best: dict[int, tuple[int, np.ndarray]] = {}
+        for enc, lg in parts:
+            probs = softmax(lg.astype(np.float32))
+            n, prev = len(enc.ids), None
+            for pos, (wid, (s, _)) in enumerate(zip(enc.word_ids, enc.offsets)):
+                first = wid is not None and wid != prev and s == spans[wid][0]
+                prev = wid
+                if first:
+                    centrality = min(pos, n - 1 - pos)
+                    if wid not in best or centrality > best[wid][0]:
+                        best[wid] = (centrality, probs[pos])
+        entities: list[dict] = []
+        current: dict | None = None
+        for wid in sorted(best):
+            probs = best[wid][1]
+            k = int(probs.argmax())
+            tag = self.labels[k]
+            kind = tag[2:] if tag != "O" else None
+            continues = current is not None and tag.startswith("I-") and kind == current["label"]
+            if continues:
+                current["end"] = spans[wid][1]
+                current["_scores"].append(float(probs[k]))
+                continue
+            if current is not None:
+                entities.append(current)
+                current = None
+            if kind is not None:  # B-X, or an I-X that starts a new entity ("simple" strategy)
+                current = {"label": kind, "start": spans[wid][0], "end": spans[wid][1], "_scores": [float(probs[k])]}
+        if current is not None:
+            entities.append(current)
+        for ent in entities:
+            scores = ent.pop("_scores")
+            ent["text"] = text[ent["start"]:ent["end"]]
+            ent["score"] = float(np.mean(scores))
+        return [{k: e[k] for k in ("label", "start", "end", "text", "score")} for e in entities]
