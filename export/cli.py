@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from rich.markup import escape
+
 from launcher.cli import _Parser, console, out, run_cli
 from launcher.errors import Problem, ZeroshipError
 
@@ -82,11 +84,11 @@ def cmd_onnx(args) -> int:
     opts = ExportOptions(opset=args.opset, optimize=args.optimize, quantize=args.quantize, fp16=args.fp16,
                          max_length=args.max_length, max_metric_drop=args.max_metric_drop,
                          out=Path(args.out) if args.out else None,
-                         log=lambda msg: out.print(msg, highlight=False))
+                         log=lambda msg: out.print(msg, highlight=False, markup=False))
     try:
         path, manifest = export_run(args.run, args.runs, opts)
     except ParityError as exc:
-        console.print(f"[bold red]export failed:[/] {exc}; no bundle was written", highlight=False)
+        console.print(f"[bold red]export failed:[/] {escape(str(exc))}; no bundle was written", highlight=False)
         return 1
     metric = manifest["metric"]
     summary = ", ".join(f"{k} {v[metric]:.4f}" for k, v in manifest["metrics"].items())
@@ -100,10 +102,10 @@ def cmd_predict(args) -> int:
     predictor = Predictor.load(bundle_path(args.bundle, args.runs), variant=args.variant)
     out.print(f"[dim]{predictor.bundle} ({predictor.variant})[/]")
     for text, result in zip(args.texts, predictor.predict(list(args.texts))):
-        out.print(f"[bold]{text}[/]", highlight=False)
+        out.print(f"[bold]{escape(text)}[/]", highlight=False)
         if predictor.task == "token_classification":
             for ent in result or []:
-                out.print(f"  {ent['label']:<6} {ent['text']!r} [{ent['start']}:{ent['end']}] {ent['score']:.3f}",
+                out.print(escape(f"  {ent['label']:<6} {ent['text']!r} [{ent['start']}:{ent['end']}] {ent['score']:.3f}"),
                           highlight=False)
             if not result:
                 out.print("  (no entities)")

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from launcher.errors import Problem, ZeroshipError
@@ -26,9 +27,9 @@ def run_cli(fn: Callable[[], int | None]) -> int:
     try:
         return fn() or 0
     except ZeroshipError as exc:
-        console.print(f"[bold red]error:[/] {exc.title}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(exc.title)}", highlight=False)
         for problem in exc.problems:
-            console.print(f"  [red]-[/] {problem}", highlight=False, soft_wrap=True)
+            console.print(f"  [red]-[/] {escape(str(problem))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
@@ -38,15 +39,16 @@ def run_cli(fn: Callable[[], int | None]) -> int:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse exits 2 already; keep our format
         self.print_usage(sys.stderr)
-        console.print(f"[bold red]error:[/] {message}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
         raise SystemExit(2)
 
 
 # ------------------------------------------------------------------ launch
 def launch_parser(prog: str = "launch") -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description="Validate a recipe and run its fine-tuning on Ray Train + DeepSpeed.")
-    p.add_argument("recipe", help="path to a recipe YAML")
+    p.add_argument("recipe", nargs="?", help="path to a recipe YAML")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-5 scaling.workers=4")
+    p.add_argument("--resume", metavar="RUN", help="continue RUN (its driver died) from its latest checkpoint")
     p.add_argument("--check", action="store_true", help="validate and print the plan; start nothing")
     p.add_argument("--runs", metavar="DIR", help="storage root for runs (default: the recipe's run.storage)")
     return p
@@ -59,6 +61,10 @@ def launch(argv: list[str] | None = None, prog: str = "launch") -> int:
         from launcher.plan import build_plan, print_plan
         from launcher.recipe import load_recipe
 
+        if args.resume:
+            return resume(args)
+        if not args.recipe:
+            raise ZeroshipError(Problem(prog, "no recipe given", f"{prog} recipes/quickstart_ner.yaml"))
         recipe, resolved = load_recipe(args.recipe, args.overrides)
         if args.runs:
             resolved["run"]["storage"] = args.runs
@@ -72,6 +78,21 @@ def launch(argv: list[str] | None = None, prog: str = "launch") -> int:
         return launch_run(recipe, resolved, plan, recipe_path=args.recipe, overrides=args.overrides)
 
     return run_cli(go)
+
+
+def resume(args) -> int:
+    from launcher.driver import execute, resume_run
+    from launcher.plan import build_plan, print_plan
+    from launcher.runs import Registry
+
+    if args.recipe or args.overrides:
+        raise ZeroshipError(Problem("--resume", "takes no recipe or overrides: the run's recipe.yaml is used"))
+    run = Registry(args.runs or "runs").get(args.resume)
+    recipe, resolved = resume_run(run)
+    plan = build_plan(recipe, resolved, str(run.dir / "recipe.yaml"))
+    print_plan(plan, out)
+    out.print(f"[bold]{run.id}[/] resuming → {run.dir}")
+    return execute(run, recipe, resolved, plan)
 
 
 # ------------------------------------------------------------------ runs
@@ -110,7 +131,7 @@ def show_run(run) -> int:
     st = run.status()
     out.print(f"[bold]{run.id}[/] {st.get('state')}  ({run.dir})")
     if st.get("error"):
-        out.print(f"[red]error:[/] {st['error']}", highlight=False)
+        out.print(f"[red]error:[/] {escape(str(st['error']))}", highlight=False)
     if st.get("winner"):
         out.print("winner: " + json.dumps(st["winner"]))
     rows = [m for m in run.metrics() if m.get("kind", "eval") == "eval"]
@@ -142,7 +163,7 @@ def zeroship(argv: list[str] | None = None) -> int:
         return export_main(rest, prog="zeroship export")
     if cmd == "runs":
         return runs_command(rest)
-    console.print(f"[bold red]error:[/] unknown command {cmd!r}\n{usage}", highlight=False)
+    console.print(f"[bold red]error:[/] unknown command {escape(repr(cmd))}\n{usage}", highlight=False)
     return 2
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -45,6 +46,8 @@ def connect_ray(recipe: Recipe) -> str:
     if ray.is_initialized():
         return "existing ray session"
     env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+    if os.environ.get("ZEROSHIP_FAULT"):  # test-only fault hook (train_loop._fault_hook)
+        env["ZEROSHIP_FAULT"] = os.environ["ZEROSHIP_FAULT"]
     runtime_env = {"env_vars": env}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=runtime_env, log_to_driver=True)
@@ -109,28 +112,32 @@ class ProgressView:
         self.evals: list[dict] = []
         self.stop_reason: str | None = None
         self._stop = threading.Event()
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                                 TextColumn("{task.fields[steps]}"),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                                 TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
-        self.task = self.progress.add_task(f"{run.id} training", total=None, info="starting workers…", steps="")
-        self.latest_eval = ""
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=20),
+                                 TextColumn("{task.fields[steps]}"), TextColumn("{task.fields[info]}"),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 console=console, transient=False)
+        self.task = self.progress.add_task(run.id, total=None, info="starting workers…", steps="")
         self.total = 0
 
     def handle(self, event: dict) -> None:
         kind = event.pop("kind")
         if kind == "start":
+            if event.get("resumed_from_step") is not None:
+                self.run.append_metrics({"kind": "resume", "step": event["resumed_from_step"], "time": time.time()})
+                console.print(f"workers restarted: resuming from the checkpoint at step {event['resumed_from_step']}")
             self.total = event["total_steps"]
             self.progress.update(self.task, total=self.total, info="", steps=f"step 0/{self.total}")
         elif kind == "step":
             self.progress.update(self.task, completed=event["step"], steps=f"step {event['step']}/{self.total}",
-                                 info=f"loss {event['loss']:.4f} lr {event['lr']:.2e} {self.latest_eval}")
+                                 info=f"loss {event['loss']:.4f}")
         elif kind == "eval":
             self.evals.append(event)
             self.run.append_metrics({"kind": "eval", **event})
-            shown = {k: v for k, v in event.items() if k.startswith("eval_") and k != "eval_loss"}
-            self.latest_eval = " ".join(f"{k}={v:.4f}" for k, v in list(shown.items())[:2])
-            self.progress.update(self.task, completed=event["step"], info=self.latest_eval)
+            shown = " ".join(f"{k}={v:.4f}" for k, v in event.items() if k.startswith("eval_"))
+            trial = f"{event['trial']} " if event.get("trial") else ""
+            self.progress.console.print(f"{trial}epoch {event['epoch']} step {event['step']}: {shown}"
+                                        f"  ({event.get('train_samples_per_s', 0):.1f} samples/s)", highlight=False)
+            self.progress.update(self.task, completed=event["step"])
         elif kind == "end":
             self.stop_reason = event.get("stop_reason")
 
@@ -255,6 +262,7 @@ def write_best(run: Run, resolved: dict, labels: list[str], ckpt_dir: Path, winn
 
 # ------------------------------------------------------------------ launch
 def launch_run(recipe: Recipe, resolved: dict, plan: Plan, recipe_path: str, overrides: list[str]) -> int:
+    """Start a new run: allocate its id, record the resolved recipe, train, keep the winner."""
     if recipe.sweep is not None:
         raise ZeroshipError(Problem(f"{recipe_path} sweep", "sweeps are not supported by launch yet",
                                     "remove the sweep section (or use --check to validate it)"))
@@ -262,11 +270,31 @@ def launch_run(recipe: Recipe, resolved: dict, plan: Plan, recipe_path: str, ove
     run = reg.allocate({"task": recipe.model.task, "recipe": str(recipe_path), "overrides": list(overrides)})
     atomic_write(run.dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
     console.print(f"[bold]{run.id}[/] started → {run.dir}")
+    return execute(run, recipe, resolved, plan)
+
+
+def resume_run(run: Run) -> tuple[Recipe, dict]:
+    """Check that a run can be resumed and return its recorded recipe."""
+    from launcher.recipe import load_recipe
+
+    state = run.status().get("state")
+    if state == "succeeded":
+        raise ZeroshipError(Problem(run.id, "already succeeded; nothing to resume",
+                                    f"export it: zeroship export onnx {run.id}"))
+    recipe_file = run.dir / "recipe.yaml"
+    if not recipe_file.is_file():
+        raise ZeroshipError(Problem(str(recipe_file), "missing: this run cannot be resumed"))
+    return load_recipe(recipe_file)
+
+
+def execute(run: Run, recipe: Recipe, resolved: dict, plan: Plan) -> int:
+    """Train (or continue training) `run` and write its winner. Same storage and name as any earlier
+    attempt, so Ray Train continues from the latest checkpoint it finds there."""
     started = time.time()
     try:
         where = connect_ray(recipe)
         console.print(f"ray: {where}")
-        run.update(state="running", started=time.time())
+        run.update(state="running", error=None)
         result, view = fit(recipe, resolved, plan, run)
         ckpt, reported = pick_winner(result, recipe.metric, recipe.mode)
         winner = {"trial": reported.get("trial") or None, "epoch": reported["epoch"], "step": reported["step"],
@@ -282,13 +310,28 @@ def launch_run(recipe: Recipe, resolved: dict, plan: Plan, recipe_path: str, ove
         _fail(run, "interrupted")
         raise
     except Exception as exc:
-        _fail(run, f"{type(exc).__name__}: {exc}")
-        console.print(f"[bold red]{run.id} failed:[/] {type(exc).__name__}: {exc}", highlight=False)
+        _fail(run, _describe_failure(exc))
+        console.print(f"[bold red]{run.id} failed:[/] {escape(_describe_failure(exc))}", highlight=False)
         if os.environ.get("ZEROSHIP_DEBUG"):
             traceback.print_exc()
         return 1
     print_results(run, winner, metrics, view.stop_reason, wall)
     return 0
+
+
+def _describe_failure(exc: Exception) -> str:
+    """One line for status.json: for Ray's worker-group errors, the workers' own errors."""
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        parts = [f"rank {rank}: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+                 for rank, err in sorted(failures.items())]
+        return _printable(f"{type(exc).__name__}: " + "; ".join(parts))
+    return _printable(f"{type(exc).__name__}: {exc}")
+
+
+def _printable(text: str) -> str:
+    """Worker errors can carry lone surrogates (gloo's messages do), which no console can print."""
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _fail(run: Run, error: str) -> None:

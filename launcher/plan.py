@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from launcher.data import Dataset, load_dataset
@@ -123,4 +124,4 @@ def print_plan(plan: Plan, console: Console) -> None:
     console.print(t)
     console.print("deepspeed config: " + json.dumps(plan.ds_config), highlight=False, soft_wrap=True)
     for w in plan.warnings:
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)

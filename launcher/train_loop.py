@@ -122,9 +122,26 @@ def train_worker(config: dict[str, Any]) -> None:
     bad_evals = 0
     es = tcfg.get("early_stopping")
 
-    def checkpoint_and_report(metrics: dict[str, float], epoch: int, step: int) -> bool:
-        """Every rank saves its ZeRO shard and reports; returns True when early stopping says stop."""
+    window = {"times": [], "losses": [], "samples": 0, "tokens": 0}  # training since the last report
+
+    def train_stats() -> dict[str, float]:
+        times = sorted(window["times"])
+        total = sum(times) or 1e-9
+        stats = {"train_loss": sum(window["losses"]) / max(1, len(window["losses"])),
+                 "train_step_s": times[len(times) // 2] if times else 0.0,
+                 "train_samples_per_s": window["samples"] * world / total,
+                 "train_tokens_per_s": window["tokens"] * world / total,
+                 "lr": scheduler.get_last_lr()[0]}
+        window.update(times=[], losses=[], samples=0, tokens=0)
+        return stats
+
+    def checkpoint_and_report(metrics: dict[str, float], epoch: int, step: int, next_pos: tuple[int, int]) -> bool:
+        """Every rank saves its ZeRO shard and reports; returns True when early stopping says stop.
+
+        `next_pos` is (epoch, micro-batch) where training continues if it resumes from this checkpoint.
+        """
         nonlocal best_value, bad_evals
+        metrics = {**metrics, **train_stats()}
         value = metrics[metric]
         better = best_value is None or (
             value > best_value + (es["min_delta"] if es else 0) if mode == "max"
@@ -138,7 +155,11 @@ def train_worker(config: dict[str, Any]) -> None:
         record = {**metrics, "epoch": epoch, "step": step, "trial": config.get("trial", "")}
         tmp = tempfile.mkdtemp(prefix="zeroship-ckpt-")
         try:
-            engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"epoch": epoch, "step": step})
+            resume = {"epoch": epoch, "step": step, "next_epoch": next_pos[0], "next_micro": next_pos[1],
+                      "best_value": best_value, "bad_evals": bad_evals}
+            engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"zeroship_resume": resume})
+            # each rank's RNG, so dropout after a resume repeats the uninterrupted run exactly
+            torch.save({"torch": torch.get_rng_state()}, os.path.join(tmp, f"rng_rank{rank}.pt"))
             if rank == 0:
                 with open(os.path.join(tmp, STATE_FILE), "w") as fh:
                     json.dump({"epoch": epoch, "step": step, "metrics": metrics, "labels": labels,
@@ -149,18 +170,38 @@ def train_worker(config: dict[str, Any]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         return stop[0]
 
+    # ---------------------------------------------------------------- resume (after a worker failure)
+    step, start_epoch, start_micro = 0, 1, 0
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as folder:
+            _, client = engine.load_checkpoint(folder, tag=CKPT_TAG)  # model, optimizer, scheduler
+            rng = torch.load(os.path.join(folder, f"rng_rank{rank}.pt"), weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        state = client["zeroship_resume"]
+        step, start_epoch, start_micro = state["step"], state["next_epoch"], state["next_micro"]
+        best_value, bad_evals = state["best_value"], state["bad_evals"]
+    fault = _fault_hook(rank)
+
     # ---------------------------------------------------------------- train
     label_smoothing = rcfg["label_smoothing"]
-    emit({"kind": "start", "total_steps": total_steps, "world": world, "examples": len(train_ex)})
-    step, stopped, started = 0, None, time.time()
+    emit({"kind": "start", "total_steps": total_steps, "world": world, "examples": len(train_ex),
+          "resumed_from_step": step if restored is not None else None})
+    stopped, started = None, time.time()
     eval_every = tcfg["eval_every"]
-    last_eval_step = -1
-    for epoch in range(1, tcfg["epochs"] + 1):
+    last_eval_step = step if restored is not None else -1
+    micro_total = steps_per_epoch * tcfg["grad_accum"]
+    for epoch in range(start_epoch, tcfg["epochs"] + 1):
         engine.train()
+        step_started = time.perf_counter()
         for micro, batch_ids in enumerate(epoch_batches(epoch)):
-            if micro >= steps_per_epoch * tcfg["grad_accum"]:
+            if micro >= micro_total:
                 break  # keep every rank and epoch at the same number of optimizer steps
+            if epoch == start_epoch and micro < start_micro:
+                continue  # consumed before the checkpoint this run resumed from
             batch = collate([train_feats[i] for i in batch_ids], tokenizer.pad_token_id, with_type_ids)
+            window["samples"] += len(batch_ids)
+            window["tokens"] += int(batch["attention_mask"].sum())
             labels_t = batch.pop("labels")
             logits = engine(**batch).float()
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels_t.reshape(-1),
@@ -170,19 +211,39 @@ def train_worker(config: dict[str, Any]) -> None:
             if (micro + 1) % tcfg["grad_accum"]:
                 continue  # DeepSpeed accumulates; an optimizer step happens every grad_accum micro-batches
             step += 1
+            if fault is not None and step == fault[0]:
+                open(fault[1], "w").close()  # the restarted worker sees it and runs on
+                os._exit(17)  # test-only: die hard, as a crashed or preempted worker would
+            now = time.perf_counter()
+            window["times"].append(now - step_started)
+            window["losses"].append(float(loss.detach()))
             if rank == 0 and (step % max(1, total_steps // 100) == 0 or step == total_steps):
-                emit({"kind": "step", "step": step, "epoch": epoch, "loss": float(loss),
+                emit({"kind": "step", "step": step, "epoch": epoch, "loss": float(loss.detach()),
                       "lr": scheduler.get_last_lr()[0], "elapsed": time.time() - started})
             if isinstance(eval_every, int) and step % eval_every == 0:
                 last_eval_step = step
-                if checkpoint_and_report(evaluate(), epoch, step):
+                nxt = (epoch, micro + 1) if micro + 1 < micro_total else (epoch + 1, 0)
+                if checkpoint_and_report(evaluate(), epoch, step, nxt):
                     stopped = f"early stopping: {metric} did not improve for {es['patience']} evaluations"
                     break
+            step_started = time.perf_counter()  # step time excludes evaluation and checkpointing
         if stopped:
             break
         if eval_every == "epoch" or (epoch == tcfg["epochs"] and last_eval_step != step):
             last_eval_step = step
-            if checkpoint_and_report(evaluate(), epoch, step):
+            if checkpoint_and_report(evaluate(), epoch, step, (epoch + 1, 0)):
                 stopped = f"early stopping: {metric} did not improve for {es['patience']} evaluations"
                 break
     emit({"kind": "end", "step": step, "stop_reason": stopped or "completed all epochs"}, wait=True)
+
+
+def _fault_hook(rank: int) -> tuple[int, str] | None:
+    """Test-only fault injection: ZEROSHIP_FAULT="rank:step:marker-file" makes that rank exit hard
+    when it reaches that optimizer step, once (the marker file records that it happened)."""
+    spec = os.environ.get("ZEROSHIP_FAULT")
+    if not spec:
+        return None
+    r, s, marker = spec.split(":", 2)
+    if int(r) != rank or os.path.exists(marker):
+        return None
+    return int(s), marker

@@ -46,6 +46,7 @@ BROKEN_OVERRIDES = [
     (["model.head.dimm=3"], "did you mean 'dim'"),
     (["train.batch_size=[1, 2"], "not valid YAML"),
     (["deepspeed.zero_stage=0", "deepspeed.offload_params=cpu"], "offload_params"),
+    (["train.batch_size=[/x]"], "train.batch_size"),  # text that looks like console markup is printed as is
 ]
 
 

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# A Ray cluster on this machine, bound to 127.0.0.1, in its own temp dir; `down` stops only it.
+#
+#   cluster/local.sh up [EXTRA_WORKER_NODES]   # head (+ optional extra nodes), prints how to submit
+#   cluster/local.sh down                      # stops the processes this script started, nothing else
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+state="${ZEROSHIP_CLUSTER_DIR:-/tmp/zeroship-cluster}"
+ray="${RAY:-$here/.venv/bin/ray}"
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0   # else --node-ip-address 127.0.0.1 is replaced by the external IP
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"  # a loopback-only cluster; set token to keep auth on
+
+# alive PID: running and not a zombie (a container's PID 1 may never reap the orphaned `ray start`)
+alive() { local st; st=$(ps -o stat= -p "$1" 2>/dev/null) && [ -n "$st" ] && [[ "$st" != Z* ]]; }
+
+free_port() { "$here/.venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+up() {
+  if [ -f "$state/head.pid" ] && alive "$(cat "$state/head.pid")"; then
+    echo "already running: $(cat "$state/address")"; exit 0
+  fi
+  mkdir -p "$state/tmp"
+  local gcs dash client; gcs=$(free_port); dash=$(free_port); client=$(free_port)
+  setsid "$ray" start --head --block --node-ip-address 127.0.0.1 --port "$gcs" \
+    --dashboard-host 127.0.0.1 --dashboard-port "$dash" --ray-client-server-port "$client" \
+    --temp-dir "$state/tmp" \
+    >"$state/head.log" 2>&1 &
+  echo $! >"$state/head.pid"
+  for _ in $(seq 60); do
+    (echo >"/dev/tcp/127.0.0.1/$dash") 2>/dev/null && break; sleep 1
+  done
+  for i in $(seq "${1:-0}"); do
+    setsid "$ray" start --block --address "127.0.0.1:$gcs" --node-ip-address 127.0.0.1 \
+      >"$state/worker$i.log" 2>&1 &
+    echo $! >"$state/worker$i.pid"
+  done
+  echo "http://127.0.0.1:$dash" >"$state/address"
+  echo "127.0.0.1:$gcs" >"$state/gcs"
+  cat <<MSG
+Ray head on 127.0.0.1:$gcs (dashboard and job API: http://127.0.0.1:$dash), ${1:-0} extra node(s).
+Submit a run:
+  RAY_AUTH_MODE=$RAY_AUTH_MODE .venv/bin/ray job submit --address http://127.0.0.1:$dash --working-dir . -- launch recipes/quickstart_ner.yaml
+Or launch from this shell into it:
+  RAY_ADDRESS=127.0.0.1:$gcs .venv/bin/launch recipes/quickstart_ner.yaml
+Stop it:
+  cluster/local.sh down
+MSG
+}
+
+down() {
+  shopt -s nullglob
+  for pidfile in "$state"/*.pid; do
+    pid=$(cat "$pidfile")
+    kill -TERM -- "-$pid" 2>/dev/null || true   # the process group setsid made: ray start and its children
+    # `ray start --block` does not exit on SIGTERM; after a grace period the group is killed
+    for _ in $(seq 5); do alive "$pid" || break; sleep 1; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    rm -f "$pidfile"
+  done
+  rm -f "$state/address" "$state/gcs"
+  echo "stopped the cluster in $state"
+}
+
+case "${1:-}" in
+  up) shift; up "${1:-0}" ;;
+  down) down ;;
+  *) echo "usage: cluster/local.sh up [EXTRA_NODES] | down" >&2; exit 2 ;;
+esac

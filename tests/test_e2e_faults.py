@@ -1,0 +1,98 @@
+"""Fault tolerance with real processes: a worker that dies, and a driver that dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import BIN, ROOT, cli, tiny_ner_recipe
+
+pytestmark = pytest.mark.e2e
+
+# 19 optimizer steps per epoch on the toy data (600 sentences / (2 workers × 16)); evaluate every 5
+FAULTY = dict(train={"epochs": 2, "eval_every": 5}, run={"keep_best": 2})
+
+
+def evals(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+
+
+def only_run(folder: Path) -> Path:
+    (run,) = (folder / "runs").glob("run-*")
+    return run
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("clean")
+    res = cli("launch", str(tiny_ner_recipe(folder, **FAULTY)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return only_run(folder)
+
+
+def test_dead_worker_resumes_from_checkpoint(tmp_path, ray_tmp, uninterrupted):
+    marker = tmp_path / "fault-fired"
+    recipe = tiny_ner_recipe(tmp_path, **{**FAULTY, "run": {**FAULTY["run"], "max_failures": 1}})
+    res = cli("launch", str(recipe), env={"ZEROSHIP_FAULT": f"1:13:{marker}", "ZEROSHIP_RAY_TMPDIR": ray_tmp})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert marker.exists()  # the worker really died at step 13
+    run = only_run(tmp_path)
+    assert json.loads((run / "status.json").read_text())["state"] == "succeeded"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    resume = [x for x in lines if x["kind"] == "resume"]
+    assert [r["step"] for r in resume] == [10]  # continued from the step-10 checkpoint, not from zero
+    steps = [e["step"] for e in evals(run)]
+    assert steps[:2] == [5, 10] and steps[2] == 15 and steps[-1] == 38
+    # Data order, optimizer, scheduler and each rank's RNG are restored, so the resumed run retraces
+    # the uninterrupted one: same evaluations at the same steps.
+    clean = {e["step"]: e for e in evals(uninterrupted)}
+    for e in evals(run):
+        assert abs(e["eval_loss"] - clean[e["step"]]["eval_loss"]) < 1e-4, (e["step"], e, clean[e["step"]])
+        assert e["eval_f1"] == pytest.approx(clean[e["step"]]["eval_f1"], abs=1e-9)
+
+
+def test_dead_worker_without_retries_fails_the_run(tmp_path, ray_tmp):
+    marker = tmp_path / "fault-fired"
+    recipe = tiny_ner_recipe(tmp_path, **FAULTY)  # max_failures: 0
+    res = cli("launch", str(recipe), env={"ZEROSHIP_FAULT": f"0:7:{marker}", "ZEROSHIP_RAY_TMPDIR": ray_tmp})
+    assert res.returncode == 1
+    run = only_run(tmp_path)
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and "rank 0" in status["error"], status
+    assert not (run / "best").exists() and not (run / ".best.tmp").exists()
+    assert f"{run.name} failed" in res.stdout
+
+
+def test_resume_after_driver_killed(tmp_path, ray_tmp, uninterrupted):
+    recipe = tiny_ner_recipe(tmp_path, **FAULTY)
+    env = {**os.environ, "ZEROSHIP_RAY_TMPDIR": ray_tmp}
+    driver = subprocess.Popen([str(BIN / "launch"), str(recipe)], cwd=ROOT, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "runs" / "run-1" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and driver.poll() is None:
+        if metrics.exists() and '"step": 10' in metrics.read_text():
+            break
+        time.sleep(0.5)
+    assert driver.poll() is None, "the run ended before it could be interrupted"
+    time.sleep(3)  # let Ray Train persist the step-10 checkpoint it just reported
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    driver.wait()
+    run = tmp_path / "runs" / "run-1"
+    assert json.loads((run / "status.json").read_text())["state"] == "running"
+    res = cli("launch", "--resume", "run-1", "--runs", str(tmp_path / "runs"), env={"ZEROSHIP_RAY_TMPDIR": ray_tmp})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["run-1"]  # no new id allocated
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "succeeded"
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()]
+    resumed = [x["step"] for x in lines if x["kind"] == "resume"]
+    assert resumed and resumed[0] >= 5  # from a checkpoint, not from zero
+    assert max(e["step"] for e in evals(run)) == 38
+    res = cli("launch", "--resume", "run-1", "--runs", str(tmp_path / "runs"))
+    assert res.returncode == 2 and "already succeeded" in res.stderr
