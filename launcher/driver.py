@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from launcher.data import examples_to_dicts
@@ -105,41 +105,71 @@ def progress_board():
 
 # ------------------------------------------------------------------ progress display
 class ProgressView:
-    """Drains the board in a thread, appends evaluations to metrics.jsonl, draws a rich bar."""
+    """Drains the board in a thread, appends evaluations to metrics.jsonl, and draws one live row per
+    trial (a single run is one row): parameters, step, loss, best metric so far."""
 
-    def __init__(self, board, run: Run, trial: str = ""):
-        self.board, self.run, self.trial = board, run, trial
+    def __init__(self, board, run: Run, metric: str, mode: str):
+        self.board, self.run, self.metric, self.mode = board, run, metric, mode
         self.evals: list[dict] = []
-        self.stop_reason: str | None = None
+        self.stop_reasons: dict[str, str] = {}
+        self.params: dict[str, dict] = {}
+        self.best: dict[str, float] = {}
+        self.totals: dict[str, int] = {}
+        self.tasks: dict[str, Any] = {}
         self._stop = threading.Event()
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=20),
                                  TextColumn("{task.fields[steps]}"), TextColumn("{task.fields[info]}"),
-                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                 console=console, transient=False)
-        self.task = self.progress.add_task(run.id, total=None, info="starting workers…", steps="")
-        self.total = 0
+                                 TimeElapsedColumn(), console=console, transient=False)
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self.stop_reasons.get("") or "; ".join(f"{t}: {r}" for t, r in self.stop_reasons.items()) or None
+
+    def expect_trials(self, trials: list[dict]) -> None:
+        for t in trials:
+            self.params[t["name"]] = t["params"]
+            self._task(t["name"], "pending")
+
+    def _task(self, trial: str, info: str = ""):
+        if trial not in self.tasks:
+            params = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.params.get(trial, {}).items())
+            desc = f"{trial} {params}" if trial else self.run.id
+            self.tasks[trial] = self.progress.add_task(desc, total=None, info=info, steps="")
+        return self.tasks[trial]
+
+    def _info(self, trial: str, extra: str = "") -> str:
+        best = f"best {self.metric}={self.best[trial]:.4f}" if trial in self.best else ""
+        return " ".join(x for x in (extra, best) if x)
 
     def handle(self, event: dict) -> None:
-        kind = event.pop("kind")
+        kind, trial = event.pop("kind"), event.get("trial", "")
+        task = self._task(trial)
         if kind == "start":
             if event.get("resumed_from_step") is not None:
-                self.run.append_metrics({"kind": "resume", "step": event["resumed_from_step"], "time": time.time()})
-                console.print(f"workers restarted: resuming from the checkpoint at step {event['resumed_from_step']}")
-            self.total = event["total_steps"]
-            self.progress.update(self.task, total=self.total, info="", steps=f"step 0/{self.total}")
+                self.run.append_metrics({"kind": "resume", "trial": trial, "step": event["resumed_from_step"],
+                                         "time": time.time()})
+                self.progress.console.print(f"{trial or self.run.id}: workers restarted, resuming from the"
+                                            f" checkpoint at step {event['resumed_from_step']}")
+            self.totals[trial] = event["total_steps"]
+            self.progress.update(task, total=event["total_steps"], info=self._info(trial, "running"),
+                                 steps=f"step 0/{event['total_steps']}")
         elif kind == "step":
-            self.progress.update(self.task, completed=event["step"], steps=f"step {event['step']}/{self.total}",
-                                 info=f"loss {event['loss']:.4f}")
+            self.progress.update(task, completed=event["step"], steps=f"step {event['step']}/{self.totals.get(trial, '?')}",
+                                 info=self._info(trial, f"loss {event['loss']:.4f}"))
         elif kind == "eval":
             self.evals.append(event)
             self.run.append_metrics({"kind": "eval", **event})
+            value = event[self.metric]
+            if trial not in self.best or (value > self.best[trial] if self.mode == "max" else value < self.best[trial]):
+                self.best[trial] = value
             shown = " ".join(f"{k}={v:.4f}" for k, v in event.items() if k.startswith("eval_"))
-            trial = f"{event['trial']} " if event.get("trial") else ""
-            self.progress.console.print(f"{trial}epoch {event['epoch']} step {event['step']}: {shown}"
-                                        f"  ({event.get('train_samples_per_s', 0):.1f} samples/s)", highlight=False)
-            self.progress.update(self.task, completed=event["step"])
+            self.progress.console.print(f"{trial + ' ' if trial else ''}epoch {event['epoch']} step {event['step']}:"
+                                        f" {shown}  ({event.get('train_samples_per_s', 0):.1f} samples/s)",
+                                        highlight=False)
+            self.progress.update(task, completed=event["step"], info=self._info(trial))
         elif kind == "end":
-            self.stop_reason = event.get("stop_reason")
+            self.stop_reasons[trial] = event.get("stop_reason")
+            self.progress.update(task, info=self._info(trial, "done"))
 
     def drain(self) -> None:
         import ray
@@ -170,33 +200,56 @@ class ProgressView:
 
 
 # ------------------------------------------------------------------ fit
-def fit(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[Any, ProgressView]:
+def worker_config(recipe: Recipe, resolved: dict, plan: Plan, board, trial: str = "") -> dict:
+    """What every worker receives: the resolved recipe, labels, parsed examples, the progress board."""
+    data = {name: examples_to_dicts(split.examples) for name, split in plan.dataset.splits.items()
+            if name in ("train", "validation")}
+    return {"recipe": resolved, "labels": plan.dataset.labels, "data": data, "progress": board,
+            "metric": recipe.metric, "mode": recipe.mode, "trial": trial}
+
+
+def make_trainer(recipe: Recipe, config: dict, storage: Path, name: str, callbacks: list | None = None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    board = progress_board()
-    data = {name: examples_to_dicts(split.examples) for name, split in plan.dataset.splits.items()
-            if name in ("train", "validation")}
-    config = {"recipe": resolved, "labels": plan.dataset.labels, "data": data, "progress": board,
-              "metric": recipe.metric, "mode": recipe.mode}
     sc = recipe.scaling
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_worker,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=sc.workers, use_gpu=sc.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=sc.placement_strategy),
         run_config=ray.train.RunConfig(
-            name="train", storage_path=str((run.dir / "ray").resolve()),
+            name=name, storage_path=str(storage.resolve()), callbacks=callbacks or [],
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=recipe.run.keep_best, checkpoint_score_attribute=recipe.metric,
                 checkpoint_score_order=recipe.mode),
             failure_config=ray.train.FailureConfig(max_failures=recipe.run.max_failures)),
     )
-    with ProgressView(board, run) as view:
+
+
+def fit(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[Any, ProgressView]:
+    board = progress_board()
+    trainer = make_trainer(recipe, worker_config(recipe, resolved, plan, board), run.dir / "ray", "train")
+    with ProgressView(board, run, recipe.metric, recipe.mode) as view:
         result = trainer.fit()
     return result, view
+
+
+def fit_sweep(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[Path, dict, ProgressView, list]:
+    """Run the sweep; return the winning checkpoint folder, its evaluation, the view and the trial table."""
+    from launcher.sweep import find_checkpoint, run_sweep
+
+    board = progress_board()
+    with ProgressView(board, run, recipe.metric, recipe.mode) as view:
+        trials = run_sweep(recipe, resolved, plan, run, view, board)
+    if not view.evals:
+        errors = "; ".join(f"{t['name']}: {t['error']}" for t in trials if t["error"]) or "no evaluation reported"
+        raise RuntimeError(f"every trial failed: {errors}")
+    sign = 1 if recipe.mode == "max" else -1
+    best = max(view.evals, key=lambda e: sign * e[recipe.metric])
+    return find_checkpoint(run.dir / "ray", best["trial"], best["step"]), best, view, trials
 
 
 # ------------------------------------------------------------------ winner → best/
@@ -263,9 +316,6 @@ def write_best(run: Run, resolved: dict, labels: list[str], ckpt_dir: Path, winn
 # ------------------------------------------------------------------ launch
 def launch_run(recipe: Recipe, resolved: dict, plan: Plan, recipe_path: str, overrides: list[str]) -> int:
     """Start a new run: allocate its id, record the resolved recipe, train, keep the winner."""
-    if recipe.sweep is not None:
-        raise ZeroshipError(Problem(f"{recipe_path} sweep", "sweeps are not supported by launch yet",
-                                    "remove the sweep section (or use --check to validate it)"))
     reg = Registry(resolved["run"]["storage"])
     run = reg.allocate({"task": recipe.model.task, "recipe": str(recipe_path), "overrides": list(overrides)})
     atomic_write(run.dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
@@ -295,14 +345,25 @@ def execute(run: Run, recipe: Recipe, resolved: dict, plan: Plan) -> int:
         where = connect_ray(recipe)
         console.print(f"ray: {where}")
         run.update(state="running", error=None)
-        result, view = fit(recipe, resolved, plan, run)
-        ckpt, reported = pick_winner(result, recipe.metric, recipe.mode)
-        winner = {"trial": reported.get("trial") or None, "epoch": reported["epoch"], "step": reported["step"],
-                  "metric": recipe.metric, "value": reported[recipe.metric]}
-        with ckpt.as_directory() as folder:
-            metrics = write_best(run, resolved, plan.dataset.labels, Path(folder), winner, plan)
+        extra: dict[str, Any] = {}
+        if recipe.sweep is not None:
+            folder, reported, view, trials = fit_sweep(recipe, resolved, plan, run)
+            params = next(t["params"] for t in trials if t["name"] == reported["trial"])
+            winner = {"trial": reported["trial"], "params": params, "epoch": reported["epoch"],
+                      "step": reported["step"], "metric": recipe.metric, "value": reported[recipe.metric]}
+            best_recipe = yaml.safe_load((run.dir / "trials" / f"{reported['trial']}.yaml").read_text())
+            metrics = write_best(run, best_recipe, plan.dataset.labels, folder, winner, plan)
+            extra["trials"] = [{**t, "best": view.best.get(t["name"])} for t in trials]
+        else:
+            result, view = fit(recipe, resolved, plan, run)
+            ckpt, reported = pick_winner(result, recipe.metric, recipe.mode)
+            winner = {"trial": None, "epoch": reported["epoch"], "step": reported["step"],
+                      "metric": recipe.metric, "value": reported[recipe.metric]}
+            with ckpt.as_directory() as folder:
+                metrics = write_best(run, resolved, plan.dataset.labels, Path(folder), winner, plan)
         wall = time.time() - started
-        run.update(state="succeeded", winner=winner, stop_reason=view.stop_reason, wall_seconds=round(wall, 1))
+        run.update(state="succeeded", winner=winner, stop_reason=view.stop_reason, wall_seconds=round(wall, 1),
+                   **extra)
     except ZeroshipError as exc:
         _fail(run, exc.render())
         raise
@@ -315,6 +376,8 @@ def execute(run: Run, recipe: Recipe, resolved: dict, plan: Plan) -> int:
         if os.environ.get("ZEROSHIP_DEBUG"):
             traceback.print_exc()
         return 1
+    if extra.get("trials"):
+        print_trials(extra["trials"], recipe.metric, winner["trial"])
     print_results(run, winner, metrics, view.stop_reason, wall)
     return 0
 
@@ -339,8 +402,21 @@ def _fail(run: Run, error: str) -> None:
     run.update(state="failed", error=error)
 
 
+def print_trials(trials: list[dict], metric: str, winner: str) -> None:
+    table = Table(title="sweep trials")
+    for col in ("trial", "params", f"best {metric}", "state"):
+        table.add_column(col)
+    for t in trials:
+        state = "[red]failed[/]" if t["error"] else "done"
+        best = f"{t['best']:.4f}" if t["best"] is not None else "-"
+        name = f"[bold]{t['name']}[/] ★" if t["name"] == winner else t["name"]
+        table.add_row(name, escape(json.dumps(t["params"])), best, state)
+    console.print(table)
+
+
 def print_results(run: Run, winner: dict, metrics: dict, stop_reason: str | None, wall: float) -> None:
-    table = Table(title=f"{run.id} results (winner: epoch {winner['epoch']}, step {winner['step']})")
+    trial = f"{winner['trial']}, " if winner.get("trial") else ""
+    table = Table(title=f"{run.id} results (winner: {trial}epoch {winner['epoch']}, step {winner['step']})")
     table.add_column("split")
     keys = [k for k in metrics.get("validation", {}) if k.startswith("eval_")]
     for k in keys:

@@ -68,7 +68,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     def emit(event: dict, wait: bool = False) -> None:
         if board is not None and rank == 0:
-            ref = board.push.remote(event)
+            ref = board.push.remote({"trial": config.get("trial", ""), **event})
             if wait:
                 import ray
                 ray.get(ref)

@@ -1,0 +1,110 @@
+"""Sweeps: one Ray Tune trial per point of the recipe's `sweep`, each fitting its own TorchTrainer.
+
+This is the Train V2 pattern (a Tune function trainable that builds and fits a TorchTrainer with
+`TuneReportCallback`); `Tuner(TorchTrainer(...))` is refused by Train V2. The winner is the best
+evaluation over every trial and every evaluation; its checkpoint is found by the step recorded
+inside each checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launcher.recipe import Recipe, set_dotted, sweep_points
+from launcher.runs import Run, atomic_write
+from launcher.train_loop import STATE_FILE
+
+
+def trial_recipe(resolved: dict, params: dict[str, Any]) -> dict:
+    """The base recipe with one sweep point applied and the sweep section removed."""
+    trial = copy.deepcopy(resolved)
+    trial["sweep"] = None
+    for key, value in params.items():
+        set_dotted(trial, key, value)
+    return trial
+
+
+def sweep_trial(config: dict, shared: dict) -> None:
+    """Tune function trainable: runs one trial's distributed training to completion."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from launcher.driver import make_trainer
+
+    trial = config["trial"]
+    resolved = trial_recipe(shared["resolved"], trial["params"])
+    recipe = Recipe.model_validate(resolved)
+    worker_cfg = dict(shared["worker_config"], recipe=resolved, trial=trial["name"])
+    trainer = make_trainer(recipe, worker_cfg, Path(shared["storage"]), trial["name"],
+                           callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+def max_concurrent(recipe: Recipe) -> int:
+    """How many trials the cluster can run at once, given each trial's workers."""
+    import ray
+
+    if recipe.sweep.max_concurrent:
+        return recipe.sweep.max_concurrent
+    sc = recipe.scaling
+    cpus = ray.cluster_resources().get("CPU", 1)
+    fit = int(cpus // (sc.workers * sc.cpus_per_worker))
+    if sc.use_gpu:
+        fit = min(fit, int(ray.cluster_resources().get("GPU", 0) // (sc.workers * sc.gpus_per_worker)))
+    return max(1, fit)
+
+
+def run_sweep(recipe: Recipe, resolved: dict, plan, run: Run, view, board) -> list[dict]:
+    """Run every trial; returns the trial table (name, params, state, error)."""
+    import ray.tune as tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from launcher.driver import worker_config
+
+    trials = [{"name": f"trial-{i}", "params": p} for i, p in enumerate(sweep_points(recipe))]
+    (run.dir / "trials").mkdir(exist_ok=True)
+    for t in trials:  # each trial's resolved recipe, as it will run
+        atomic_write(run.dir / "trials" / f"{t['name']}.yaml",
+                     yaml.safe_dump(trial_recipe(resolved, t["params"]), sort_keys=False))
+    view.expect_trials(trials)
+    shared = {"resolved": resolved, "worker_config": worker_config(recipe, resolved, plan, board),
+              "storage": str((run.dir / "ray").resolve())}
+    scheduler = None
+    if recipe.sweep.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric=recipe.metric, mode=recipe.mode,
+                                  grace_period=1, reduction_factor=2, max_t=10**6)
+    # A trial's own process only waits on its TorchTrainer: it takes no CPU (else trials could hold
+    # every CPU and no worker would ever start); a token of memory keeps its resource request valid.
+    trainable = tune.with_resources(tune.with_parameters(sweep_trial, shared=shared), {"CPU": 0, "memory": 1})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(trials)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(recipe), scheduler=scheduler),
+        run_config=tune.RunConfig(name="sweep", storage_path=shared["storage"], verbose=0),
+    )
+    grid = tuner.fit()
+    table = []
+    for result in grid:
+        name = result.config["trial"]["name"]
+        error = None
+        if result.error is not None and not _stopped_by_scheduler(result.error):
+            error = f"{type(result.error).__name__}: {str(result.error).strip().splitlines()[-1]}"
+        table.append({"name": name, "params": result.config["trial"]["params"], "error": error})
+    return sorted(table, key=lambda t: int(t["name"].split("-")[1]))
+
+
+def _stopped_by_scheduler(error: BaseException) -> bool:
+    # ASHA stops a trial by killing its actors; fit() inside the trial then raises ActorDiedError
+    return "ActorDied" in type(error).__name__ or "ActorDied" in str(error)
+
+
+def find_checkpoint(storage: Path, trial: str, step: int) -> Path:
+    """The checkpoint folder a trial reported at `step` (each holds its own step in STATE_FILE)."""
+    for state in sorted((storage / trial).glob(f"checkpoint_*/{STATE_FILE}")):
+        if json.loads(state.read_text())["step"] == step:
+            return state.parent
+    raise RuntimeError(f"the checkpoint of {trial} at step {step} is gone (raise run.keep_best?)")

@@ -1,0 +1,41 @@
+"""A real 2×2 grid sweep on local Ray: trials are recorded, the winner is the best evaluation of all."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import cli, tiny_ner_recipe
+from test_e2e_train import evaluate_best_in_fresh_process
+
+pytestmark = pytest.mark.e2e
+
+
+def test_grid_sweep_winner_is_best_evaluation_over_all_trials(tmp_path, ray_tmp):
+    # eval_loss is continuous, so the winner is unambiguous (F1 ties at 1.0 on the easy toy data)
+    recipe = tiny_ner_recipe(
+        tmp_path, scaling={"workers": 1}, train={"epochs": 1, "metric": "eval_loss"},
+        sweep={"method": "grid", "parameters": {"train.lr": [5e-5, 3e-4], "model.head.dim": [32, 64]}})
+    res = cli("launch", str(recipe), env={"ZEROSHIP_RAY_TMPDIR": ray_tmp})
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    run = tmp_path / "runs" / "run-1"
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "succeeded"
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert sorted({e["trial"] for e in evals}) == ["trial-0", "trial-1", "trial-2", "trial-3"]
+    best = min(evals, key=lambda e: e["eval_loss"])
+    winner = status["winner"]
+    assert (winner["trial"], winner["step"]) == (best["trial"], best["step"])
+    assert winner["value"] == best["eval_loss"]
+    # each trial's resolved recipe is recorded, and the winner's params are the ones it ran with
+    trial_recipe = yaml.safe_load((run / "trials" / f"{winner['trial']}.yaml").read_text())
+    assert trial_recipe["train"]["lr"] == winner["params"]["train.lr"]
+    assert trial_recipe["model"]["head"]["dim"] == winner["params"]["model.head.dim"]
+    assert len(status["trials"]) == 4 and not any(t["error"] for t in status["trials"])
+    # best/ is the winner, rebuilt with the winner's head size, and reproduces its metric
+    meta = json.loads((run / "best" / "model.json").read_text())
+    assert meta["head"]["dim"] == winner["params"]["model.head.dim"]
+    again = evaluate_best_in_fresh_process(run / "best", trial_recipe["data"] | {"labels": None, "test": None})
+    assert again["eval_loss"] == pytest.approx(winner["value"], abs=1e-5)
+    assert "sweep trials" in res.stdout
