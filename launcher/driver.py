@@ -247,6 +247,8 @@ def fit_sweep(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[Pat
     if not view.evals:
         errors = "; ".join(f"{t['name']}: {t['error']}" for t in trials if t["error"]) or "no evaluation reported"
         raise RuntimeError(f"every trial failed: {errors}")
+    for t in trials:  # a trial that never sent its end event was stopped early by the scheduler
+        t["state"] = "failed" if t["error"] else ("done" if t["name"] in view.stop_reasons else "pruned")
     sign = 1 if recipe.mode == "max" else -1
     best = max(view.evals, key=lambda e: sign * e[recipe.metric])
     return find_checkpoint(run.dir / "ray", best["trial"], best["step"]), best, view, trials
@@ -407,7 +409,7 @@ def print_trials(trials: list[dict], metric: str, winner: str) -> None:
     for col in ("trial", "params", f"best {metric}", "state"):
         table.add_column(col)
     for t in trials:
-        state = "[red]failed[/]" if t["error"] else "done"
+        state = {"failed": "[red]failed[/]", "pruned": "[yellow]pruned[/]"}.get(t["state"], t["state"])
         best = f"{t['best']:.4f}" if t["best"] is not None else "-"
         name = f"[bold]{t['name']}[/] ★" if t["name"] == winner else t["name"]
         table.add_row(name, escape(json.dumps(t["params"])), best, state)
