@@ -56,9 +56,14 @@ class ZeroshipModel(nn.Module):
     def uses_token_type_ids(self) -> bool:
         return getattr(self.encoder.config, "type_vocab_size", 0) > 0
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        # inputs_embeds: word embeddings given directly (FGM perturbs them); positions/types still added
+        kwargs = {"attention_mask": attention_mask}
+        if inputs_embeds is not None:
+            kwargs["inputs_embeds"] = inputs_embeds
+        else:
+            kwargs["input_ids"] = input_ids
         if token_type_ids is not None and self.uses_token_type_ids:
             kwargs["token_type_ids"] = token_type_ids
         hidden = self.encoder(**kwargs).last_hidden_state
@@ -90,19 +95,32 @@ class ZeroshipModel(nn.Module):
             tokenizer.save_pretrained(str(folder))
 
 
-def _encoder_config(source: str, num_hidden_layers: int | None, attn: str | None):
+DROPOUT_NAMES = {"hidden": ("hidden_dropout_prob", "dropout"),
+                 "attention": ("attention_probs_dropout_prob", "attention_dropout")}
+
+
+def _encoder_config(source: str, num_hidden_layers: int | None, attn: str | None,
+                    dropout: dict[str, float | None] | None = None):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(source)
     if num_hidden_layers is not None:
         config.num_hidden_layers = min(num_hidden_layers, config.num_hidden_layers)
+    for kind, value in (dropout or {}).items():
+        if value is None:
+            continue
+        name = next((n for n in DROPOUT_NAMES[kind] if hasattr(config, n)), None)
+        if name is None:
+            raise RunError(Problem(f"regularization.{kind}_dropout",
+                                   f"{config.model_type} has no {kind} dropout setting ({', '.join(DROPOUT_NAMES[kind])})"))
+        setattr(config, name, value)
     if attn:
         config._attn_implementation = attn
     return config
 
 
 def build_model(model_cfg: dict, labels: list[str], attn: str | None = None,
-                pretrained: bool = True) -> ZeroshipModel:
+                pretrained: bool = True, dropout: dict[str, float | None] | None = None) -> ZeroshipModel:
     """A model from the recipe's `model` section: pretrained encoder (or an empty skeleton of
     the same shape, to load a checkpoint into) and a new head."""
     from transformers import AutoModel
@@ -110,7 +128,7 @@ def build_model(model_cfg: dict, labels: list[str], attn: str | None = None,
     from launcher.recipe import resolve_encoder
 
     source = resolve_encoder(model_cfg["encoder"])
-    config = _encoder_config(source, model_cfg.get("num_hidden_layers"), attn)
+    config = _encoder_config(source, model_cfg.get("num_hidden_layers"), attn, dropout)
     encoder = AutoModel.from_pretrained(source, config=config) if pretrained else AutoModel.from_config(config)
     return ZeroshipModel(encoder, model_cfg["task"], labels, model_cfg["head"], model_cfg.get("pooling", "cls"))
 

@@ -101,9 +101,15 @@ class TrainConfig(Section):
 
 # ---------------------------------------------------------------- regularization
 class RegularizationConfig(Section):
-    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01  # decoupled; not biases/LayerNorm
     label_smoothing: Prob = 0.0
     max_grad_norm: Annotated[float, Field(ge=0.0)] = 1.0  # 0 = no clipping
+    l2_sp: Annotated[float, Field(ge=0.0)] = 0.0  # α: α/2·‖θ−θ₀‖² toward the pretrained encoder
+    l2_head: Annotated[float, Field(ge=0.0)] = 0.0  # plain L2 on the projection head + classifier
+    r_drop: Annotated[float, Field(ge=0.0)] = 0.0  # weight of the symmetric KL between two dropout passes
+    fgm_epsilon: Annotated[float, Field(ge=0.0)] = 0.0  # FGM adversarial step on word embeddings
+    hidden_dropout: Prob | None = None  # encoder overrides (None: the model's own)
+    attention_dropout: Prob | None = None
 
 
 # ---------------------------------------------------------------- deepspeed
@@ -185,6 +191,10 @@ class Recipe(Section):
         raw = ds.config
         if _enabled(raw.get("fp16")) and _enabled(raw.get("bf16")):
             problems.append("deepspeed.config: fp16 and bf16 are both enabled; enable at most one")
+        reg = self.regularization
+        if ds.zero_stage == 3 and (reg.l2_sp or reg.fgm_epsilon):
+            problems.append("regularization: l2_sp and fgm_epsilon need whole parameters on every rank;"
+                            " use deepspeed.zero_stage 0-2 with them")
         if ds.precision == "fp16" and not self.scaling.use_gpu:
             problems.append(
                 "deepspeed.precision: fp16 needs a GPU (scaling.use_gpu: true); use bf16 or fp32 on CPU"

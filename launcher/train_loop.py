@@ -46,7 +46,6 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
     from deepspeed.utils import logger as ds_logger
     from transformers import AutoTokenizer
 
@@ -55,6 +54,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from launcher.evaluate import encode, predict, score
     from launcher.model import apply_freeze, build_model, param_groups
     from launcher.recipe import resolve_encoder
+    from launcher.regularize import TaskLoss
 
     # ---------------------------------------------------------------- setup
     recipe, labels, board = config["recipe"], config["labels"], config.get("progress")
@@ -94,8 +94,10 @@ def train_worker(config: dict[str, Any]) -> None:
     total_steps = steps_per_epoch * tcfg["epochs"]
 
     # ---------------------------------------------------------------- model + DeepSpeed
-    model = build_model(mcfg, labels)
+    model = build_model(mcfg, labels, dropout={"hidden": rcfg.get("hidden_dropout"),
+                                               "attention": rcfg.get("attention_dropout")})
     apply_freeze(model, mcfg["freeze"])
+    task_loss = TaskLoss(model, rcfg)  # takes θ₀ for L2-SP before DeepSpeed touches the weights
     with_type_ids = model.uses_token_type_ids
     optimizer = torch.optim.AdamW(param_groups(model, rcfg["weight_decay"], tcfg["lr"], tcfg.get("head_lr")),
                                   lr=tcfg["lr"])
@@ -122,7 +124,7 @@ def train_worker(config: dict[str, Any]) -> None:
     bad_evals = 0
     es = tcfg.get("early_stopping")
 
-    window = {"times": [], "losses": [], "samples": 0, "tokens": 0}  # training since the last report
+    window: dict[str, Any] = {"times": [], "losses": [], "samples": 0, "tokens": 0, "parts": {}}
 
     def train_stats() -> dict[str, float]:
         times = sorted(window["times"])
@@ -132,7 +134,9 @@ def train_worker(config: dict[str, Any]) -> None:
                  "train_samples_per_s": window["samples"] * world / total,
                  "train_tokens_per_s": window["tokens"] * world / total,
                  "lr": scheduler.get_last_lr()[0]}
-        window.update(times=[], losses=[], samples=0, tokens=0)
+        for name, values in window["parts"].items():  # each loss term, so its effect can be seen
+            stats[f"train_loss_{name}"] = sum(values) / max(1, len(values))
+        window.update(times=[], losses=[], samples=0, tokens=0, parts={})
         return stats
 
     def checkpoint_and_report(metrics: dict[str, float], epoch: int, step: int, next_pos: tuple[int, int]) -> bool:
@@ -184,7 +188,6 @@ def train_worker(config: dict[str, Any]) -> None:
     fault = _fault_hook(rank)
 
     # ---------------------------------------------------------------- train
-    label_smoothing = rcfg["label_smoothing"]
     emit({"kind": "start", "total_steps": total_steps, "world": world, "examples": len(train_ex),
           "resumed_from_step": step if restored is not None else None})
     stopped, started = None, time.time()
@@ -203,9 +206,9 @@ def train_worker(config: dict[str, Any]) -> None:
             window["samples"] += len(batch_ids)
             window["tokens"] += int(batch["attention_mask"].sum())
             labels_t = batch.pop("labels")
-            logits = engine(**batch).float()
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels_t.reshape(-1),
-                                   ignore_index=-100, label_smoothing=label_smoothing)
+            loss, parts = task_loss(engine.module, engine, batch, labels_t)
+            for name, value in parts.items():
+                window["parts"].setdefault(name, []).append(value)
             engine.backward(loss)
             engine.step()
             if (micro + 1) % tcfg["grad_accum"]:

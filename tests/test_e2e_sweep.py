@@ -39,3 +39,19 @@ def test_grid_sweep_winner_is_best_evaluation_over_all_trials(tmp_path, ray_tmp)
     again = evaluate_best_in_fresh_process(run / "best", trial_recipe["data"] | {"labels": None, "test": None})
     assert again["eval_loss"] == pytest.approx(winner["value"], abs=1e-5)
     assert "sweep trials" in res.stdout
+
+
+def test_asha_prunes_a_bad_trial_and_the_run_still_succeeds(tmp_path, ray_tmp):
+    # lr 1e-7 on both encoder and head barely learns: ASHA stops it at its first rung
+    recipe = tiny_ner_recipe(
+        tmp_path, scaling={"workers": 1},
+        train={"epochs": 1, "eval_every": 4, "metric": "eval_loss", "head_lr": None},
+        sweep={"method": "grid", "parameters": {"train.lr": [1e-7, 5e-4, 1e-7, 4e-4]}, "scheduler": "asha",
+               "max_concurrent": 2})
+    res = cli("launch", str(recipe), env={"ZEROSHIP_RAY_TMPDIR": ray_tmp})
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    status = json.loads((tmp_path / "runs" / "run-1" / "status.json").read_text())
+    states = {t["name"]: t["state"] for t in status["trials"]}
+    assert "pruned" in states.values(), states
+    assert status["winner"]["params"]["train.lr"] in (5e-4, 4e-4)
+    assert "pruned" in res.stdout

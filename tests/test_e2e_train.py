@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import BIN, ROOT, TOY_CLS, TOY_NER, cli, tiny_ner_recipe
 
 pytestmark = pytest.mark.e2e
@@ -170,3 +171,40 @@ def test_ray_job_submit(tmp_path, ray_tmp):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+
+
+def test_regularized_run_applies_every_term_freezes_and_stops_early(tmp_path, ray_tmp, ner_run):
+    """All regularizers on at ZeRO-2, 2 workers: each term shows up in the logged loss, the frozen
+    layers leave training bit-identical, and early stopping halts both ranks at the same step."""
+    from safetensors.torch import load_file
+
+    recipe = tiny_ner_recipe(
+        tmp_path, model={"freeze": 1},
+        train={"epochs": 1, "eval_every": 4, "metric": "eval_loss",
+               "early_stopping": {"patience": 1, "min_delta": 10.0}},  # nothing improves by 10: stop at eval 2
+        regularization={"l2_sp": 0.01, "l2_head": 0.001, "r_drop": 1.0, "fgm_epsilon": 0.5,
+                        "label_smoothing": 0.1, "hidden_dropout": 0.2})
+    res = cli("launch", str(recipe), env={"ZEROSHIP_RAY_TMPDIR": ray_tmp})
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    run = run_dir(tmp_path, res.stdout)
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "succeeded" and "early stopping" in status["stop_reason"]
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [4, 8]  # both ranks stopped together (else the run would hang)
+    second = evals[1]
+    for term in ("l2_sp", "r_drop", "fgm", "l2_head", "ce"):
+        assert second[f"train_loss_{term}"] > 0, term
+    baseline = [json.loads(line) for line in (ner_run / "metrics.jsonl").read_text().splitlines()]
+    assert not any(k.startswith("train_loss_") and k != "train_loss_ce" for k in baseline[0])  # absent when off
+    # freeze: 1 → embeddings and layer 0 are bit-identical to the pretrained weights
+    from launcher.model import build_model
+
+    pretrained = build_model({"encoder": "packaged:all-MiniLM-L6-v2", "task": "token_classification",
+                              "num_hidden_layers": 2, "head": {"dim": 64, "layers": 1, "activation": "gelu",
+                                                               "dropout": 0.1, "layernorm": True}},
+                             ["O", "B-X"]).state_dict()
+    trained = load_file(str(run / "best" / "model.safetensors"))
+    frozen = [k for k in trained if k.startswith(("encoder.embeddings.", "encoder.encoder.layer.0."))]
+    assert frozen and all(torch.equal(trained[k], pretrained[k]) for k in frozen)
+    moved = [k for k in trained if k.startswith("encoder.encoder.layer.1.") and k in pretrained]
+    assert any(not torch.equal(trained[k], pretrained[k]) for k in moved)  # the rest did train

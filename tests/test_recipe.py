@@ -110,3 +110,12 @@ def test_sweep_points_grid():
     points = sweep_points(recipe)
     assert len(points) == recipe.sweep_size() == 6
     assert {p["train.batch_size"] for p in points} == {8, 16, 32}
+
+
+def test_sweep_points_random_is_seeded_and_draws_from_values():
+    recipe, _ = load_recipe(ROOT / "recipes/quickstart_ner.yaml", [
+        "sweep={method: random, num_trials: 5, parameters: {train.lr: [1.0e-5, 2.0e-5, 3.0e-5], model.head.dim: [64, 128]}}"])
+    points = sweep_points(recipe)
+    assert len(points) == 5 == recipe.sweep_size()
+    assert all(p["train.lr"] in (1e-5, 2e-5, 3e-5) and p["model.head.dim"] in (64, 128) for p in points)
+    assert sweep_points(recipe) == points  # same seed, same trials
