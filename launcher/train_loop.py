@@ -215,7 +215,8 @@ def train_worker(config: dict[str, Any]) -> None:
                 continue  # DeepSpeed accumulates; an optimizer step happens every grad_accum micro-batches
             step += 1
             if fault is not None and step == fault[0]:
-                open(fault[1], "w").close()  # the restarted worker sees it and runs on
+                with open(fault[1], "w") as fh:  # the restarted worker sees it and runs on
+                    fh.write(str(time.time()))  # when it died, to measure the time to resume
                 os._exit(17)  # test-only: die hard, as a crashed or preempted worker would
             now = time.perf_counter()
             window["times"].append(now - step_started)
