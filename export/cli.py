@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from rich.markup import escape
 
-from launcher.cli import _Parser, console, out, run_cli
+from launcher.cli import _Parser, console, launch, out, run_cli, runs_command
 from launcher.errors import Problem, ZeroshipError
 
 
@@ -122,5 +123,32 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ umbrella
+def zeroship(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = "usage: zeroship {launch,export,runs,evaluate} ...  (zeroship COMMAND --help for more)"
+    if not argv or argv[0] in ("-h", "--help"):
+        out.print(usage)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "launch":
+        return launch(rest, prog="zeroship launch")
+    if cmd == "export":
+        return main(rest, prog="zeroship export")
+    if cmd == "runs":
+        return runs_command(rest)
+    if cmd == "evaluate":
+        from export.evaluate import main as evaluate_main
+
+        return evaluate_main(rest)
+    console.print(f"[bold red]error:[/] unknown command {escape(repr(cmd))}\n{usage}", highlight=False)
+    return 2
+
+
 def export_entry() -> None:
     sys.exit(main())
+
+
+def zeroship_entry() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(zeroship())

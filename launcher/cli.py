@@ -1,4 +1,5 @@
-"""Command line: `launch`, and the umbrella `zeroship launch|export|runs`.
+"""Command line: `launch` and `zeroship runs` (the umbrella `zeroship` lives in export.cli, the top
+of the dependency graph, so that launcher never imports export).
 
 Exit codes: 0 ok, 2 user error (bad recipe, data, arguments, run id), 1 unexpected failure
 (a bug: printed with its traceback), 130 interrupted.
@@ -144,37 +145,18 @@ def show_run(run) -> int:
             table.add_row(str(m.get("trial", "")), str(m.get("epoch")), str(m.get("step")),
                           *[f"{m[k]:.4f}" if isinstance(m.get(k), float) else str(m.get(k)) for k in keys])
         out.print(table)
+    report_file = run.best_dir / "report.json"
+    if report_file.is_file():
+        from launcher.report import print_report
+
+        for split, report in json.loads(report_file.read_text()).items():
+            print_report(report, f"{run.id} {split}: per-label report", out)
     return 0
-
-
-# ------------------------------------------------------------------ umbrella
-def zeroship(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: zeroship {launch,export,runs} ...  (zeroship COMMAND --help for more)"
-    if not argv or argv[0] in ("-h", "--help"):
-        out.print(usage)
-        return 0 if argv else 2
-    cmd, rest = argv[0], argv[1:]
-    if cmd == "launch":
-        return launch(rest, prog="zeroship launch")
-    if cmd == "export":
-        from export.cli import main as export_main
-
-        return export_main(rest, prog="zeroship export")
-    if cmd == "runs":
-        return runs_command(rest)
-    console.print(f"[bold red]error:[/] unknown command {escape(repr(cmd))}\n{usage}", highlight=False)
-    return 2
 
 
 def launch_entry() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(launch())
-
-
-def zeroship_entry() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(zeroship())
 
 
 if __name__ == "__main__":

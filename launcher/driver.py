@@ -297,12 +297,13 @@ def write_best(run: Run, resolved: dict, labels: list[str], ckpt_dir: Path, winn
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(plan.encoder_source)
     dcfg = resolved["data"]
-    metrics = {}
+    metrics, reports = {}, {}
     for split in ("validation", "test"):
         if split in plan.dataset.splits:
-            metrics[split] = evaluate_model(model, tokenizer, model.task, labels,
-                                            plan.dataset.splits[split].examples,
-                                            dcfg["max_length"], dcfg["stride"])
+            result = evaluate_model(model, tokenizer, model.task, labels, plan.dataset.splits[split].examples,
+                                    dcfg["max_length"], dcfg["stride"], with_report=True)
+            reports[split] = result.pop("report")
+            metrics[split] = result
     metrics["reported"] = winner
     tmp = run.dir / ".best.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -310,6 +311,7 @@ def write_best(run: Run, resolved: dict, labels: list[str], ckpt_dir: Path, winn
         "max_length": dcfg["max_length"], "stride": dcfg["stride"], "run": run.id,
         "metric": resolved["train"]["metric"] or winner["metric"]})
     atomic_write_json(tmp / "metrics.json", metrics)
+    atomic_write_json(tmp / "report.json", reports)
     shutil.rmtree(run.best_dir, ignore_errors=True)
     os.replace(tmp, run.best_dir)
     return metrics
@@ -427,6 +429,11 @@ def print_results(run: Run, winner: dict, metrics: dict, stop_reason: str | None
         if split in metrics:
             table.add_row(split, *[f"{metrics[split][k]:.4f}" for k in keys])
     console.print(table)
+    from launcher.report import print_report
+
+    reports = json.loads((run.best_dir / "report.json").read_text())
+    for split, report in reports.items():
+        print_report(report, f"{run.id} {split}: per-label report", console)
     if stop_reason:
         console.print(f"stopped: {stop_reason}; wall time {wall:.0f} s")
     console.print(f"[bold green]{run.id} succeeded[/]: {winner['metric']}={winner['value']:.4f} → {run.best_dir}",

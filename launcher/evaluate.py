@@ -8,6 +8,7 @@ stitching NER windows back into sentences first.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from launcher.data import Example, Feature, collate, encode_cls, encode_ner, merge_word_predictions
 from launcher.metrics import cls_metrics, ner_metrics
@@ -49,29 +50,43 @@ def predict(forward: Callable, features: list[Feature], batches: list[list[int]]
     return preds, loss_sum, count
 
 
-def score(task: str, labels: list[str], examples: list[Example], features: list[Feature],
-          preds: dict[int, list[int] | int], loss_sum: float, count: int) -> dict[str, float]:
+def gold_and_pred(task: str, labels: list[str], examples: list[Example], features: list[Feature],
+                  preds: dict[int, list[int] | int]) -> tuple[list, list]:
+    """NER: tag sequences per sentence (windows stitched back). Classification: label ids."""
     if task == "token_classification":
         window_preds = [preds[i] for i in range(len(features))]
         merged = merge_word_predictions(features, window_preds, [len(ex.tokens) for ex in examples])
-        pred_tags = [[labels[p] if p is not None else "O" for p in row] for row in merged]
-        metrics = ner_metrics([ex.tags for ex in examples], pred_tags)
+        return [ex.tags for ex in examples], [[labels[p] if p is not None else "O" for p in row] for row in merged]
+    label2id = {label: i for i, label in enumerate(labels)}
+    return [label2id[ex.label] for ex in examples], [preds[i] for i in range(len(features))]
+
+
+def score(task: str, labels: list[str], examples: list[Example], features: list[Feature],
+          preds: dict[int, list[int] | int], loss_sum: float, count: int,
+          with_report: bool = False) -> dict[str, Any]:
+    gold, pred = gold_and_pred(task, labels, examples, features, preds)
+    if task == "token_classification":
+        metrics: dict[str, Any] = ner_metrics(gold, pred)
     else:
-        label2id = {label: i for i, label in enumerate(labels)}
-        gold = [label2id[ex.label] for ex in examples]
-        metrics = cls_metrics(gold, [preds[i] for i in range(len(features))], len(labels))
+        metrics = cls_metrics(gold, pred, len(labels))
     metrics["eval_loss"] = loss_sum / max(count, 1)
+    if with_report:
+        from launcher.report import cls_report, ner_report
+
+        metrics["report"] = ner_report(gold, pred) if task == "token_classification" else cls_report(gold, pred, labels)
     return metrics
 
 
 def evaluate_model(model, tokenizer, task: str, labels: list[str], examples: list[Example],
-                   max_length: int, stride: int, batch_size: int = 32) -> dict[str, float]:
-    """Single-process evaluation of a plain (non-DeepSpeed) model, as the driver and export use it."""
+                   max_length: int, stride: int, batch_size: int = 32, with_report: bool = False,
+                   forward: Callable | None = None) -> dict[str, Any]:
+    """Single-process evaluation of a plain (non-DeepSpeed) model, as the driver and export use it.
+    `forward` replaces the model's own (e.g. an onnxruntime session with the same signature)."""
     from launcher.data import length_grouped_batches
 
     features = encode(task, tokenizer, examples, labels, max_length, stride)
     batches = length_grouped_batches([len(f.input_ids) for f in features], batch_size, 0, shuffle=False)
     model.eval()
-    preds, loss_sum, count = predict(model, features, batches, [True] * len(batches),
+    preds, loss_sum, count = predict(forward or model, features, batches, [True] * len(batches),
                                      tokenizer.pad_token_id, model.uses_token_type_ids)
-    return score(task, labels, examples, features, preds, loss_sum, count)
+    return score(task, labels, examples, features, preds, loss_sum, count, with_report)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TOY_NER, cli
+from conftest import ROOT, TOY_CLS, TOY_NER, cli
 
 from export.runtime import BundleError, Predictor, sha256_file
 from launcher.data import read_conll
@@ -199,3 +199,40 @@ def test_runtime_imports_no_torch():
             "sys.exit(f'imported {bad}' if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr
+
+
+def test_report_micro_f1_is_the_runs_metric(ner_run):
+    status = json.loads((ner_run / "status.json").read_text())
+    report = json.loads((ner_run / "best" / "report.json").read_text())["validation"]
+    assert abs(report["entity"]["micro avg"]["f1-score"] - status["winner"]["value"]) <= 1e-6
+    assert {"PER", "LOC", "ORG", "MISC", "macro avg", "weighted avg"} <= set(report["entity"])
+    assert "O" in report["token"] and "micro avg" in report["entity_strict"]
+
+
+def test_evaluate_onnx_agrees_with_pytorch(ner_run, ner_bundle, tmp_path):
+    data = str(TOY_NER / "test.conll")
+    for flag, out in (([], "torch.json"), (["--onnx"], "onnx.json")):
+        res = cli("zeroship", "evaluate", ner_run.name, "--runs", str(ner_run.parent), "--data", data,
+                  "--json", str(tmp_path / out), *flag)
+        assert res.returncode == 0, res.stderr
+        assert "per-label" in res.stdout or "micro avg" in res.stdout
+    torch_eval = json.loads((tmp_path / "torch.json").read_text())
+    onnx_eval = json.loads((tmp_path / "onnx.json").read_text())
+    assert onnx_eval["engine"] == "onnx fp32"
+    assert onnx_eval["metrics"]["eval_f1"] == torch_eval["metrics"]["eval_f1"]  # same argmax everywhere
+    assert abs(onnx_eval["metrics"]["eval_loss"] - torch_eval["metrics"]["eval_loss"]) <= 1e-4
+    bad = tmp_path / "bad.conll"
+    bad.write_text("Mara B-PER\nsaid O\n\nhello B-SHIP\n")
+    res = cli("zeroship", "evaluate", ner_run.name, "--runs", str(ner_run.parent), "--data", str(bad))
+    assert res.returncode == 2 and f"{bad}:4" in res.stderr and "B-SHIP" in res.stderr
+
+
+def test_classification_report_has_confusion_matrix(cls_run):
+    report = json.loads((cls_run / "best" / "report.json").read_text())["validation"]
+    rows = report["confusion_matrix"]["rows_gold_cols_pred"]
+    n_validation = len((TOY_CLS / "validation.csv").read_text().splitlines()) - 1
+    assert sum(map(sum, rows)) == n_validation
+    metrics = json.loads((cls_run / "best" / "metrics.json").read_text())["validation"]
+    assert abs(sum(rows[i][i] for i in range(len(rows))) / n_validation - metrics["eval_accuracy"]) < 1e-9
+    res = cli("zeroship", "runs", "show", cls_run.name, "--runs", str(cls_run.parent))
+    assert res.returncode == 0 and "confusion matrix" in res.stdout

@@ -1,0 +1,64 @@
+"""`zeroship evaluate RUN --data FILE [--onnx]`: a run's winner (or its ONNX bundle) on any data file.
+
+Reads FILE in the run's data format (malformed lines fail with file:line), evaluates with the same
+code as training, and prints the per-label report; `--json OUT` also writes metrics and report.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from launcher.cli import _Parser, out, run_cli
+from launcher.errors import Problem, ZeroshipError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _Parser(prog="zeroship evaluate", description="Evaluate a run (or its ONNX bundle) on a data file.")
+    p.add_argument("run", help="run-42, 42 or latest")
+    p.add_argument("--data", required=True, metavar="FILE", help="a file in the run's data format")
+    p.add_argument("--runs", default="runs", metavar="DIR")
+    p.add_argument("--onnx", action="store_true", help="evaluate the exported bundle with onnxruntime")
+    p.add_argument("--variant", default="fp32", choices=["fp32", "optimized", "int8", "fp16"])
+    p.add_argument("--json", metavar="OUT", help="also write {metrics, report} to this file")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    return run_cli(lambda: evaluate(args))
+
+
+def evaluate(args) -> int:
+    import yaml
+    from transformers import AutoTokenizer
+
+    from export.onnx import ort_forward, resolve_run
+    from export.runtime import VARIANT_FILES, BundleError, make_session, read_manifest
+    from launcher.data import load_dataset
+    from launcher.evaluate import evaluate_model
+    from launcher.model import load_model
+    from launcher.report import print_report
+
+    run = resolve_run(args.run, args.runs)
+    model, meta = load_model(run.best_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(run.best_dir))
+    data = dict(yaml.safe_load((run.dir / "recipe.yaml").read_text())["data"])
+    data.update(train=args.data, validation=args.data, test=None, labels=meta["labels"])  # closed label set
+    examples = load_dataset(data, meta["task"]).splits["validation"].examples
+    forward, engine = None, "pytorch"
+    if args.onnx:
+        bundle = run.dir / "onnx"
+        try:
+            manifest = read_manifest(bundle)
+        except BundleError as exc:
+            raise ZeroshipError(Problem(str(bundle), str(exc), f"zeroship export onnx {run.id}")) from None
+        if VARIANT_FILES[args.variant] not in manifest["files"]:
+            raise ZeroshipError(Problem("--variant", f"{args.variant} is not in {bundle}"))
+        forward = ort_forward(make_session(bundle / VARIANT_FILES[args.variant]), list(manifest["inputs"]))
+        engine = f"onnx {args.variant}"
+    result = evaluate_model(model, tokenizer, meta["task"], meta["labels"], examples, meta["max_length"],
+                            meta["stride"], with_report=True, forward=forward)
+    report = result.pop("report")
+    print_report(report, f"{run.id} on {args.data} ({engine})", out)
+    out.print("  ".join(f"{k}={v:.4f}" for k, v in result.items()), highlight=False)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"engine": engine, "metrics": result, "report": report}, indent=2))
+    return 0
