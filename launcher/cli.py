@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -113,7 +114,7 @@ def runs_command(argv: list[str]) -> int:
                 raise ZeroshipError(Problem("zeroship runs show", "which run?", "e.g. zeroship runs show latest"))
             return show_run(reg.get(args.run))
         table = Table(title=f"runs in {reg.root}")
-        for col in ("id", "state", "task", "winner", "created"):
+        for col in ("id", "state", "task", "winner", "parent", "created"):
             table.add_column(col)
         for run in reg.runs():
             st = run.status()
@@ -121,11 +122,20 @@ def runs_command(argv: list[str]) -> int:
             metric = f"{win['metric']}={win['value']:.4f}" if win.get("value") is not None else ""
             color = {"succeeded": "green", "failed": "red", "running": "yellow"}.get(st.get("state"), "")
             table.add_row(run.id, f"[{color}]{st.get('state')}[/]" if color else str(st.get("state")),
-                          str(st.get("task", "")), metric, str(st.get("created", "")))
+                          str(st.get("task", "")), metric, escape(_short_parent(st.get("parent"))),
+                          str(st.get("created", "")))
         out.print(table)
         return 0
 
     return run_cli(go)
+
+
+def _short_parent(parent: str | None) -> str:
+    """`/shared/runs/run-41/best` → `run-41`; a run id or other folder as it is."""
+    if not parent:
+        return ""
+    path = Path(parent)
+    return path.parent.name if path.name == "best" and path.parent.name.startswith("run-") else parent
 
 
 def show_run(run) -> int:
@@ -133,8 +143,10 @@ def show_run(run) -> int:
     out.print(f"[bold]{run.id}[/] {st.get('state')}  ({run.dir})")
     if st.get("error"):
         out.print(f"[red]error:[/] {escape(str(st['error']))}", highlight=False)
+    if st.get("parent"):
+        out.print(f"started from: {escape(st['parent'])}")
     if st.get("winner"):
-        out.print("winner: " + json.dumps(st["winner"]))
+        out.print("winner: " + json.dumps(st["winner"]), highlight=False)
     rows = [m for m in run.metrics() if m.get("kind", "eval") == "eval"]
     if rows:
         keys = [k for k in rows[0] if k.startswith("eval_")]

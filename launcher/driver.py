@@ -167,6 +167,10 @@ class ProgressView:
                                         f" {shown}  ({event.get('train_samples_per_s', 0):.1f} samples/s)",
                                         highlight=False)
             self.progress.update(task, completed=event["step"], info=self._info(trial))
+        elif kind == "initial":  # a warm start's evaluation before training (not a checkpoint)
+            self.run.append_metrics({"kind": "initial", **event})
+            shown = " ".join(f"{k}={v:.4f}" for k, v in event.items() if k.startswith("eval_"))
+            self.progress.console.print(f"{trial + ' ' if trial else ''}before training: {shown}", highlight=False)
         elif kind == "end":
             self.stop_reasons[trial] = event.get("stop_reason")
             self.progress.update(task, info=self._info(trial, "done"))
@@ -284,9 +288,13 @@ def write_best(run: Run, resolved: dict, labels: list[str], ckpt_dir: Path, winn
     from transformers import AutoTokenizer
 
     from launcher.evaluate import evaluate_model
-    from launcher.model import build_model
+    from launcher.model import build_model, warm_start
 
-    model = build_model(resolved["model"], labels, pretrained=False)
+    if resolved["model"].get("init_from"):  # same shapes as the parent's encoder, this run's head
+        model = warm_start(resolved["model"]["init_from"], labels, resolved["model"]["head"],
+                           resolved["model"]["init_from_head"])
+    else:
+        model = build_model(resolved["model"], labels, pretrained=False)
     state = merged_state_dict(ckpt_dir)
     missing, unexpected = model.load_state_dict(state, strict=False)
     persistent = {n for n, _ in model.named_parameters()} | set(model.state_dict())
@@ -321,7 +329,8 @@ def write_best(run: Run, resolved: dict, labels: list[str], ckpt_dir: Path, winn
 def launch_run(recipe: Recipe, resolved: dict, plan: Plan, recipe_path: str, overrides: list[str]) -> int:
     """Start a new run: allocate its id, record the resolved recipe, train, keep the winner."""
     reg = Registry(resolved["run"]["storage"])
-    run = reg.allocate({"task": recipe.model.task, "recipe": str(recipe_path), "overrides": list(overrides)})
+    run = reg.allocate({"task": recipe.model.task, "recipe": str(recipe_path), "overrides": list(overrides),
+                        "parent": plan.parent})
     atomic_write(run.dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
     console.print(f"[bold]{run.id}[/] started → {run.dir}")
     return execute(run, recipe, resolved, plan)

@@ -205,3 +205,40 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, head_lr: floa
         key = (0.0 if no_decay else weight_decay, (head_lr or lr) if is_head else lr)
         groups.setdefault(key, []).append(p)
     return [{"params": ps, "weight_decay": wd, "lr": glr} for (wd, glr), ps in groups.items()]
+
+
+def warm_start(parent_dir: str | Path, labels: list[str], head: dict, take_head: bool) -> ZeroshipModel:
+    """A model initialised from an earlier run's winner (encoder, and head unless take_head is off).
+
+    Classifier rows of labels the parent knew are copied bit for bit; rows of new labels keep their
+    fresh initialisation. A label set that drops or renames a parent label cannot reuse the head.
+    """
+    parent, meta = load_model(parent_dir)
+    if not take_head:
+        return ZeroshipModel(parent.encoder, meta["task"], labels, head, meta.get("pooling", "cls"))
+    model = ZeroshipModel(parent.encoder, meta["task"], labels, head, meta.get("pooling", "cls"))
+    model.head.load_state_dict(parent.head.state_dict())  # same shapes (checked); the recipe's dropout
+    index = {label: i for i, label in enumerate(labels)}
+    with torch.no_grad():
+        for old_row, label in enumerate(meta["labels"]):
+            model.classifier.weight[index[label]] = parent.classifier.weight[old_row]
+            model.classifier.bias[index[label]] = parent.classifier.bias[old_row]
+    return model
+
+
+def check_warm_start(parent_dir: Path, labels: list[str], task: str, head: dict, take_head: bool) -> list[str]:
+    """Problems with starting from `parent_dir` (empty when it can be done)."""
+    meta = read_model_json(parent_dir)
+    problems = []
+    if meta["task"] != task:
+        problems.append(f"the parent is {meta['task']}, this recipe is {task}")
+    if take_head:
+        lost = [label for label in meta["labels"] if label not in labels]
+        if lost:
+            problems.append(f"the new label set drops or renames {', '.join(lost)}; set model.init_from_head: false"
+                            " to start a fresh head on the parent's encoder")
+        if {k: meta["head"][k] for k in ("dim", "layers", "activation", "layernorm")} != {
+                k: head[k] for k in ("dim", "layers", "activation", "layernorm")}:
+            problems.append(f"the parent's head is {meta['head']}, the recipe's {head}; make model.head match or"
+                            " set model.init_from_head: false")
+    return problems

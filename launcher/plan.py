@@ -28,6 +28,7 @@ class Plan:
     encoder_source: str
     ds_config: dict
     warnings: list[str] = field(default_factory=list)
+    parent: str | None = None  # warm start: the run id or folder this run starts from
 
 
 def locate_encoder(encoder: str, recipe_path: str) -> tuple[str, list[str]]:
@@ -62,6 +63,17 @@ def build_plan(recipe: Recipe, resolved: dict, recipe_path: str) -> Plan:
     source, warnings = locate_encoder(resolved["model"]["encoder"], recipe_path)
     dataset = load_dataset(resolved["data"], recipe.model.task)
     warnings += dataset.warnings()
+    parent = None
+    if recipe.model.init_from:
+        parent, parent_dir = resolve_parent(recipe.model.init_from, resolved["run"]["storage"], recipe_path)
+        from launcher.model import check_warm_start
+
+        problems = check_warm_start(parent_dir, dataset.labels, recipe.model.task, resolved["model"]["head"],
+                                    recipe.model.init_from_head)
+        if problems:
+            raise RecipeError([Problem(f"{recipe_path} model.init_from", p) for p in problems])
+        resolved["model"]["init_from"] = str(parent_dir.resolve())  # workers read it from here
+        source = str(parent_dir.resolve())  # the parent's tokenizer
     sc = recipe.scaling
     if sc.use_gpu:
         try:
@@ -71,7 +83,26 @@ def build_plan(recipe: Recipe, resolved: dict, recipe_path: str) -> Plan:
                 warnings.append("scaling.use_gpu is on but this machine has no GPU; the cluster must have them")
         except ImportError:
             pass
-    return Plan(recipe, resolved, dataset, source, build_ds_config(resolved, sc.workers), warnings)
+    return Plan(recipe, resolved, dataset, source, build_ds_config(resolved, sc.workers), warnings, parent)
+
+
+def resolve_parent(init_from: str, storage: str, recipe_path: str) -> tuple[str, Path]:
+    """`run-41` / `41` / `latest` in this recipe's storage, or a folder holding a saved model."""
+    from launcher.runs import RUN_ID, Registry
+
+    if RUN_ID.match(init_from) or init_from.isdigit() or init_from == "latest":
+        run = Registry(storage).get(init_from)
+        if run.status().get("state") != "succeeded" or not (run.best_dir / "model.json").is_file():
+            raise RecipeError(Problem(f"{recipe_path} model.init_from", f"{run.id} has no winning checkpoint",
+                                      "start from a run that succeeded (see `zeroship runs`)"))
+        return run.id, run.best_dir
+    folder = Path(init_from).expanduser()
+    if not folder.is_absolute():
+        folder = Path(recipe_path).resolve().parent / folder
+    if not (folder / "model.json").is_file():
+        raise RecipeError(Problem(f"{recipe_path} model.init_from", f"{folder} holds no saved model (model.json)",
+                                  "use a run id like run-41 or a run's best/ folder"))
+    return str(folder), folder
 
 
 def _size(path: str) -> str:
@@ -93,6 +124,8 @@ def print_plan(plan: Plan, console: Console) -> None:
     t.add_row("task", r.model.task + (f" (pooling {r.model.pooling})" if r.model.task == "sequence_classification" else ""))
     t.add_row("head", f"{head.layers} × Linear({head.dim}) {head.activation}"
               f"{' + LayerNorm' if head.layernorm else ''}, dropout {head.dropout}")
+    if plan.parent:
+        t.add_row("init from", f"{plan.parent}" + ("" if r.model.init_from_head else " (encoder only, new head)"))
     if r.model.freeze != "none":
         t.add_row("freeze", str(r.model.freeze))
     labels = plan.dataset.labels

@@ -53,6 +53,8 @@ class ModelConfig(Section):
     pooling: Literal["cls", "mean"] = "cls"  # sequence classification only
     freeze: Literal["none", "embeddings", "encoder"] | Annotated[int, Field(ge=0, le=1000)] = "none"
     num_hidden_layers: Annotated[int, Field(gt=0, le=1000)] | None = None  # keep only the bottom N
+    init_from: str | None = None  # warm start: run-41 (in this storage) or a best/ folder
+    init_from_head: bool = True  # also take the parent's head and classifier rows (labels may only grow)
 
 
 # ---------------------------------------------------------------- data
@@ -195,6 +197,9 @@ class Recipe(Section):
         if ds.zero_stage == 3 and (reg.l2_sp or reg.fgm_epsilon):
             problems.append("regularization: l2_sp and fgm_epsilon need whole parameters on every rank;"
                             " use deepspeed.zero_stage 0-2 with them")
+        if self.model.init_from and (reg.hidden_dropout is not None or reg.attention_dropout is not None):
+            problems.append("regularization: hidden_dropout/attention_dropout cannot be combined with"
+                            " model.init_from yet (the encoder keeps its parent's dropout)")
         if ds.precision == "fp16" and not self.scaling.use_gpu:
             problems.append(
                 "deepspeed.precision: fp16 needs a GPU (scaling.use_gpu: true); use bf16 or fp32 on CPU"

@@ -52,7 +52,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from launcher.data import collate, examples_from_dicts, length_grouped_batches, shard_batches
     from launcher.ds_config import build_ds_config
     from launcher.evaluate import encode, predict, score
-    from launcher.model import apply_freeze, build_model, param_groups
+    from launcher.model import apply_freeze, build_model, param_groups, warm_start
     from launcher.recipe import resolve_encoder
     from launcher.regularize import TaskLoss
 
@@ -74,7 +74,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 ray.get(ref)
 
     # ---------------------------------------------------------------- data
-    tokenizer = AutoTokenizer.from_pretrained(resolve_encoder(mcfg["encoder"]))
+    tokenizer = AutoTokenizer.from_pretrained(mcfg.get("init_from") or resolve_encoder(mcfg["encoder"]))
     train_ex = examples_from_dicts(config["data"]["train"])
     val_ex = examples_from_dicts(config["data"]["validation"])
     enc = dict(task=task, tokenizer=tokenizer, labels=labels, max_length=dcfg["max_length"], stride=dcfg["stride"])
@@ -94,8 +94,11 @@ def train_worker(config: dict[str, Any]) -> None:
     total_steps = steps_per_epoch * tcfg["epochs"]
 
     # ---------------------------------------------------------------- model + DeepSpeed
-    model = build_model(mcfg, labels, dropout={"hidden": rcfg.get("hidden_dropout"),
-                                               "attention": rcfg.get("attention_dropout")})
+    if mcfg.get("init_from"):  # warm start from an earlier run's winner
+        model = warm_start(mcfg["init_from"], labels, mcfg["head"], mcfg["init_from_head"])
+    else:
+        model = build_model(mcfg, labels, dropout={"hidden": rcfg.get("hidden_dropout"),
+                                                   "attention": rcfg.get("attention_dropout")})
     apply_freeze(model, mcfg["freeze"])
     task_loss = TaskLoss(model, rcfg)  # takes θ₀ for L2-SP before DeepSpeed touches the weights
     with_type_ids = model.uses_token_type_ids
@@ -190,6 +193,8 @@ def train_worker(config: dict[str, Any]) -> None:
     # ---------------------------------------------------------------- train
     emit({"kind": "start", "total_steps": total_steps, "world": world, "examples": len(train_ex),
           "resumed_from_step": step if restored is not None else None})
+    if mcfg.get("init_from") and restored is None:  # where the parent leaves off, before any step
+        emit({"kind": "initial", **evaluate(), "epoch": 0, "step": 0}, wait=True)
     stopped, started = None, time.time()
     eval_every = tcfg["eval_every"]
     last_eval_step = step if restored is not None else -1

@@ -208,3 +208,31 @@ def test_regularized_run_applies_every_term_freezes_and_stops_early(tmp_path, ra
     assert frozen and all(torch.equal(trained[k], pretrained[k]) for k in frozen)
     moved = [k for k in trained if k.startswith("encoder.encoder.layer.1.") and k in pretrained]
     assert any(not torch.equal(trained[k], pretrained[k]) for k in moved)  # the rest did train
+
+
+def test_warm_start_begins_where_the_parent_left_off(tmp_path, ray_tmp, ner_run):
+    parent = json.loads((ner_run / "status.json").read_text())
+    recipe = tiny_ner_recipe(tmp_path, model={"init_from": str(ner_run / "best")}, train={"epochs": 1})
+    res = cli("launch", str(recipe), env={"ZEROSHIP_RAY_TMPDIR": ray_tmp})
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    run = run_dir(tmp_path, res.stdout)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    initial = lines[0]
+    assert initial["kind"] == "initial" and initial["step"] == 0
+    # before any step, the child scores what the parent's winner scored on the same validation data
+    assert abs(initial["eval_f1"] - parent["winner"]["value"]) <= 1e-6
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "succeeded" and status["parent"] == str(ner_run / "best")
+    res = cli("zeroship", "runs", "--runs", str(tmp_path / "runs"))
+    row = next(line for line in res.stdout.splitlines() if run.name in line)
+    assert "parent" in res.stdout and row.count(ner_run.name) == 2  # the child's own id, and its parent's
+    # a label set that drops the parent's labels is refused before anything starts
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    recipe = tiny_ner_recipe(bad, model={"init_from": str(ner_run / "best")}, data={"labels": ["O", "B-PER", "I-PER"]})
+    short = tmp_path / "short.conll"
+    short.write_text("Mara B-PER\nOkafor I-PER\nleft O\n")
+    recipe.write_text(recipe.read_text().replace(str(TOY_NER / "train.conll"), str(short))
+                      .replace(str(TOY_NER / "validation.conll"), str(short)))
+    res = cli("launch", "--check", str(recipe))
+    assert res.returncode == 2 and "drops or renames" in res.stderr and "init_from_head" in res.stderr

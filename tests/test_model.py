@@ -65,3 +65,33 @@ def test_freeze_and_param_groups():
             assert all(p.ndim >= 2 for p in g["params"])  # no decay on biases / LayerNorm
     head_lrs = {g["lr"] for g in groups if any(p is m.classifier.weight for p in g["params"])}
     assert head_lrs == {1e-3}
+
+
+def test_warm_start_extends_labels_keeping_old_rows(tmp_path, model):
+    from launcher.model import check_warm_start, warm_start
+
+    model.save(tmp_path)  # parent labels: O, B-X, I-X
+    new_labels = ["O", "B-NEW", "B-X", "I-NEW", "I-X"]  # extended, and in another order
+    torch.manual_seed(1)
+    child = warm_start(tmp_path, new_labels, MODEL["head"], take_head=True)
+    assert check_warm_start(tmp_path, new_labels, "token_classification", MODEL["head"], True) == []
+    for old_row, label in enumerate(["O", "B-X", "I-X"]):
+        new_row = new_labels.index(label)
+        assert torch.equal(child.classifier.weight[new_row], model.classifier.weight[old_row])
+        assert torch.equal(child.classifier.bias[new_row], model.classifier.bias[old_row])
+    assert not torch.equal(child.classifier.weight[1], child.classifier.weight[3])  # new rows initialised
+    for (name, p), (_, q) in zip(child.encoder.state_dict().items(), model.encoder.state_dict().items()):
+        assert torch.equal(p, q), name
+    assert torch.equal(child.head.net[0].weight, model.head.net[0].weight)
+
+
+def test_warm_start_refuses_dropped_labels_unless_head_is_fresh(tmp_path, model):
+    from launcher.model import check_warm_start, warm_start
+
+    model.save(tmp_path)
+    problems = check_warm_start(tmp_path, ["O", "B-Y", "I-Y"], "token_classification", MODEL["head"], True)
+    assert problems and "drops or renames B-X, I-X" in problems[0] and "init_from_head: false" in problems[0]
+    assert check_warm_start(tmp_path, ["O", "B-Y", "I-Y"], "token_classification", MODEL["head"], False) == []
+    child = warm_start(tmp_path, ["O", "B-Y", "I-Y"], {**MODEL["head"], "dim": 8}, take_head=False)
+    assert child.classifier.out_features == 3 and child.head.out_dim == 8
+    assert torch.equal(child.encoder.embeddings.word_embeddings.weight, model.encoder.embeddings.word_embeddings.weight)
