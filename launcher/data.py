@@ -381,3 +381,27 @@ def examples_to_dicts(examples: list[Example]) -> list[dict]:
 
 def examples_from_dicts(rows: list[dict]) -> list[Example]:
     return [Example(**row) for row in rows]
+
+
+def kfold_indices(examples: list[Example], task: str, k: int, seed: int) -> list[list[int]]:
+    """K disjoint validation folds covering every example, seeded. Classification folds are
+    stratified (each label dealt round-robin across folds); NER folds split by sentence."""
+    if len(examples) < k:
+        raise DataError(Problem("sweep.kfold", f"{k} folds need at least {k} training examples, have {len(examples)}"))
+    rng = random.Random(seed)
+    if task == "sequence_classification":
+        by_label: dict[str, list[int]] = {}
+        for i, ex in enumerate(examples):
+            by_label.setdefault(ex.label, []).append(i)
+        order = []
+        for label in sorted(by_label):
+            group = by_label[label]
+            rng.shuffle(group)
+            order += group
+    else:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+    folds: list[list[int]] = [[] for _ in range(k)]
+    for n, i in enumerate(order):
+        folds[n % k].append(i)
+    return [sorted(f) for f in folds]

@@ -127,7 +127,8 @@ class ProgressView:
 
     def expect_trials(self, trials: list[dict]) -> None:
         for t in trials:
-            self.params[t["name"]] = t["params"]
+            fold = {"fold": t["fold"]} if t.get("fold") is not None else {}
+            self.params[t["name"]] = {**t["params"], **fold}
             self._task(t["name"], "pending")
 
     def _task(self, trial: str, info: str = ""):
@@ -359,7 +360,9 @@ def execute(run: Run, recipe: Recipe, resolved: dict, plan: Plan) -> int:
         console.print(f"ray: {where}")
         run.update(state="running", error=None)
         extra: dict[str, Any] = {}
-        if recipe.sweep is not None:
+        if recipe.sweep is not None and recipe.sweep.kfold:
+            winner, metrics, view, extra = fit_kfold(recipe, resolved, plan, run)
+        elif recipe.sweep is not None:
             folder, reported, view, trials = fit_sweep(recipe, resolved, plan, run)
             params = next(t["params"] for t in trials if t["name"] == reported["trial"])
             winner = {"trial": reported["trial"], "params": params, "epoch": reported["epoch"],
@@ -389,7 +392,9 @@ def execute(run: Run, recipe: Recipe, resolved: dict, plan: Plan) -> int:
         if os.environ.get("ZEROSHIP_DEBUG"):
             traceback.print_exc()
         return 1
-    if extra.get("trials"):
+    if extra.get("cross_validation"):
+        print_cv(extra["cross_validation"], recipe.metric, extra["k"])
+    elif extra.get("trials"):
         print_trials(extra["trials"], recipe.metric, winner["trial"])
     print_results(run, winner, metrics, view.stop_reason, wall)
     return 0
@@ -413,6 +418,56 @@ def _printable(text: str) -> str:
 def _fail(run: Run, error: str) -> None:
     shutil.rmtree(run.dir / ".best.tmp", ignore_errors=True)
     run.update(state="failed", error=error)
+
+
+def fit_kfold(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[dict, dict, ProgressView, dict]:
+    """K-fold: every point × fold as a trial; points scored by their fold mean; the best point is
+    retrained on all the training data (or, with kfold_refit off, its best fold is kept)."""
+    from launcher.sweep import cross_validation, find_checkpoint, run_sweep, trial_recipe
+
+    board = progress_board()
+    with ProgressView(board, run, recipe.metric, recipe.mode) as view:
+        trials = run_sweep(recipe, resolved, plan, run, view, board)
+    failed = [t for t in trials if t["error"]]
+    if failed:
+        raise RuntimeError("cross-validation needs every fold: " + "; ".join(f"{t['name']}: {t['error']}" for t in failed))
+    cv = cross_validation(trials, view.best)
+    sign = 1 if recipe.mode == "max" else -1
+    top = max(cv, key=lambda e: sign * e["mean"])
+    extra = {"k": recipe.sweep.kfold, "cross_validation": cv, "trials": trials}
+    summary = {"params": top["params"], "metric": recipe.metric, "cv_mean": top["mean"], "cv_std": top["std"]}
+    chosen = trial_recipe(resolved, top["params"])
+    if recipe.sweep.kfold_refit:
+        board = progress_board()
+        child = Recipe.model_validate(chosen)
+        trainer = make_trainer(child, worker_config(child, chosen, plan, board, trial="refit"), run.dir / "ray", "refit")
+        view.progress.console.print(f"refit on all training data: {json.dumps(top['params'])}", highlight=False)
+        with ProgressView(board, run, recipe.metric, recipe.mode) as refit_view:
+            result = trainer.fit()
+        ckpt, reported = pick_winner(result, recipe.metric, recipe.mode)
+        winner = {"trial": "refit", "epoch": reported["epoch"], "step": reported["step"],
+                  "value": reported[recipe.metric], **summary}
+        with ckpt.as_directory() as folder:
+            metrics = write_best(run, chosen, plan.dataset.labels, Path(folder), winner, plan)
+        view.stop_reasons.update(refit_view.stop_reasons)
+    else:
+        folds = [e for e in view.evals if any(t["name"] == e["trial"] and t["point"] == top["point"] for t in trials)]
+        best = max(folds, key=lambda e: sign * e[recipe.metric])
+        winner = {"trial": best["trial"], "epoch": best["epoch"], "step": best["step"],
+                  "value": best[recipe.metric], **summary}
+        metrics = write_best(run, chosen, plan.dataset.labels, find_checkpoint(run.dir / "ray", best["trial"],
+                                                                              best["step"]), winner, plan)
+    return winner, metrics, view, extra
+
+
+def print_cv(cv: list[dict], metric: str, k: int) -> None:
+    table = Table(title=f"{k}-fold cross-validation ({metric}, best evaluation of each fold)")
+    for col in ("point", "params", "folds", "mean ± std"):
+        table.add_column(col)
+    for e in cv:
+        table.add_row(str(e["point"]), escape(json.dumps(e["params"])), " ".join(f"{v:.4f}" for v in e["folds"]),
+                      f"{e['mean']:.4f} ± {e['std']:.4f}")
+    console.print(table)
 
 
 def print_trials(trials: list[dict], metric: str, winner: str) -> None:

@@ -135,7 +135,9 @@ class ScalingConfig(Section):
 # ---------------------------------------------------------------- sweep
 class SweepConfig(Section):
     method: Literal["grid", "random"] = "grid"
-    parameters: dict[str, list[Any]] = Field(min_length=1)  # dotted path → values
+    parameters: dict[str, list[Any]] = {}  # dotted path → values
+    kfold: Annotated[int, Field(ge=2, le=100)] | None = None  # K-fold cross-validation of each point
+    kfold_refit: bool = True  # retrain the winning point on all training data (else keep its best fold)
     num_trials: Annotated[int, Field(gt=0, le=10000)] | None = None  # random only
     max_concurrent: Annotated[int, Field(gt=0)] | None = None
     scheduler: Literal["none", "asha"] = "none"
@@ -173,14 +175,16 @@ class Recipe(Section):
         return self.train.batch_size * self.train.grad_accum * self.scaling.workers
 
     def sweep_size(self) -> int:
+        """Trials the sweep runs (points × folds; a k-fold refit comes on top)."""
         if self.sweep is None:
             return 1
         if self.sweep.method == "random":
-            return self.sweep.num_trials or 1
-        size = 1
-        for values in self.sweep.parameters.values():
-            size *= len(values)
-        return size
+            size = self.sweep.num_trials or 1
+        else:
+            size = 1
+            for values in self.sweep.parameters.values():
+                size *= len(values)
+        return size * (self.sweep.kfold or 1)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
@@ -222,6 +226,8 @@ class Recipe(Section):
                 problems.append("data.labels: need at least 2 labels")
         sw = self.sweep
         if sw is not None:
+            if not sw.parameters and not sw.kfold:
+                problems.append("sweep.parameters: give at least one field to sweep (or sweep.kfold)")
             if sw.method == "grid" and sw.num_trials is not None:
                 problems.append("sweep.num_trials: only for method random (grid runs every point)")
             if sw.method == "random" and sw.num_trials is None:
@@ -494,6 +500,8 @@ def sweep_points(recipe: Recipe, seed: int | None = None) -> list[dict[str, Any]
     import random
 
     rng = random.Random(recipe.train.seed if seed is None else seed)
+    if not keys:
+        return [{}]
     return [
         {k: rng.choice(recipe.sweep.parameters[k]) for k in keys}
         for _ in range(recipe.sweep.num_trials or 1)

@@ -39,6 +39,11 @@ def sweep_trial(config: dict, shared: dict) -> None:
     resolved = trial_recipe(shared["resolved"], trial["params"])
     recipe = Recipe.model_validate(resolved)
     worker_cfg = dict(shared["worker_config"], recipe=resolved, trial=trial["name"])
+    if trial.get("fold") is not None:  # k-fold: validate on this fold, train on the others
+        rows = shared["worker_config"]["data"]["train"]
+        held_out = set(shared["folds"][trial["fold"]])
+        worker_cfg["data"] = {"train": [r for i, r in enumerate(rows) if i not in held_out],
+                              "validation": [rows[i] for i in sorted(held_out)]}
     trainer = make_trainer(recipe, worker_cfg, Path(shared["storage"]), trial["name"],
                            callbacks=[TuneReportCallback()])
     trainer.fit()
@@ -65,14 +70,27 @@ def run_sweep(recipe: Recipe, resolved: dict, plan, run: Run, view, board) -> li
 
     from launcher.driver import worker_config
 
-    trials = [{"name": f"trial-{i}", "params": p} for i, p in enumerate(sweep_points(recipe))]
+    points = sweep_points(recipe)
+    k = recipe.sweep.kfold
+    folds = None
+    if k:
+        from launcher.data import kfold_indices
+
+        folds = kfold_indices(plan.dataset.splits["train"].examples, recipe.model.task, k, recipe.train.seed)
+        trials = [{"name": f"trial-{j * k + f}", "params": p, "point": j, "fold": f}
+                  for j, p in enumerate(points) for f in range(k)]
+    else:
+        trials = [{"name": f"trial-{i}", "params": p, "point": i, "fold": None} for i, p in enumerate(points)]
     (run.dir / "trials").mkdir(exist_ok=True)
+    if folds is not None:  # which training examples each fold validates on (indices into data.train)
+        atomic_write(run.dir / "trials" / "folds.json",
+                     json.dumps({"k": k, "seed": recipe.train.seed, "folds": folds}) + "\n")
     for t in trials:  # each trial's resolved recipe, as it will run
         atomic_write(run.dir / "trials" / f"{t['name']}.yaml",
                      yaml.safe_dump(trial_recipe(resolved, t["params"]), sort_keys=False))
     view.expect_trials(trials)
     shared = {"resolved": resolved, "worker_config": worker_config(recipe, resolved, plan, board),
-              "storage": str((run.dir / "ray").resolve())}
+              "storage": str((run.dir / "ray").resolve()), "folds": folds}
     scheduler = None
     if recipe.sweep.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=recipe.metric, mode=recipe.mode,
@@ -93,8 +111,28 @@ def run_sweep(recipe: Recipe, resolved: dict, plan, run: Run, view, board) -> li
         error = None
         if result.error is not None and not _stopped_by_scheduler(result.error):
             error = f"{type(result.error).__name__}: {str(result.error).strip().splitlines()[-1]}"
-        table.append({"name": name, "params": result.config["trial"]["params"], "error": error})
+        t = result.config["trial"]
+        table.append({"name": name, "params": t["params"], "point": t["point"], "fold": t["fold"], "error": error})
     return sorted(table, key=lambda t: int(t["name"].split("-")[1]))
+
+
+def cross_validation(trials: list[dict], best: dict[str, float]) -> list[dict]:
+    """Per sweep point: each fold's best metric, their mean and sample standard deviation."""
+    import statistics
+
+    points: dict[int, dict] = {}
+    for t in trials:
+        entry = points.setdefault(t["point"], {"point": t["point"], "params": t["params"], "folds": {}})
+        if t["name"] in best:
+            entry["folds"][t["fold"]] = best[t["name"]]
+    out = []
+    for entry in points.values():
+        values = [entry["folds"][f] for f in sorted(entry["folds"])]
+        entry["folds"] = values
+        entry["mean"] = statistics.fmean(values) if values else None
+        entry["std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append(entry)
+    return sorted(out, key=lambda e: e["point"])
 
 
 def _stopped_by_scheduler(error: BaseException) -> bool:

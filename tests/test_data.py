@@ -146,3 +146,16 @@ def test_window_starting_mid_word_does_not_label_continuation(tokenizer):
         for tok, wid, lab in zip(tokenizer.convert_ids_to_tokens(f.input_ids), f.word_ids, f.labels):
             if lab != -100:
                 assert not tok.startswith("##"), (tok, wid)
+
+
+def test_kfold_folds_are_disjoint_covering_seeded_and_stratified():
+    from launcher.data import kfold_indices
+
+    examples = [Example(text=f"t{i}", label="a" if i % 4 else "b") for i in range(40)]  # 30 a, 10 b
+    folds = kfold_indices(examples, "sequence_classification", 5, seed=3)
+    assert sorted(i for f in folds for i in f) == list(range(40))
+    assert all(sum(examples[i].label == "b" for i in f) == 2 for f in folds)  # stratified: 10 b over 5 folds
+    assert kfold_indices(examples, "sequence_classification", 5, seed=3) == folds
+    assert kfold_indices(examples, "sequence_classification", 5, seed=4) != folds
+    with pytest.raises(DataError, match="at least 50"):
+        kfold_indices(examples, "token_classification", 50, seed=0)

@@ -55,3 +55,41 @@ def test_asha_prunes_a_bad_trial_and_the_run_still_succeeds(tmp_path, ray_tmp):
     assert "pruned" in states.values(), states
     assert status["winner"]["params"]["train.lr"] in (5e-4, 4e-4)
     assert "pruned" in res.stdout
+
+
+def test_kfold_with_grid_scores_points_by_fold_mean_and_refits(tmp_path, ray_tmp):
+    import statistics
+
+    from conftest import TOY_NER
+
+    from launcher.data import read_conll
+
+    sentences = (TOY_NER / "train.conll").read_text().split("\n\n")[1:151]  # 150 sentences, no DOCSTART
+    small = tmp_path / "small.conll"
+    small.write_text("\n\n".join(sentences) + "\n")
+    n = len(read_conll(str(small)))
+    recipe = tiny_ner_recipe(
+        tmp_path, data={"train": str(small)}, scaling={"workers": 1}, train={"epochs": 1, "metric": "eval_loss"},
+        sweep={"kfold": 3, "parameters": {"train.lr": [2e-5, 4e-4]}})
+    res = cli("launch", str(recipe), env={"ZEROSHIP_RAY_TMPDIR": ray_tmp})
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    run = tmp_path / "runs" / "run-1"
+    folds = json.loads((run / "trials" / "folds.json").read_text())["folds"]
+    assert len(folds) == 3 and sorted(i for f in folds for i in f) == list(range(n))  # disjoint, covering
+    status = json.loads((run / "status.json").read_text())
+    assert len(status["trials"]) == 6
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    best = {}
+    for e in evals:
+        best[e["trial"]] = min(best.get(e["trial"], float("inf")), e["eval_loss"])
+    for point in status["cross_validation"]:
+        names = [t["name"] for t in status["trials"] if t["point"] == point["point"]]
+        values = [best[name] for name in sorted(names, key=lambda x: int(x.split("-")[1]))]
+        assert point["folds"] == pytest.approx(values, abs=1e-12)
+        assert point["mean"] == pytest.approx(statistics.fmean(values), abs=1e-12)
+        assert point["std"] == pytest.approx(statistics.stdev(values), abs=1e-12)
+    top = min(status["cross_validation"], key=lambda p: p["mean"])
+    winner = status["winner"]
+    assert winner["trial"] == "refit" and winner["params"] == top["params"] and winner["cv_mean"] == top["mean"]
+    assert any(e["trial"] == "refit" for e in evals) and (run / "best" / "model.safetensors").is_file()
+    assert "3-fold cross-validation" in res.stdout
