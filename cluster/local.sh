@@ -20,18 +20,28 @@ up() {
     echo "already running: $(cat "$state/address")"; exit 0
   fi
   mkdir -p "$state/tmp"
-  local gcs dash client; gcs=$(free_port); dash=$(free_port); client=$(free_port)
+  # every port chosen free, so this cluster never collides with another Ray on the machine
+  local gcs dash client agent; gcs=$(free_port); dash=$(free_port); client=$(free_port); agent=$(free_port)
   setsid "$ray" start --head --block --node-ip-address 127.0.0.1 --port "$gcs" \
     --dashboard-host 127.0.0.1 --dashboard-port "$dash" --ray-client-server-port "$client" \
-    --temp-dir "$state/tmp" \
+    --dashboard-agent-listen-port "$agent" --temp-dir "$state/tmp" \
     >"$state/head.log" 2>&1 &
   echo $! >"$state/head.pid"
-  for _ in $(seq 60); do
-    (echo >"/dev/tcp/127.0.0.1/$dash") 2>/dev/null && break; sleep 1
+  local ready=""
+  for _ in $(seq 90); do
+    (echo >"/dev/tcp/127.0.0.1/$dash") 2>/dev/null && { ready=1; break; }
+    alive "$(cat "$state/head.pid")" || break
+    sleep 1
   done
+  if [ -z "$ready" ]; then
+    echo "the Ray head did not come up; its log ($state/head.log) ends with:" >&2
+    tail -n 20 "$state/head.log" >&2
+    down >/dev/null
+    exit 1
+  fi
   for i in $(seq "${1:-0}"); do
     setsid "$ray" start --block --address "127.0.0.1:$gcs" --node-ip-address 127.0.0.1 \
-      >"$state/worker$i.log" 2>&1 &
+      --dashboard-agent-listen-port "$(free_port)" >"$state/worker$i.log" 2>&1 &
     echo $! >"$state/worker$i.pid"
   done
   echo "http://127.0.0.1:$dash" >"$state/address"

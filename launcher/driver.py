@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from launcher.data import examples_to_dicts
@@ -119,7 +119,8 @@ class ProgressView:
         self._stop = threading.Event()
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=20),
                                  TextColumn("{task.fields[steps]}"), TextColumn("{task.fields[info]}"),
-                                 TimeElapsedColumn(), console=console, transient=False)
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 console=console, transient=False)
 
     @property
     def stop_reason(self) -> str | None:
