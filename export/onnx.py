@@ -272,6 +272,8 @@ def export_run(run_id: str, runs_dir: str | Path, opts: ExportOptions) -> tuple[
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         _swap_into_place(tmp, out)
+        if not opts.out:
+            run.push("onnx")  # storage on a URI: the bundle goes there too (manifest last)
         return out, manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -73,6 +73,15 @@ def launch(argv: list[str] | None = None, prog: str = "launch") -> int:
         plan = build_plan(recipe, resolved, args.recipe)
         print_plan(plan, out)
         if args.check:
+            if os.environ.get("RAY_ADDRESS"):  # on a cluster: joining starts nothing, and lets us check it
+                import ray
+
+                from launcher.driver import connect_ray
+
+                where = connect_ray(recipe, resolved["run"]["storage"])
+                nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+                out.print(f"[green]cluster OK[/]: {where}, {nodes} node(s): resources suffice and every node sees "
+                          f"{resolved['run']['storage']}", highlight=False)
             out.print("[green]recipe OK[/] (--check: nothing started)")
             return 0
         from launcher.driver import launch_run
@@ -138,6 +147,39 @@ def _short_parent(parent: str | None) -> str:
     return path.parent.name if path.name == "best" and path.parent.name.startswith("run-") else parent
 
 
+def recipe_diff(run) -> tuple[str, list[tuple[str, str, str]]]:
+    """The run's resolved recipe against its base file as it reads now: (base, [(key, base, run)]).
+    Shows the command-line overrides, `--runs`, and any edit made to the file since the launch."""
+    import yaml
+
+    from launcher.recipe import load_recipe
+
+    st = run.status()
+    base = st.get("recipe")
+    recorded = run.dir / "recipe.yaml"
+    if not base or not recorded.is_file():
+        return str(base), []
+    if not Path(base).is_file():
+        raise FileNotFoundError(base)
+    _, now = load_recipe(base)
+    try:  # through the same schema, so fields added to it since the launch do not show as changes
+        _, then = load_recipe(recorded)
+    except ZeroshipError:
+        then = yaml.safe_load(recorded.read_text())
+    a, b = _flatten(now), _flatten(then)
+    return base, [(k, json.dumps(a.get(k, "<absent>")), json.dumps(b.get(k, "<absent>")))
+                  for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out_: dict = {}
+    for key, value in tree.items():
+        out_.update(_flatten(value, f"{prefix}{key}."))
+    return out_
+
+
 def show_run(run) -> int:
     st = run.status()
     out.print(f"[bold]{run.id}[/] {st.get('state')}  ({run.dir})")
@@ -145,8 +187,26 @@ def show_run(run) -> int:
         out.print(f"[red]error:[/] {escape(str(st['error']))}", highlight=False)
     if st.get("parent"):
         out.print(f"started from: {escape(st['parent'])}")
+    try:
+        base, diff = recipe_diff(run)
+        if diff:
+            table = Table(title=f"recipe: differences from {base}")
+            for col in ("key", "base file", "this run"):
+                table.add_column(col)
+            for row in diff:
+                table.add_row(*map(escape, row))
+            out.print(table)
+        else:
+            out.print(f"recipe: {escape(base)} as it is, no overrides", highlight=False)
+    except FileNotFoundError as exc:
+        out.print(f"recipe: base file {escape(str(exc))} is gone; the run's own copy is {run.dir / 'recipe.yaml'}")
+    except ZeroshipError as exc:
+        out.print(f"recipe: base file no longer loads ({escape(exc.title)}); the run's own copy is "
+                  f"{run.dir / 'recipe.yaml'}", highlight=False)
     if st.get("winner"):
         out.print("winner: " + json.dumps(st["winner"]), highlight=False)
+    if st.get("stop_reason") or st.get("wall_seconds"):
+        out.print(f"stopped: {st.get('stop_reason')}; wall time {st.get('wall_seconds')} s", highlight=False)
     rows = [m for m in run.metrics() if m.get("kind", "eval") == "eval"]
     if rows:
         keys = [k for k in rows[0] if k.startswith("eval_")]

@@ -28,6 +28,7 @@ from launcher.errors import Problem, ZeroshipError
 from launcher.plan import Plan
 from launcher.recipe import Recipe
 from launcher.runs import Registry, Run, atomic_write, atomic_write_json
+from launcher.storage import is_uri
 from launcher.train_loop import CKPT_TAG, STATE_FILE, train_worker
 
 console = Console()
@@ -38,7 +39,7 @@ class ClusterError(ZeroshipError):
 
 
 # ------------------------------------------------------------------ Ray
-def connect_ray(recipe: Recipe) -> str:
+def connect_ray(recipe: Recipe, storage: str | None = None) -> str:
     """Join the cluster when one is there (RAY_ADDRESS, as under `ray job submit`), else start a
     local Ray bound to loopback. Returns a short description."""
     import ray
@@ -63,7 +64,55 @@ def connect_ray(recipe: Recipe) -> str:
                  runtime_env=runtime_env, log_to_driver=True, **kwargs)
         where = f"local ray ({os.cpu_count()} CPUs, 127.0.0.1)"
     _check_resources(recipe)
+    if storage and not is_uri(storage):  # a URI is reachable from every node by construction
+        check_shared_storage(Path(storage))
     return where
+
+
+def check_shared_storage(root: Path, nodes: list[dict] | None = None, probe=None) -> int:
+    """On a cluster of more than one node every node must see run.storage: workers write their
+    checkpoint shards there and the driver merges them. A marker file written here is looked for by
+    a task pinned to each node; returns the number of nodes checked. `nodes` (ray.nodes() rows) and
+    `probe(node_ids, path, token) -> [seen]` are for tests (default: the cluster, a task per node)."""
+    import uuid
+
+    import ray
+
+    nodes = [n for n in (ray.nodes() if nodes is None else nodes) if n.get("Alive")]
+    if len(nodes) <= 1:
+        return len(nodes)
+    root.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    marker = (root / f".zeroship-shared-check-{token}").resolve()
+    marker.write_text(token)
+    try:
+        results = (probe or _probe_on_node)([n["NodeID"] for n in nodes], str(marker), token)
+    finally:
+        marker.unlink(missing_ok=True)
+    blind = [n.get("NodeManagerAddress", n["NodeID"][:8]) for n, seen in zip(nodes, results) if not seen]
+    if blind:
+        raise ClusterError(Problem(
+            "run.storage", f"{root} is not shared: {len(blind)} of the cluster's {len(nodes)} nodes cannot see it "
+            f"({', '.join(blind[:4])}); workers on those nodes would write checkpoints the driver never sees",
+            "put runs on storage every node mounts (an NFS/EFS path such as /mnt/shared/zeroship/runs, see "
+            "cluster/aws-gpu.yaml) and set run.storage (or --runs) to it"))
+    return len(nodes)
+
+
+def _probe_on_node(node_ids: list[str], path: str, token: str) -> list[bool]:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def sees(path: str, token: str) -> bool:
+        try:
+            return Path(path).read_text() == token
+        except OSError:
+            return False
+
+    refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(path, token)
+            for node in node_ids]
+    return ray.get(refs, timeout=120)
 
 
 def _check_resources(recipe: Recipe) -> None:
@@ -156,11 +205,15 @@ class ProgressView:
             self.progress.update(task, total=event["total_steps"], info=self._info(trial, "running"),
                                  steps=f"step 0/{event['total_steps']}")
         elif kind == "step":
+            if self.run.logger is not None:
+                self.run.logger.log(trial, event["step"], {"train_loss": event["loss"], "lr": event.get("lr")})
             self.progress.update(task, completed=event["step"], steps=f"step {event['step']}/{self.totals.get(trial, '?')}",
                                  info=self._info(trial, f"loss {event['loss']:.4f}"))
         elif kind == "eval":
             self.evals.append(event)
             self.run.append_metrics({"kind": "eval", **event})
+            if self.run.logger is not None:
+                self.run.logger.log(trial, event["step"], event)
             value = event[self.metric]
             if trial not in self.best or (value > self.best[trial] if self.mode == "max" else value < self.best[trial]):
                 self.best[trial] = value
@@ -214,7 +267,7 @@ def worker_config(recipe: Recipe, resolved: dict, plan: Plan, board, trial: str 
             "metric": recipe.metric, "mode": recipe.mode, "trial": trial}
 
 
-def make_trainer(recipe: Recipe, config: dict, storage: Path, name: str, callbacks: list | None = None):
+def make_trainer(recipe: Recipe, config: dict, storage: str, name: str, callbacks: list | None = None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -227,7 +280,7 @@ def make_trainer(recipe: Recipe, config: dict, storage: Path, name: str, callbac
                                                resources_per_worker=resources,
                                                placement_strategy=sc.placement_strategy),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=str(storage.resolve()), callbacks=callbacks or [],
+            name=name, storage_path=storage, callbacks=callbacks or [],
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=recipe.run.keep_best, checkpoint_score_attribute=recipe.metric,
                 checkpoint_score_order=recipe.mode),
@@ -237,14 +290,14 @@ def make_trainer(recipe: Recipe, config: dict, storage: Path, name: str, callbac
 
 def fit(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[Any, ProgressView]:
     board = progress_board()
-    trainer = make_trainer(recipe, worker_config(recipe, resolved, plan, board), run.dir / "ray", "train")
+    trainer = make_trainer(recipe, worker_config(recipe, resolved, plan, board), run.ray_storage, "train")
     with ProgressView(board, run, recipe.metric, recipe.mode) as view:
         result = trainer.fit()
     return result, view
 
 
-def fit_sweep(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[Path, dict, ProgressView, list]:
-    """Run the sweep; return the winning checkpoint folder, its evaluation, the view and the trial table."""
+def fit_sweep(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[Any, dict, ProgressView, list]:
+    """Run the sweep; return the winning checkpoint, its evaluation, the view and the trial table."""
     from launcher.sweep import find_checkpoint, run_sweep
 
     board = progress_board()
@@ -257,7 +310,7 @@ def fit_sweep(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[Pat
         t["state"] = "failed" if t["error"] else ("done" if t["name"] in view.stop_reasons else "pruned")
     sign = 1 if recipe.mode == "max" else -1
     best = max(view.evals, key=lambda e: sign * e[recipe.metric])
-    return find_checkpoint(run.dir / "ray", best["trial"], best["step"]), best, view, trials
+    return find_checkpoint(run.ray_storage, best["trial"], best["step"]), best, view, trials
 
 
 # ------------------------------------------------------------------ winner → best/
@@ -324,6 +377,7 @@ def write_best(run: Run, resolved: dict, labels: list[str], ckpt_dir: Path, winn
     atomic_write_json(tmp / "report.json", reports)
     shutil.rmtree(run.best_dir, ignore_errors=True)
     os.replace(tmp, run.best_dir)
+    run.push("best")  # before the status says succeeded, so a reader of the URI never sees half of it
     return metrics
 
 
@@ -331,10 +385,12 @@ def write_best(run: Run, resolved: dict, labels: list[str], ckpt_dir: Path, winn
 def launch_run(recipe: Recipe, resolved: dict, plan: Plan, recipe_path: str, overrides: list[str]) -> int:
     """Start a new run: allocate its id, record the resolved recipe, train, keep the winner."""
     reg = Registry(resolved["run"]["storage"])
-    run = reg.allocate({"task": recipe.model.task, "recipe": str(recipe_path), "overrides": list(overrides),
+    run = reg.allocate({"task": recipe.model.task, "recipe": str(Path(recipe_path).resolve()), "overrides": list(overrides),
                         "parent": plan.parent})
     atomic_write(run.dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
-    console.print(f"[bold]{run.id}[/] started → {run.dir}")
+    run.push("recipe.yaml")
+    where = f"{run.location} (working copy {run.dir})" if run.remote else str(run.dir)
+    console.print(f"[bold]{run.id}[/] started → {where}  (tensorboard --logdir {run.dir / 'tensorboard'})")
     return execute(run, recipe, resolved, plan)
 
 
@@ -355,21 +411,25 @@ def resume_run(run: Run) -> tuple[Recipe, dict]:
 def execute(run: Run, recipe: Recipe, resolved: dict, plan: Plan) -> int:
     """Train (or continue training) `run` and write its winner. Same storage and name as any earlier
     attempt, so Ray Train continues from the latest checkpoint it finds there."""
+    from launcher.observe import RunLogger
+
     started = time.time()
     try:
-        where = connect_ray(recipe)
+        run.logger = RunLogger(run.dir, run.id, resolved)
+        where = connect_ray(recipe, storage=None if run.remote else str(run.dir.parent))
         console.print(f"ray: {where}")
         run.update(state="running", error=None)
         extra: dict[str, Any] = {}
         if recipe.sweep is not None and recipe.sweep.kfold:
             winner, metrics, view, extra = fit_kfold(recipe, resolved, plan, run)
         elif recipe.sweep is not None:
-            folder, reported, view, trials = fit_sweep(recipe, resolved, plan, run)
+            ckpt, reported, view, trials = fit_sweep(recipe, resolved, plan, run)
             params = next(t["params"] for t in trials if t["name"] == reported["trial"])
             winner = {"trial": reported["trial"], "params": params, "epoch": reported["epoch"],
                       "step": reported["step"], "metric": recipe.metric, "value": reported[recipe.metric]}
             best_recipe = yaml.safe_load((run.dir / "trials" / f"{reported['trial']}.yaml").read_text())
-            metrics = write_best(run, best_recipe, plan.dataset.labels, folder, winner, plan)
+            with ckpt.as_directory() as folder:
+                metrics = write_best(run, best_recipe, plan.dataset.labels, Path(folder), winner, plan)
             extra["trials"] = [{**t, "best": view.best.get(t["name"])} for t in trials]
         else:
             result, view = fit(recipe, resolved, plan, run)
@@ -379,6 +439,8 @@ def execute(run: Run, recipe: Recipe, resolved: dict, plan: Plan) -> int:
             with ckpt.as_directory() as folder:
                 metrics = write_best(run, resolved, plan.dataset.labels, Path(folder), winner, plan)
         wall = time.time() - started
+        _close_logger(run, "succeeded")
+        run.push("trials", "tensorboard")
         run.update(state="succeeded", winner=winner, stop_reason=view.stop_reason, wall_seconds=round(wall, 1),
                    **extra)
     except ZeroshipError as exc:
@@ -418,7 +480,15 @@ def _printable(text: str) -> str:
 
 def _fail(run: Run, error: str) -> None:
     shutil.rmtree(run.dir / ".best.tmp", ignore_errors=True)
+    _close_logger(run, "failed")
+    run.push("trials", "tensorboard")
     run.update(state="failed", error=error)
+
+
+def _close_logger(run: Run, state: str) -> None:
+    if run.logger is not None:
+        run.logger.close(state)
+        run.logger = None
 
 
 def fit_kfold(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[dict, dict, ProgressView, dict]:
@@ -441,7 +511,7 @@ def fit_kfold(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[dic
     if recipe.sweep.kfold_refit:
         board = progress_board()
         child = Recipe.model_validate(chosen)
-        trainer = make_trainer(child, worker_config(child, chosen, plan, board, trial="refit"), run.dir / "ray", "refit")
+        trainer = make_trainer(child, worker_config(child, chosen, plan, board, trial="refit"), run.ray_storage, "refit")
         view.progress.console.print(f"refit on all training data: {json.dumps(top['params'])}", highlight=False)
         with ProgressView(board, run, recipe.metric, recipe.mode) as refit_view:
             result = trainer.fit()
@@ -456,8 +526,8 @@ def fit_kfold(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[dic
         best = max(folds, key=lambda e: sign * e[recipe.metric])
         winner = {"trial": best["trial"], "epoch": best["epoch"], "step": best["step"],
                   "value": best[recipe.metric], **summary}
-        metrics = write_best(run, chosen, plan.dataset.labels, find_checkpoint(run.dir / "ray", best["trial"],
-                                                                              best["step"]), winner, plan)
+        with find_checkpoint(run.ray_storage, best["trial"], best["step"]).as_directory() as folder:
+            metrics = write_best(run, chosen, plan.dataset.labels, Path(folder), winner, plan)
     return winner, metrics, view, extra
 
 
@@ -503,5 +573,6 @@ def print_results(run: Run, winner: dict, metrics: dict, stop_reason: str | None
         console.print(f"stopped: {stop_reason}; wall time {wall:.0f} s")
     console.print(f"[bold green]{run.id} succeeded[/]: {winner['metric']}={winner['value']:.4f} → {run.best_dir}",
                   highlight=False)
+    storage = run.remote.uri if run.remote else str(run.dir.parent)
     console.print(f"export it: zeroship export onnx {run.id}" + (
-        f" --runs {run.dir.parent}" if run.dir.parent.resolve() != Path("runs").resolve() else ""))
+        f" --runs {storage}" if run.remote or run.dir.parent.resolve() != Path("runs").resolve() else ""))

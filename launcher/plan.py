@@ -17,7 +17,9 @@ from rich.table import Table
 from launcher.data import Dataset, load_dataset
 from launcher.ds_config import build_ds_config
 from launcher.errors import Problem, RecipeError
+from launcher.observe import check_mlflow
 from launcher.recipe import PACKAGED_PREFIX, Recipe, resolve_encoder
+from launcher.storage import check_storage
 
 
 @dataclass
@@ -60,6 +62,8 @@ def build_plan(recipe: Recipe, resolved: dict, recipe_path: str) -> Plan:
                if resolved["data"][split] and not Path(resolved["data"][split]).is_file()]
     if missing:
         raise RecipeError(missing)
+    check_mlflow(recipe.run.mlflow_uri)
+    check_storage(resolved["run"]["storage"])
     source, warnings = locate_encoder(resolved["model"]["encoder"], recipe_path)
     dataset = load_dataset(resolved["data"], recipe.model.task)
     warnings += dataset.warnings()

@@ -149,6 +149,7 @@ class RunConfig(Section):
     name: str | None = None
     keep_best: Annotated[int, Field(gt=0, le=100)] = 1
     max_failures: Annotated[int, Field(ge=0, le=100)] = 0
+    mlflow_uri: str | None = None  # also log params and metrics to this MLflow tracking server/folder
 
 
 class Recipe(Section):

@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from launcher.errors import Problem, RunError
+from launcher.storage import NOT_PUSHED, RemoteStore, is_uri
 
 RUN_ID = re.compile(r"^run-(\d{1,9})$")
 STATES = ("pending", "running", "succeeded", "failed")
@@ -68,6 +70,24 @@ def normalize_run_id(text: str) -> str | None:
 class Run:
     id: str
     dir: Path
+    logger: Any = field(default=None, compare=False, repr=False)  # launcher.observe.RunLogger while training
+    remote: RemoteStore | None = field(default=None, compare=False, repr=False)  # storage on a URI
+
+    @property
+    def ray_storage(self) -> str:
+        """Where Ray Train keeps this run's checkpoints: the URI itself, or the run's ray/ folder."""
+        return self.remote.child_uri(f"{self.id}/ray") if self.remote else str((self.dir / "ray").resolve())
+
+    @property
+    def location(self) -> str:
+        return self.remote.child_uri(self.id) if self.remote else str(self.dir)
+
+    def push(self, *names: str) -> None:
+        """Copy files or folders of the run from its local mirror to its URI (no-op on a path)."""
+        if self.remote is not None:
+            for name in names:
+                if name not in NOT_PUSHED and (self.dir / name).exists():
+                    self.remote.push(self.dir / name, f"{self.id}/{name}")
 
     @property
     def status_path(self) -> Path:
@@ -92,11 +112,13 @@ class Run:
         status.update(fields)
         status["updated"] = now()
         atomic_write_json(self.status_path, status)
+        self.push("status.json")
         return status
 
     def append_metrics(self, record: dict) -> None:
         with open(self.dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        self.push("metrics.jsonl")
 
     def metrics(self) -> list[dict]:
         path = self.dir / "metrics.jsonl"
@@ -106,15 +128,21 @@ class Run:
 
 
 class Registry:
-    """The runs under one storage root."""
+    """The runs under one storage root: a path, or a URI (launcher.storage) worked on in a mirror."""
 
     def __init__(self, root: str | Path = "runs"):
-        self.root = Path(root)
+        self.storage = str(root)
+        self.remote = RemoteStore(self.storage) if is_uri(self.storage) else None
+        self.root = self.remote.mirror if self.remote else Path(root)
 
     def ids(self) -> list[int]:
-        if not self.root.is_dir():
+        if self.remote is not None:
+            names = self.remote.names()
+        elif self.root.is_dir():
+            names = [p.name for p in self.root.iterdir()]
+        else:
             return []
-        return sorted(n for n in (_number(p.name) for p in self.root.iterdir()) if n is not None)
+        return sorted(n for n in map(_number, names) if n is not None)
 
     def allocate(self, extra: dict | None = None) -> Run:
         """Create the next `run-<N>` directory atomically and write its pending status."""
@@ -122,17 +150,23 @@ class Registry:
         n = (self.ids() or [0])[-1] + 1
         while True:
             path = self.root / f"run-{n}"
+            if self.remote is not None and self.remote.exists(f"run-{n}/status.json"):
+                n += 1
+                continue
+            if self.remote is not None:
+                shutil.rmtree(path, ignore_errors=True)  # a stale mirror of a run the URI no longer has
             try:
                 path.mkdir()
                 break
             except FileExistsError:
                 n += 1
-        run = Run(f"run-{n}", path)
+        run = Run(f"run-{n}", path, remote=self.remote)
         stamp = now()
         status = {"id": run.id, "state": "pending", "created": stamp, "updated": stamp,
                   "error": None, "winner": None}
         status.update(extra or {})
         atomic_write_json(run.status_path, status)
+        run.push("status.json")
         return run
 
     def get(self, text: str) -> Run:
@@ -144,13 +178,23 @@ class Registry:
                 raise RunError(Problem(str(self.root), "no runs yet", "launch a recipe first"))
             run_id = f"run-{ids[-1]}"
         path = self.root / run_id
+        if self.remote is not None and self.remote.exists(f"{run_id}/status.json"):
+            shutil.rmtree(path, ignore_errors=True)  # the URI is the truth: a fresh copy, minus ray/
+            self.remote.pull(run_id, path)
         if not (path / "status.json").is_file():
             known = ", ".join(f"run-{n}" for n in self.ids()[-5:]) or "none"
+            where = self.remote.child_uri(run_id) if self.remote else str(path)
             raise RunError(
-                Problem(str(path), f"no run {run_id} here", f"recent runs: {known}; or pass --runs DIR")
+                Problem(where, f"no run {run_id} here", f"recent runs: {known}; or pass --runs DIR")
             )
-        return Run(run_id, path)
+        return Run(run_id, path, remote=self.remote)
 
     def runs(self) -> list[Run]:
-        return [Run(f"run-{n}", self.root / f"run-{n}") for n in self.ids()
-                if (self.root / f"run-{n}" / "status.json").is_file()]
+        out = []
+        for n in self.ids():
+            path = self.root / f"run-{n}"
+            if self.remote is not None and self.remote.exists(f"run-{n}/status.json"):
+                self.remote.pull(f"run-{n}", path, only="status.json")
+            if (path / "status.json").is_file():
+                out.append(Run(f"run-{n}", path, remote=self.remote))
+        return out

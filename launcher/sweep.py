@@ -44,7 +44,7 @@ def sweep_trial(config: dict, shared: dict) -> None:
         held_out = set(shared["folds"][trial["fold"]])
         worker_cfg["data"] = {"train": [r for i, r in enumerate(rows) if i not in held_out],
                               "validation": [rows[i] for i in sorted(held_out)]}
-    trainer = make_trainer(recipe, worker_cfg, Path(shared["storage"]), trial["name"],
+    trainer = make_trainer(recipe, worker_cfg, shared["storage"], trial["name"],
                            callbacks=[TuneReportCallback()])
     trainer.fit()
 
@@ -90,7 +90,7 @@ def run_sweep(recipe: Recipe, resolved: dict, plan, run: Run, view, board) -> li
                      yaml.safe_dump(trial_recipe(resolved, t["params"]), sort_keys=False))
     view.expect_trials(trials)
     shared = {"resolved": resolved, "worker_config": worker_config(recipe, resolved, plan, board),
-              "storage": str((run.dir / "ray").resolve()), "folds": folds}
+              "storage": run.ray_storage, "folds": folds}
     scheduler = None
     if recipe.sweep.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=recipe.metric, mode=recipe.mode,
@@ -140,9 +140,20 @@ def _stopped_by_scheduler(error: BaseException) -> bool:
     return "ActorDied" in type(error).__name__ or "ActorDied" in str(error)
 
 
-def find_checkpoint(storage: Path, trial: str, step: int) -> Path:
-    """The checkpoint folder a trial reported at `step` (each holds its own step in STATE_FILE)."""
-    for state in sorted((storage / trial).glob(f"checkpoint_*/{STATE_FILE}")):
-        if json.loads(state.read_text())["step"] == step:
-            return state.parent
+def find_checkpoint(storage: str, trial: str, step: int):
+    """The checkpoint a trial reported at `step` (each holds its own step in STATE_FILE), as a
+    ray.train.Checkpoint: `storage` is a path or a URI (launcher.storage)."""
+    import pyarrow.fs
+    import ray.train
+
+    fs, base = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else f"file://{Path(storage).resolve()}")
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{base}/{trial}", allow_not_found=True))
+    for info in sorted(i.path for i in infos if Path(i.path).name.startswith("checkpoint_")):
+        try:
+            with fs.open_input_stream(f"{info}/{STATE_FILE}") as fh:
+                state = json.loads(fh.read())
+        except FileNotFoundError:
+            continue
+        if state["step"] == step:
+            return ray.train.Checkpoint(path=info, filesystem=fs)
     raise RuntimeError(f"the checkpoint of {trial} at step {step} is gone (raise run.keep_best?)")

@@ -137,6 +137,8 @@ def train_worker(config: dict[str, Any]) -> None:
                  "train_samples_per_s": window["samples"] * world / total,
                  "train_tokens_per_s": window["tokens"] * world / total,
                  "lr": scheduler.get_last_lr()[0]}
+        if torch.cuda.is_available():  # the GPU benchmark reads it (benchmarks/gpu.sh)
+            stats["train_peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         for name, values in window["parts"].items():  # each loss term, so its effect can be seen
             stats[f"train_loss_{name}"] = sum(values) / max(1, len(values))
         window.update(times=[], losses=[], samples=0, tokens=0, parts={})

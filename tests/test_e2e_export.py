@@ -90,6 +90,7 @@ def test_predictor_matches_pytorch(ner_run, ner_bundle):
     predictor = Predictor.load(ner_bundle, variant="fp32")
     got = [[(e["label"], e["start"], e["end"], e["text"]) for e in ents] for ents in predictor.predict(texts)]
     assert got == torch_entities(ner_run, texts)
+    assert predictor.predict(texts, batch_size=3) == predictor.predict(texts, batch_size=64)  # order kept
     assert sum(map(len, got)) > 20  # the comparison is about real entities, not empty lists
 
 

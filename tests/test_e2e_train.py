@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, ROOT, TOY_CLS, TOY_NER, cli, tiny_ner_recipe
+from conftest import ROOT, TOY_CLS, TOY_NER, cli, tiny_ner_recipe
 
 pytestmark = pytest.mark.e2e
 
@@ -124,53 +121,6 @@ def test_unschedulable_run_is_marked_failed(tmp_path, ray_tmp):
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "failed" and "64 workers" in status["error"]
     assert not (run / "best").exists()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ray_job_submit(tmp_path, ray_tmp):
-    """`ray job submit -- launch recipes/quickstart_ner.yaml` against a head this test starts on loopback."""
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-           "PATH": f"{BIN}:{os.environ['PATH']}"}
-    gcs, dash = _free_port(), _free_port()
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-         "--temp-dir", ray_tmp, "--num-cpus", "2", "--include-dashboard", "true"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        address = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", dash), timeout=1):
-                    break
-            except OSError:
-                time.sleep(1)
-        runs = tmp_path / "runs"
-        res = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-             "launch", "recipes/quickstart_ner.yaml", "train.epochs=1", "model.num_hidden_layers=2",
-             "--runs", str(runs)],
-            env=env, capture_output=True, text=True, timeout=900)
-        out = res.stdout + res.stderr
-        assert res.returncode == 0, out[-4000:]
-        run = runs / "run-1"
-        status = json.loads((run / "status.json").read_text())
-        assert status["state"] == "succeeded"
-        assert {"recipe.yaml", "metrics.jsonl", "best"} <= {p.name for p in run.iterdir()}
-        assert (run / "best" / "model.safetensors").is_file()
-        assert "cluster at" in out  # it joined the test's cluster instead of starting its own
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
 
 
 def test_regularized_run_applies_every_term_freezes_and_stops_early(tmp_path, ray_tmp, ner_run):

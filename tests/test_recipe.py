@@ -79,6 +79,13 @@ def test_shipped_recipes_check_ok(recipe):
     assert "zeroship plan" in res.stdout and "recipe OK" in res.stdout
 
 
+def test_conll_recipe_validates_and_names_its_fetched_data():
+    # its data is fetched at run time (benchmarks/conll.py), so only the schema is checked here
+    recipe, resolved = load_recipe(ROOT / "recipes/conll2003_minilm.yaml")
+    assert recipe.model.encoder == "packaged:all-MiniLM-L6-v2" and recipe.metric == "eval_f1"
+    assert resolved["data"]["train"] == str(ROOT / "recipes/data/conll2003/train.txt")
+
+
 def test_check_prints_plan_details():
     res = cli("launch", "--check", "recipes/quickstart_ner.yaml", "scaling.workers=4", "train.grad_accum=2")
     assert res.returncode == 0, res.stderr

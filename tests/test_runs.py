@@ -67,3 +67,53 @@ def test_runs_cli_lists_and_refuses_traversal(tmp_path):
     assert res.returncode == 2 and "not a run id" in res.stderr
     res = cli("zeroship", "runs", "show", "run-77", "--runs", str(tmp_path))
     assert res.returncode == 2 and "no run run-77" in res.stderr
+
+
+# ------------------------------------------------------------------ storage on a URI
+def test_registry_on_a_uri_keeps_everything_at_the_uri(tmp_path, monkeypatch):
+    from launcher.runs import Registry
+
+    store = tmp_path / "bucket"
+    uri = f"file://{store}/runs"
+    monkeypatch.setenv("ZEROSHIP_CACHE", str(tmp_path / "cache-a"))
+    reg = Registry(uri)
+    run = reg.allocate({"task": "token_classification"})
+    assert run.id == "run-1" and run.location == f"{uri}/run-1" and run.ray_storage == f"{uri}/run-1/ray"
+    run.update(state="running")
+    run.append_metrics({"kind": "eval", "step": 1, "eval_f1": 0.5})
+    (run.dir / "best").mkdir()
+    (run.dir / "best" / "model.json").write_text("{}")
+    (run.dir / "ray").mkdir()
+    (run.dir / "ray" / "big.bin").write_text("Ray writes to the URI itself")
+    run.push("best", "ray")
+    remote = store / "runs" / "run-1"
+    assert json.loads((remote / "status.json").read_text())["state"] == "running"
+    assert (remote / "metrics.jsonl").read_text().count("eval_f1") == 1
+    assert (remote / "best" / "model.json").is_file() and not (remote / "ray").exists()
+    assert Registry(uri).allocate().id == "run-2"
+
+    # another machine: an empty cache, everything comes from the URI (except ray/)
+    monkeypatch.setenv("ZEROSHIP_CACHE", str(tmp_path / "cache-b"))
+    other = Registry(uri)
+    assert other.root != reg.root and other.ids() == [1, 2]
+    got = other.get("latest")
+    assert got.id == "run-2"
+    got = other.get("run-1")
+    assert got.status()["state"] == "running" and (got.dir / "best" / "model.json").is_file()
+    assert [r.id for r in other.runs()] == ["run-1", "run-2"]
+    with pytest.raises(RunError, match=f"{uri}/run-9"):
+        other.get("run-9")
+
+
+@pytest.mark.parametrize("storage, message", [
+    ("ftp://host/runs", "unknown storage scheme ftp://"),
+    ("file://relative/runs", "needs an absolute path"),
+])
+def test_bad_storage_uris_are_refused(storage, message):
+    from launcher.errors import RecipeError
+    from launcher.storage import check_storage
+
+    with pytest.raises(RecipeError, match=message):
+        check_storage(storage)
+    check_storage("s3://bucket/prefix")  # known schemes pass without touching the network
+    check_storage("/mnt/shared/runs")
