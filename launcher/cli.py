@@ -57,7 +57,7 @@ def launch_parser(prog: str = "launch") -> argparse.ArgumentParser:
 
 
 def launch(argv: list[str] | None = None, prog: str = "launch") -> int:
-    args = launch_parser(prog).parse_args(argv)
+    args = launch_parser(prog).parse_intermixed_args(argv)  # options may come after the overrides
 
     def go() -> int:
         from launcher.plan import build_plan, print_plan

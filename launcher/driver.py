@@ -343,13 +343,15 @@ def write_best(run: Run, resolved: dict, labels: list[str], ckpt_dir: Path, winn
     from transformers import AutoTokenizer
 
     from launcher.evaluate import evaluate_model
-    from launcher.model import build_model, warm_start
+    from launcher.model import apply_lora, build_model, merge_lora, warm_start
 
     if resolved["model"].get("init_from"):  # same shapes as the parent's encoder, this run's head
         model = warm_start(resolved["model"]["init_from"], labels, resolved["model"]["head"],
                            resolved["model"]["init_from_head"])
     else:
         model = build_model(resolved["model"], labels, pretrained=False)
+    if resolved["model"].get("lora"):
+        apply_lora(model, resolved["model"]["lora"])
     state = merged_state_dict(ckpt_dir)
     missing, unexpected = model.load_state_dict(state, strict=False)
     persistent = {n for n, _ in model.named_parameters()} | set(model.state_dict())
@@ -357,7 +359,7 @@ def write_best(run: Run, resolved: dict, labels: list[str], ckpt_dir: Path, winn
     if missing or unexpected:
         raise RuntimeError(f"merged checkpoint does not fit the model: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}")
-    model.eval()
+    model = merge_lora(model.eval())  # best/ holds a plain encoder: export needs no peft
     tokenizer = AutoTokenizer.from_pretrained(plan.encoder_source)
     dcfg = resolved["data"]
     metrics, reports = {}, {}
@@ -386,7 +388,7 @@ def launch_run(recipe: Recipe, resolved: dict, plan: Plan, recipe_path: str, ove
     """Start a new run: allocate its id, record the resolved recipe, train, keep the winner."""
     reg = Registry(resolved["run"]["storage"])
     run = reg.allocate({"task": recipe.model.task, "recipe": str(Path(recipe_path).resolve()), "overrides": list(overrides),
-                        "parent": plan.parent})
+                        "parent": plan.parent, **({"augmentation": plan.augmentation} if plan.augmentation else {})})
     atomic_write(run.dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
     run.push("recipe.yaml")
     where = f"{run.location} (working copy {run.dir})" if run.remote else str(run.dir)

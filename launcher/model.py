@@ -8,6 +8,7 @@ safetensors and JSON, never a pickle.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -194,15 +195,54 @@ def apply_freeze(model: ZeroshipModel, freeze: Any) -> int:
     return frozen
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr: float, head_lr: float | None) -> list[dict]:
-    """Decoupled weight decay on weights only (not biases, not LayerNorm); head may get its own lr."""
+def apply_lora(model: ZeroshipModel, lora: dict) -> int:
+    """Wrap the encoder with LoRA adapters (peft): its weights freeze, the adapters train.
+    Returns the number of adapter parameters."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                        target_modules=list(lora["targets"]), bias="none")
+    try:
+        model.encoder = get_peft_model(model.encoder, config)
+    except ValueError as exc:  # no module matched the targets
+        raise RunError(Problem("model.lora.targets", str(exc).splitlines()[0],
+                               "name the encoder's linear modules, e.g. query, key, value, dense (BERT)")) from None
+    return sum(p.numel() for n, p in model.encoder.named_parameters() if "lora_" in n)
+
+
+def merge_lora(model: ZeroshipModel) -> ZeroshipModel:
+    """Fold the adapters into the encoder's weights: a plain encoder again, same outputs."""
+    if hasattr(model.encoder, "merge_and_unload"):
+        model.encoder = model.encoder.merge_and_unload()
+    return model
+
+
+def layer_depth(name: str, num_layers: int) -> int:
+    """Depth of an encoder parameter for layer-wise lr decay: embeddings 0, layer i → i + 1, and
+    anything above the layers (pooler) num_layers."""
+    match = re.search(r"\.(?:layer|layers)\.(\d+)\.", name)
+    if match:
+        return int(match.group(1)) + 1
+    return 0 if "embeddings" in name else num_layers
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float, head_lr: float | None,
+                 layer_decay: float = 1.0) -> list[dict]:
+    """Decoupled weight decay on weights only (not biases, not LayerNorm); head may get its own lr.
+    With layer_decay < 1, encoder layer d (of L) trains at lr · layer_decay^(L − d): the embeddings
+    slowest, the top layer at lr (layer-wise learning-rate decay)."""
+    layers = getattr(getattr(model, "encoder", None), "config", None)
+    num_layers = getattr(layers, "num_hidden_layers", 0) or 0
     groups: dict[tuple, list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name or ".norm" in name
-        is_head = not name.startswith("encoder.")
-        key = (0.0 if no_decay else weight_decay, (head_lr or lr) if is_head else lr)
+        if not name.startswith("encoder."):
+            group_lr = head_lr or lr
+        else:
+            group_lr = lr * layer_decay ** (num_layers - layer_depth(name, num_layers))
+        key = (0.0 if no_decay else weight_decay, group_lr)
         groups.setdefault(key, []).append(p)
     return [{"params": ps, "weight_decay": wd, "lr": glr} for (wd, glr), ps in groups.items()]
 

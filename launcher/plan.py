@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from launcher.augment import augment
 from launcher.data import Dataset, load_dataset
 from launcher.ds_config import build_ds_config
 from launcher.errors import Problem, RecipeError
@@ -31,6 +32,7 @@ class Plan:
     ds_config: dict
     warnings: list[str] = field(default_factory=list)
     parent: str | None = None  # warm start: the run id or folder this run starts from
+    augmentation: dict = field(default_factory=dict)  # examples each augmentation produced
 
 
 def locate_encoder(encoder: str, recipe_path: str) -> tuple[str, list[str]]:
@@ -67,6 +69,9 @@ def build_plan(recipe: Recipe, resolved: dict, recipe_path: str) -> Plan:
     source, warnings = locate_encoder(resolved["model"]["encoder"], recipe_path)
     dataset = load_dataset(resolved["data"], recipe.model.task)
     warnings += dataset.warnings()
+    train = dataset.splits["train"]
+    extra, augmented = augment(train.examples, recipe.model.task, resolved["data"]["augmentation"], recipe.train.seed)
+    train.examples = train.examples + extra
     parent = None
     if recipe.model.init_from:
         parent, parent_dir = resolve_parent(recipe.model.init_from, resolved["run"]["storage"], recipe_path)
@@ -87,7 +92,8 @@ def build_plan(recipe: Recipe, resolved: dict, recipe_path: str) -> Plan:
                 warnings.append("scaling.use_gpu is on but this machine has no GPU; the cluster must have them")
         except ImportError:
             pass
-    return Plan(recipe, resolved, dataset, source, build_ds_config(resolved, sc.workers), warnings, parent)
+    return Plan(recipe, resolved, dataset, source, build_ds_config(resolved, sc.workers), warnings, parent,
+                augmented)
 
 
 def resolve_parent(init_from: str, storage: str, recipe_path: str) -> tuple[str, Path]:
@@ -132,10 +138,20 @@ def print_plan(plan: Plan, console: Console) -> None:
         t.add_row("init from", f"{plan.parent}" + ("" if r.model.init_from_head else " (encoder only, new head)"))
     if r.model.freeze != "none":
         t.add_row("freeze", str(r.model.freeze))
+    if r.model.lora is not None:
+        lo = r.model.lora
+        t.add_row("lora", f"r {lo.r}, alpha {lo.alpha:g}, dropout {lo.dropout:g} on {', '.join(lo.targets)}"
+                  " (encoder frozen; adapters merged into best/)")
     labels = plan.dataset.labels
     t.add_row("labels", f"{len(labels)}: {', '.join(labels[:12])}{' …' if len(labels) > 12 else ''}")
+    added = plan.augmentation.get("examples", 0)
     for name, split in plan.dataset.splits.items():
-        t.add_row(f"data.{name}", f"{split.path} ({_size(split.path)}, {len(split.examples)} examples)")
+        extra = f" + {added} augmented" if name == "train" and added else ""
+        t.add_row(f"data.{name}", f"{split.path} ({_size(split.path)}, {len(split.examples) - (added if extra else 0)}"
+                  f" examples{extra})")
+    if plan.augmentation:
+        t.add_row("augmentation", f"{added} copies (seed {r.train.seed}); changed by: " + ", ".join(
+            f"{op} {n}" for op, n in plan.augmentation.items() if op != "examples"))
     t.add_row("max length / stride", f"{r.data.max_length} / {r.data.stride}")
     sc = r.scaling
     res = f"{sc.cpus_per_worker:g} CPU" + (f" + {sc.gpus_per_worker:g} GPU" if sc.use_gpu else "")
@@ -148,7 +164,8 @@ def print_plan(plan: Plan, console: Console) -> None:
     t.add_row("batch", f"{tr.batch_size}/worker × {tr.grad_accum} accum × {sc.workers} workers"
               f" = {r.effective_batch_size} effective")
     t.add_row("train", f"{tr.epochs} epochs, lr {tr.lr:g} ({tr.schedule}, warmup {tr.warmup_ratio:g}),"
-              f" seed {tr.seed}, eval every {tr.eval_every}")
+              f" seed {tr.seed}, eval every {tr.eval_every}"
+              + (f", layer-wise lr decay {tr.layer_decay:g}" if tr.layer_decay < 1 else ""))
     t.add_row("select", f"{r.metric} ({r.mode})" + (
         f", early stop after {tr.early_stopping.patience} evals without gain" if tr.early_stopping else ""))
     reg = r.regularization

@@ -46,6 +46,18 @@ class HeadConfig(Section):
     layernorm: bool = True
 
 
+PROBLEM_SEP = "\n"  # between the problems of one cross-field check (messages may hold "; ")
+
+
+class LoraConfig(Section):
+    """Low-rank adapters on the encoder's projections (peft); the base encoder stays frozen and the
+    adapters are merged into it when best/ is written."""
+    r: Annotated[int, Field(ge=1, le=1024)] = 8
+    alpha: Annotated[float, Field(gt=0.0)] = 16.0
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    targets: list[str] = Field(default=["query", "key", "value", "dense"], min_length=1)  # module names (BERT)
+
+
 class ModelConfig(Section):
     encoder: str = Field(min_length=1)  # local path, hub name, or "packaged:all-MiniLM-L6-v2"
     task: Literal["token_classification", "sequence_classification"]
@@ -55,9 +67,25 @@ class ModelConfig(Section):
     num_hidden_layers: Annotated[int, Field(gt=0, le=1000)] | None = None  # keep only the bottom N
     init_from: str | None = None  # warm start: run-41 (in this storage) or a best/ folder
     init_from_head: bool = True  # also take the parent's head and classifier rows (labels may only grow)
+    lora: LoraConfig | None = None  # parameter-efficient tuning: adapters instead of the whole encoder
 
 
 # ---------------------------------------------------------------- data
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class AugmentationConfig(Section):
+    """Training split only, seeded by train.seed (launcher/augment.py). Probabilities per token or
+    mention; 0 is off."""
+    copies: Annotated[int, Field(ge=1, le=20)] = 1  # augmented copies made of each training example
+    mention_replacement: Probability = 0.0  # NER: an entity becomes another mention of its type
+    o_deletion: Probability = 0.0  # NER: an O token is dropped
+    o_replacement: Probability = 0.0  # NER: an O token becomes another O word from training
+    case: Probability = 0.0  # NER: a token is lower/upper/title-cased
+    word_swap: Probability = 0.0  # classification: a word swaps places with another
+    word_deletion: Probability = 0.0  # classification: a word is dropped
+
+
 class DataConfig(Section):
     format: Literal["conll", "jsonl", "csv"]
     train: str
@@ -70,6 +98,7 @@ class DataConfig(Section):
     text_column: str = "text"  # csv
     label_column: str = "label"  # csv
     delimiter: str = Field(default=",", min_length=1, max_length=1)  # csv
+    augmentation: AugmentationConfig = AugmentationConfig()
 
     @model_validator(mode="after")
     def _stride_fits(self) -> DataConfig:
@@ -90,6 +119,7 @@ class TrainConfig(Section):
     epochs: Annotated[int, Field(gt=0, le=10000)] = 3
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = 5e-5
     head_lr: Annotated[float, Field(gt=0.0, le=1.0)] | None = None  # default: same as lr
+    layer_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0  # layer-wise lr decay (1 = off)
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     warmup_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
     batch_size: Annotated[int, Field(gt=0, le=65536)] = 16  # per worker, per micro step
@@ -225,7 +255,18 @@ class Recipe(Section):
                 problems.append("data.labels: labels must be unique")
             if len(self.data.labels) < 2:
                 problems.append("data.labels: need at least 2 labels")
+        if self.model.lora is not None and self.model.freeze != "none":
+            problems.append("model.lora: the adapters already keep the encoder frozen, so leave model.freeze at none")
+        aug = self.data.augmentation
+        wrong = ("word_swap", "word_deletion") if task == "token_classification" else (
+            "mention_replacement", "o_deletion", "o_replacement", "case")
+        for op in wrong:
+            if getattr(aug, op):
+                problems.append(f"data.augmentation.{op}: not an operation for {task}")
         sw = self.sweep
+        if sw is not None and sw.kfold and any(v for k, v in aug.model_dump().items() if k != "copies"):
+            problems.append("data.augmentation: cannot be combined with sweep.kfold (copies of a held-out"
+                            " example would be trained on); augment after choosing with cross-validation")
         if sw is not None:
             if not sw.parameters and not sw.kfold:
                 problems.append("sweep.parameters: give at least one field to sweep (or sweep.kfold)")
@@ -234,7 +275,7 @@ class Recipe(Section):
             if sw.method == "random" and sw.num_trials is None:
                 problems.append("sweep.num_trials: required for method random")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError(PROBLEM_SEP.join(problems))
         return self
 
 
@@ -355,7 +396,7 @@ def _problems_from_validation(exc: ValidationError, source: str, lines: dict, ov
         dotted = ".".join(str(p) for p in loc) or "(top level)"
         if not loc and errs[0]["type"] == "value_error":
             # cross-field errors name their own fields ("field: message"); give each its line
-            for part in _describe(errs[0])[0].split("; "):
+            for part in _describe(errs[0])[0].split(PROBLEM_SEP):
                 field, _, msg = part.partition(": ")
                 path = tuple(field.split("."))
                 problems.append(Problem(_where(source, lines, path, field, overridden), msg or part))

@@ -52,7 +52,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from launcher.data import collate, examples_from_dicts, length_grouped_batches, shard_batches
     from launcher.ds_config import build_ds_config
     from launcher.evaluate import encode, predict, score
-    from launcher.model import apply_freeze, build_model, param_groups, warm_start
+    from launcher.model import apply_freeze, apply_lora, build_model, param_groups, warm_start
     from launcher.recipe import resolve_encoder
     from launcher.regularize import TaskLoss
 
@@ -100,9 +100,12 @@ def train_worker(config: dict[str, Any]) -> None:
         model = build_model(mcfg, labels, dropout={"hidden": rcfg.get("hidden_dropout"),
                                                    "attention": rcfg.get("attention_dropout")})
     apply_freeze(model, mcfg["freeze"])
+    if mcfg.get("lora"):
+        apply_lora(model, mcfg["lora"])
     task_loss = TaskLoss(model, rcfg)  # takes θ₀ for L2-SP before DeepSpeed touches the weights
     with_type_ids = model.uses_token_type_ids
-    optimizer = torch.optim.AdamW(param_groups(model, rcfg["weight_decay"], tcfg["lr"], tcfg.get("head_lr")),
+    optimizer = torch.optim.AdamW(param_groups(model, rcfg["weight_decay"], tcfg["lr"], tcfg.get("head_lr"),
+                                               tcfg.get("layer_decay", 1.0)),
                                   lr=tcfg["lr"])
     warmup = int(tcfg["warmup_ratio"] * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg["schedule"], warmup, total_steps))

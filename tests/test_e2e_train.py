@@ -186,3 +186,59 @@ def test_warm_start_begins_where_the_parent_left_off(tmp_path, ray_tmp, ner_run)
                       .replace(str(TOY_NER / "validation.conll"), str(short)))
     res = cli("launch", "--check", str(recipe))
     assert res.returncode == 2 and "drops or renames" in res.stderr and "init_from_head" in res.stderr
+
+
+def test_lora_run_merges_its_adapters_into_best_and_exports(tmp_path, ray_tmp):
+    """LoRA at ZeRO-2 with 2 workers: best/ is a plain model whose logits match the unmerged
+    adapters' from the winning checkpoint; the base encoder's untargeted weights never moved."""
+    from conftest import train_run
+    from safetensors.torch import load_file
+
+    from launcher.data import collate, read_conll
+    from launcher.driver import merged_state_dict
+    from launcher.evaluate import encode
+    from launcher.model import apply_lora, build_model, load_model
+    from launcher.train_loop import STATE_FILE
+
+    lora = {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["query", "key", "value", "dense"]}
+    run = train_run(tmp_path, ray_tmp, model={"lora": lora}, train={"epochs": 2, "lr": 2e-3})
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "succeeded"
+    merged, meta = load_model(run / "best")
+    saved = load_file(str(run / "best" / "model.safetensors"))
+    assert not any("lora_" in k or "base_layer" in k for k in saved)  # a plain encoder
+    recipe = yaml_load(run / "recipe.yaml")
+    pretrained = build_model(recipe["model"] | {"lora": None}, meta["labels"])
+    for name, p in pretrained.encoder.named_parameters():
+        got = dict(merged.encoder.named_parameters())[name]
+        if "embeddings" in name or "LayerNorm" in name:
+            assert torch.equal(got, p), name  # frozen and not targeted: bit-identical
+    q = "encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(dict(merged.encoder.named_parameters())[q], dict(pretrained.encoder.named_parameters())[q])
+
+    winner = status["winner"]["step"]
+    ckpt = next(p.parent for p in sorted((run / "ray" / "train").glob(f"checkpoint_*/{STATE_FILE}"))
+                if json.loads(p.read_text())["step"] == winner)
+    unmerged = build_model(recipe["model"], meta["labels"], pretrained=False)
+    apply_lora(unmerged, recipe["model"]["lora"])
+    unmerged.load_state_dict(merged_state_dict(ckpt), strict=False)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(run / "best"))
+    feats = encode("token_classification", tok, read_conll(str(TOY_NER / "validation.conll"))[:16],
+                   meta["labels"], 48, 8)
+    batch = collate(feats, tok.pad_token_id, merged.uses_token_type_ids)
+    batch.pop("labels")
+    with torch.no_grad():
+        a, b = unmerged.eval()(**batch), merged.eval()(**batch)
+    assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
+
+    res = cli("zeroship", "export", "onnx", run.name, "--runs", str(run.parent))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (run / "onnx" / "manifest.json").is_file()
+
+
+def yaml_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())

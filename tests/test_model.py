@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from launcher.errors import RunError
-from launcher.model import apply_freeze, build_model, load_model, param_groups
+from launcher.model import apply_freeze, apply_lora, build_model, load_model, merge_lora, param_groups
 
 MODEL = {"encoder": "packaged:all-MiniLM-L6-v2", "task": "token_classification", "num_hidden_layers": 1,
          "pooling": "cls", "head": {"dim": 32, "layers": 2, "activation": "gelu", "dropout": 0.1, "layernorm": True}}
@@ -67,6 +67,19 @@ def test_freeze_and_param_groups():
     assert head_lrs == {1e-3}
 
 
+def test_layer_wise_lr_decay():
+    m = build_model({**MODEL, "num_hidden_layers": 2}, ["O", "B-X"])
+    lr_of = {id(p): g["lr"] for g in param_groups(m, 0.01, 1e-4, 1e-3, layer_decay=0.5) for p in g["params"]}
+    enc = m.encoder
+    expected = [(enc.embeddings.word_embeddings.weight, 1e-4 * 0.25), (enc.embeddings.LayerNorm.bias, 1e-4 * 0.25),
+                (enc.encoder.layer[0].attention.self.query.weight, 1e-4 * 0.5),
+                (enc.encoder.layer[1].output.dense.weight, 1e-4), (m.classifier.weight, 1e-3)]
+    for param, lr in expected:
+        assert lr_of[id(param)] == pytest.approx(lr)
+    plain = {id(p): g["lr"] for g in param_groups(m, 0.01, 1e-4, None) for p in g["params"]}
+    assert set(plain.values()) == {1e-4}  # off by default: one lr everywhere
+
+
 def test_warm_start_extends_labels_keeping_old_rows(tmp_path, model):
     from launcher.model import check_warm_start, warm_start
 
@@ -95,3 +108,43 @@ def test_warm_start_refuses_dropped_labels_unless_head_is_fresh(tmp_path, model)
     child = warm_start(tmp_path, ["O", "B-Y", "I-Y"], {**MODEL["head"], "dim": 8}, take_head=False)
     assert child.classifier.out_features == 3 and child.head.out_dim == 8
     assert torch.equal(child.encoder.embeddings.word_embeddings.weight, model.encoder.embeddings.word_embeddings.weight)
+
+
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["query", "value", "dense"]}
+
+
+def test_lora_trains_adapters_only_and_merges_to_the_same_logits(tmp_path):
+    torch.manual_seed(0)
+    m = build_model({**MODEL, "num_hidden_layers": 2}, ["O", "B-X", "I-X"])
+    base = {n: p.detach().clone() for n, p in m.encoder.named_parameters()}
+    n_adapter = apply_lora(m, LORA)
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert n_adapter > 0 and all("lora_" in n or not n.startswith("encoder.") for n in trainable)
+    assert any("lora_" in n for n in trainable) and any(n.startswith("classifier.") for n in trainable)
+    with torch.no_grad():  # lora_B starts at zero: give the adapters something to merge
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    m.eval()
+    ids = torch.randint(1000, 2000, (2, 7))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        unmerged = m(ids, mask)
+        merged = merge_lora(m)(ids, mask)
+    assert torch.allclose(unmerged, merged, atol=1e-5)
+    names = dict(m.encoder.named_parameters())
+    assert not any("lora_" in n for n in names)  # a plain encoder again
+    query = "encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(names[query], base[query])  # the adapters went into the weights
+    embeddings = "embeddings.word_embeddings.weight"
+    assert torch.equal(names[embeddings], base[embeddings])  # untargeted weights untouched
+    m.save(tmp_path)
+    loaded, _ = load_model(tmp_path)  # best/ loads without peft
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(ids, mask), merged, atol=1e-6)
+
+
+def test_lora_with_unknown_targets_is_a_clear_error():
+    m = build_model(MODEL, ["O", "B-X"])
+    with pytest.raises(RunError, match="model.lora.targets"):
+        apply_lora(m, {**LORA, "targets": ["q_proj_nope"]})

@@ -126,3 +126,11 @@ def test_sweep_points_random_is_seeded_and_draws_from_values():
     assert len(points) == 5 == recipe.sweep_size()
     assert all(p["train.lr"] in (1e-5, 2e-5, 3e-5) and p["model.head.dim"] in (64, 128) for p in points)
     assert sweep_points(recipe) == points  # same seed, same trials
+
+
+def test_cross_field_messages_with_semicolons_stay_whole():
+    with pytest.raises(RecipeError) as err:
+        load_recipe(ROOT / "recipes/quickstart_ner.yaml",
+                    ["deepspeed.config.fp16.enabled=true", "deepspeed.config.bf16.enabled=true"])
+    lines = [str(p) for p in err.value.problems]
+    assert len(lines) == 1 and "fp16 and bf16 are both enabled; enable at most one" in lines[0]
