@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from launcher.data import Example
+from launcher.data import Example, count_invalid_bio
 
 NER_OPS = ("mention_replacement", "o_deletion", "o_replacement", "case")
 CLS_OPS = ("word_swap", "word_deletion")
@@ -35,12 +35,7 @@ def spans(tags: list[str]) -> list[tuple[int, int, str]]:
 
 
 def valid_bio(tags: list[str]) -> bool:
-    prev = "O"
-    for tag in tags:
-        if tag.startswith("I-") and prev[2:] != tag[2:]:
-            return False
-        prev = tag
-    return True
+    return not count_invalid_bio(tags)
 
 
 def _case(word: str, rng: random.Random) -> str:
