@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from rich.markup import escape
 
-from launcher.cli import _Parser, console, launch, out, run_cli, runs_command
+from launcher.cli import _Parser, console, launch, out, process_defaults, run_cli, runs_command
 from launcher.errors import Problem, ZeroshipError
 
 
@@ -150,5 +149,5 @@ def export_entry() -> None:
 
 
 def zeroship_entry() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    process_defaults()
     sys.exit(zeroship())

@@ -226,8 +226,17 @@ def show_run(run) -> int:
     return 0
 
 
-def launch_entry() -> None:
+def process_defaults() -> None:
+    """Environment for a CLI process, set before anything imports Ray (which reads it at import)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not os.environ.get("RAY_ADDRESS"):
+        # The private local Ray binds loopback only; without this its gRPC servers listen on every
+        # interface. Not when joining a cluster: other nodes must reach this driver.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def launch_entry() -> None:
+    process_defaults()
     sys.exit(launch())
 
 

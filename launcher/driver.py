@@ -57,9 +57,8 @@ def connect_ray(recipe: Recipe, storage: str | None = None) -> str:
         # The dashboard serves the State API that Ray Train's placement-group cleaner polls; without
         # it the driver log fills with "Failed to query Ray Train Controller actor state".
         kwargs: dict[str, Any] = {}
-        # Without it Ray swaps 127.0.0.1 for the host's address and its gRPC servers listen on every
-        # interface; with it, every listener of this private Ray binds loopback (STACK.md).
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Loopback-only listeners need RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is imported:
+        # the CLI entry points set it (launcher.cli.process_defaults).
         if os.environ.get("ZEROSHIP_RAY_TMPDIR"):
             kwargs["_temp_dir"] = os.environ["ZEROSHIP_RAY_TMPDIR"]
         ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",

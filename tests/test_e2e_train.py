@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TOY_CLS, TOY_NER, cli, tiny_ner_recipe
+from conftest import BIN, ROOT, TOY_CLS, TOY_NER, cli, tiny_ner_recipe
 
 pytestmark = pytest.mark.e2e
 
@@ -242,3 +243,39 @@ def yaml_load(path: Path) -> dict:
     import yaml
 
     return yaml.safe_load(path.read_text())
+
+
+def test_single_worker_run_listens_on_loopback_only(tmp_path, ray_tmp):
+    """1 worker × 2 threads at ZeRO-0 trains; meanwhile every socket its private Ray listens on
+    (driver, GCS, raylet, dashboard, workers: all descendants of `launch`) is bound to loopback.
+    One exception, outside our reach: torch.distributed's TCPStore (the rendezvous rank 0 hosts)
+    binds every interface whatever host it is given (`dist.TCPStore("127.0.0.1", ...)` listens on ::)."""
+    import psutil
+
+    recipe = tiny_ner_recipe(tmp_path, scaling={"workers": 1, "cpus_per_worker": 2}, deepspeed={"zero_stage": 0})
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
+    proc = subprocess.Popen([str(BIN / "launch"), str(recipe)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**env, "ZEROSHIP_RAY_TMPDIR": ray_tmp})
+    listeners: dict[str, str] = {}
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            break
+        for p in family:
+            try:
+                for c in p.net_connections(kind="inet"):
+                    if c.status == psutil.CONN_LISTEN:
+                        listeners[f"{c.laddr.ip}:{c.laddr.port}"] = p.name()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        time.sleep(1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-4000:]
+    assert len(listeners) >= 5, listeners  # GCS, raylet, dashboard, agents, workers were seen
+    loopback = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+    others = {a: n for a, n in listeners.items() if a.rsplit(":", 1)[0] not in loopback}
+    assert len(others) <= 1 and set(others.values()) <= {"ray::RayTrainWorker"}, others
+    status = json.loads((run_dir(tmp_path, out) / "status.json").read_text())
+    assert status["state"] == "succeeded" and status["winner"]["value"] > 0.5
