@@ -229,9 +229,9 @@ class Recipe(Section):
         if _enabled(raw.get("fp16")) and _enabled(raw.get("bf16")):
             problems.append("deepspeed.config: fp16 and bf16 are both enabled; enable at most one")
         reg = self.regularization
-        if ds.zero_stage == 3 and (reg.l2_sp or reg.fgm_epsilon):
-            problems.append("regularization: l2_sp and fgm_epsilon need whole parameters on every rank;"
-                            " use deepspeed.zero_stage 0-2 with them")
+        if ds.zero_stage == 3 and reg.fgm_epsilon:
+            problems.append("regularization.fgm_epsilon: FGM needs whole word embeddings on every rank;"
+                            " use deepspeed.zero_stage 0-2 with it")
         if self.model.init_from and (reg.hidden_dropout is not None or reg.attention_dropout is not None):
             problems.append("regularization: hidden_dropout/attention_dropout cannot be combined with"
                             " model.init_from yet (the encoder keeps its parent's dropout)")

@@ -5,8 +5,11 @@ between two dropout passes) + FGM (the loss again on word embeddings pushed ε a
 gradient) + L2-SP (α/2·‖θ−θ₀‖² toward the pretrained encoder) + a plain L2 on the head. Each term is
 off unless its strength is set, and every term is returned separately so the run can log it.
 
-L2-SP and FGM read whole parameters / embedding gradients outside DeepSpeed's forward; that is sound
-for ZeRO stages 0–2 (parameters replicated on every rank), and the recipe refuses them with stage 3.
+L2-SP as a loss term reads whole parameters, which ZeRO stages 0–2 keep on every rank. Under ZeRO-3
+each rank holds only a partition of every parameter, so `PartitionedL2SP` applies the same penalty
+on the gradient side instead: θ₀ is each rank's partition at the start, and at every optimizer step
+the rank adds α·(θ − θ₀) to its own gradient partition (the penalty is a sum over elements, so the
+partitions' terms add up to the whole). FGM needs whole embeddings and stays on stages 0–2.
 """
 
 from __future__ import annotations
@@ -35,14 +38,42 @@ def symmetric_kl(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torc
     return 0.5 * (kl_ab + kl_ba)
 
 
+class PartitionedL2SP:
+    """L2-SP for ZeRO-3: α·(θ − θ₀) added to each rank's local gradient partition before the step."""
+
+    def __init__(self, module: nn.Module, alpha: float):
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        self.alpha = alpha
+        self.params = [p for _, p in module.encoder.named_parameters() if p.requires_grad]
+        self.anchor = [safe_get_local_fp32_param(p).detach().clone() for p in self.params]
+
+    def apply(self) -> float:
+        """Call after backward at an accumulation boundary; returns the whole penalty α/2·‖θ−θ₀‖²."""
+        import torch.distributed as dist
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_grad
+
+        sq = torch.zeros((), dtype=torch.float64)
+        for p, p0 in zip(self.params, self.anchor):
+            diff = safe_get_local_fp32_param(p).detach() - p0
+            grad = safe_get_local_grad(p)
+            if grad is not None:
+                safe_set_local_grad(p, grad + self.alpha * diff.to(grad.dtype))
+            sq += (diff.double() ** 2).sum()
+        if dist.is_initialized():
+            dist.all_reduce(sq)
+        return float(0.5 * self.alpha * sq)
+
+
 class TaskLoss:
     """Everything that goes into one training step's loss."""
 
-    def __init__(self, model: nn.Module, reg: dict[str, Any]):
+    def __init__(self, model: nn.Module, reg: dict[str, Any], partitioned: bool = False):
         self.smoothing = reg.get("label_smoothing", 0.0)
         self.r_drop = reg.get("r_drop", 0.0)
         self.fgm = reg.get("fgm_epsilon", 0.0)
-        self.l2_sp = reg.get("l2_sp", 0.0)
+        # under ZeRO-3 (partitioned) L2-SP acts on the gradients: see PartitionedL2SP
+        self.l2_sp = 0.0 if partitioned else reg.get("l2_sp", 0.0)
         self.l2_head = reg.get("l2_head", 0.0)
         # θ₀: the pretrained encoder weights, kept once per worker (before DeepSpeed wraps the model)
         self.anchor = ({n: p.detach().clone() for n, p in model.encoder.named_parameters() if p.requires_grad}

@@ -54,7 +54,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from launcher.evaluate import encode, predict, score
     from launcher.model import apply_freeze, apply_lora, build_model, param_groups, warm_start
     from launcher.recipe import resolve_encoder
-    from launcher.regularize import TaskLoss
+    from launcher.regularize import PartitionedL2SP, TaskLoss
 
     # ---------------------------------------------------------------- setup
     recipe, labels, board = config["recipe"], config["labels"], config.get("progress")
@@ -102,7 +102,8 @@ def train_worker(config: dict[str, Any]) -> None:
     apply_freeze(model, mcfg["freeze"])
     if mcfg.get("lora"):
         apply_lora(model, mcfg["lora"])
-    task_loss = TaskLoss(model, rcfg)  # takes θ₀ for L2-SP before DeepSpeed touches the weights
+    zero3 = recipe["deepspeed"]["zero_stage"] == 3
+    task_loss = TaskLoss(model, rcfg, partitioned=zero3)  # takes θ₀ for L2-SP before DeepSpeed touches the weights
     with_type_ids = model.uses_token_type_ids
     optimizer = torch.optim.AdamW(param_groups(model, rcfg["weight_decay"], tcfg["lr"], tcfg.get("head_lr"),
                                                tcfg.get("layer_decay", 1.0)),
@@ -111,6 +112,7 @@ def train_worker(config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg["schedule"], warmup, total_steps))
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=build_ds_config(recipe, world))
+    l2_sp_z3 = PartitionedL2SP(engine.module, rcfg["l2_sp"]) if zero3 and rcfg.get("l2_sp") else None
 
     def evaluate() -> dict[str, float]:
         engine.eval()
@@ -220,6 +222,8 @@ def train_worker(config: dict[str, Any]) -> None:
             for name, value in parts.items():
                 window["parts"].setdefault(name, []).append(value)
             engine.backward(loss)
+            if l2_sp_z3 is not None and engine.is_gradient_accumulation_boundary():
+                window["parts"].setdefault("l2_sp", []).append(l2_sp_z3.apply())
             engine.step()
             if (micro + 1) % tcfg["grad_accum"]:
                 continue  # DeepSpeed accumulates; an optimizer step happens every grad_accum micro-batches

@@ -81,13 +81,19 @@ def test_ner_run_zero2(ner_run):
 
 
 def test_ner_run_zero3(tmp_path, ray_tmp):
-    recipe = tiny_ner_recipe(tmp_path, deepspeed={"zero_stage": 3}, train={"epochs": 2})
+    """ZeRO-3, 2 workers, with L2-SP acting on each rank's gradient partition (tests/test_l2sp_zero3.py
+    checks its arithmetic); its penalty, summed over the ranks, is logged per evaluation."""
+    recipe = tiny_ner_recipe(tmp_path, deepspeed={"zero_stage": 3}, train={"epochs": 2},
+                             regularization={"l2_sp": 0.01})
     res = cli("launch", str(recipe), env={"ZEROSHIP_RAY_TMPDIR": ray_tmp})
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     run = run_dir(tmp_path, res.stdout)
     assert f"{run.name} succeeded: eval_f1=" in res.stdout
     assert f"zeroship export onnx {run.name}" in res.stdout
     check_ner_run(run, epochs=2)
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    penalties = [e["train_loss_l2_sp"] for e in evals]
+    assert 0 < penalties[0] < penalties[1]  # θ drifts from θ₀ as training goes on
 
 
 def test_sequence_classification_zero0(cls_run):

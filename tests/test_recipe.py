@@ -134,3 +134,10 @@ def test_cross_field_messages_with_semicolons_stay_whole():
                     ["deepspeed.config.fp16.enabled=true", "deepspeed.config.bf16.enabled=true"])
     lines = [str(p) for p in err.value.problems]
     assert len(lines) == 1 and "fp16 and bf16 are both enabled; enable at most one" in lines[0]
+
+
+def test_fgm_refused_on_zero3_but_l2_sp_accepted():
+    with pytest.raises(RecipeError, match="fgm_epsilon: FGM needs whole word embeddings"):
+        load_recipe(ROOT / "recipes/quickstart_ner.yaml", ["deepspeed.zero_stage=3", "regularization.fgm_epsilon=0.1"])
+    recipe, _ = load_recipe(ROOT / "recipes/quickstart_ner.yaml", ["deepspeed.zero_stage=3", "regularization.l2_sp=0.01"])
+    assert recipe.regularization.l2_sp == 0.01
