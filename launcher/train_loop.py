@@ -229,6 +229,10 @@ def train_worker(config: dict[str, Any]) -> None:
                 continue  # DeepSpeed accumulates; an optimizer step happens every grad_accum micro-batches
             step += 1
             if fault is not None and step == fault[0]:
+                # Ray Train's controller collects reports every 2 s: a crash sooner than that after
+                # a checkpoint can lose it (seen in CI: resumed from step 5, not 10). Wait it out, so
+                # the test's resume point is deterministic.
+                time.sleep(3)
                 with open(fault[1], "w") as fh:  # the restarted worker sees it and runs on
                     fh.write(str(time.time()))  # when it died, to measure the time to resume
                 os._exit(17)  # test-only: die hard, as a crashed or preempted worker would
