@@ -65,6 +65,13 @@ def test_local_cluster_up_and_down(tmp_path):
                               text=True, timeout=120)
     assert down.returncode == 0, down.stderr
     status = Path(f"/proc/{pid}/status")
+    for _ in range(15):  # a SIGKILLed process takes a moment to become a zombie on a busy machine
+        try:
+            if "zombie" in status.read_text():
+                break
+        except FileNotFoundError:
+            break
+        time.sleep(1)
     assert not status.exists() or "zombie" in status.read_text()  # gone (or only awaiting its reaper)
     for _ in range(30):  # Ray's children can take a few seconds to exit after `down` returns
         leftovers = subprocess.run(["pgrep", "-f", str(state)], capture_output=True, text=True).stdout.split()
