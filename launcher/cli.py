@@ -152,6 +152,7 @@ def recipe_diff(run) -> tuple[str, list[tuple[str, str, str]]]:
     Shows the command-line overrides, `--runs`, and any edit made to the file since the launch."""
     import yaml
 
+    from launcher.observe import flatten
     from launcher.recipe import load_recipe
 
     st = run.status()
@@ -166,18 +167,9 @@ def recipe_diff(run) -> tuple[str, list[tuple[str, str, str]]]:
         _, then = load_recipe(recorded)
     except ZeroshipError:
         then = yaml.safe_load(recorded.read_text())
-    a, b = _flatten(now), _flatten(then)
+    a, b = flatten(now), flatten(then)
     return base, [(k, json.dumps(a.get(k, "<absent>")), json.dumps(b.get(k, "<absent>")))
                   for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
-
-
-def _flatten(tree, prefix: str = "") -> dict:
-    if not isinstance(tree, dict):
-        return {prefix.rstrip("."): tree}
-    out_: dict = {}
-    for key, value in tree.items():
-        out_.update(_flatten(value, f"{prefix}{key}."))
-    return out_
 
 
 def show_run(run) -> int:

@@ -54,7 +54,7 @@ class RunLogger:
             mlflow.set_tracking_uri(uri)
             mlflow.set_experiment(resolved["run"].get("name") or "zeroship")
             mlflow.start_run(run_name=run_id)
-            mlflow.log_params({k: str(v)[:500] for k, v in _flatten(resolved).items()})
+            mlflow.log_params({k: str(v)[:500] for k, v in flatten(resolved).items()})
             self.mlflow = mlflow
 
     def _writer(self, trial: str):
@@ -81,11 +81,12 @@ class RunLogger:
             self.mlflow.end_run(status="FINISHED" if state in (None, "succeeded") else "FAILED")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} → {"train.lr": 1}"""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
