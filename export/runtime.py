@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+CUDA_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 VARIANT_FILES = {"fp32": "model.onnx", "optimized": "model_optimized.onnx", "int8": "model_int8.onnx",
                  "fp16": "model_fp16.onnx"}
 
@@ -76,6 +77,30 @@ def pick_variant(manifest: dict, variant: str, providers: list[str]) -> str:
     return next(v for v in order if v in available)
 
 
+def providers_for(device: str) -> list[str]:
+    """onnxruntime providers for "cpu" or "cuda" (CUDA needs the onnxruntime-gpu build)."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device != "cuda":
+        raise BundleError(f"device {device!r}: use cpu or cuda")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise BundleError("device cuda: this onnxruntime has no CUDA provider (has "
+                          f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu instead of onnxruntime")
+    return list(CUDA_PROVIDERS)
+
+
+def run_bound(session: ort.InferenceSession, feed: dict[str, np.ndarray], output: str = "logits") -> np.ndarray:
+    """One call through IO binding: inputs copied to the session's device once, the output allocated
+    there by onnxruntime and copied back once (on CUDA this avoids onnxruntime's per-call staging)."""
+    device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+    io = session.io_binding()
+    for name, value in feed.items():
+        io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), device, 0))
+    io.bind_output(output, device)
+    session.run_with_iobinding(io)
+    return io.copy_outputs_to_cpu()[0]
+
+
 def make_session(model_path: Path, providers: list[str] | None = None,
                  threads: int | None = None) -> ort.InferenceSession:
     options = ort.SessionOptions()
@@ -111,8 +136,9 @@ class Predictor:
     """A loaded bundle. `predict` is safe to call from several threads at once."""
 
     def __init__(self, bundle: Path, manifest: dict, session: ort.InferenceSession, tokenizer: Tokenizer,
-                 variant: str):
+                 variant: str, io_binding: bool = False):
         self.bundle, self.manifest, self.session, self.variant = bundle, manifest, session, variant
+        self.io_binding = io_binding
         self.task: str = manifest["task"]
         self.labels: list[str] = manifest["labels"]
         self.max_length: int = manifest["max_length"]
@@ -123,12 +149,15 @@ class Predictor:
 
     @classmethod
     def load(cls, bundle_dir: str | Path, providers: list[str] | None = None, variant: str = "auto",
-             threads: int | None = None, verify: bool = True) -> Predictor:
+             threads: int | None = None, verify: bool = True, device: str | None = None,
+             io_binding: bool | None = None) -> Predictor:
+        """`device` "cpu" (default) or "cuda" picks the providers (or pass `providers` yourself);
+        on CUDA the model is fed through IO binding unless `io_binding=False`."""
         bundle = Path(bundle_dir)
         if not bundle.is_dir():
             raise BundleError(f"{bundle}: no such bundle folder")
         manifest = read_manifest(bundle, verify=verify)
-        providers = providers or ["CPUExecutionProvider"]
+        providers = providers or providers_for(device or "cpu")
         chosen = pick_variant(manifest, variant, providers)
         try:
             tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
@@ -140,7 +169,8 @@ class Predictor:
         tokenizer.no_padding()
         tokenizer.enable_truncation(manifest["max_length"],
                                     stride=manifest["stride"] if manifest["task"] == "token_classification" else 0)
-        return cls(bundle, manifest, session, tokenizer, chosen)
+        on_gpu = session.get_providers()[0] == "CUDAExecutionProvider"
+        return cls(bundle, manifest, session, tokenizer, chosen, on_gpu if io_binding is None else io_binding)
 
     # ------------------------------------------------------------ inference
     def logits(self, encodings: list[Any], batch_size: int = 32) -> list[np.ndarray]:
@@ -160,7 +190,8 @@ class Predictor:
                 feed["input_ids"][row, :n] = enc.ids
                 feed["attention_mask"][row, :n] = 1
                 feed["token_type_ids"][row, :n] = enc.type_ids
-            result = self.session.run(["logits"], {k: v for k, v in feed.items() if k in self.input_names})[0]
+            feed = {k: v for k, v in feed.items() if k in self.input_names}
+            result = run_bound(self.session, feed) if self.io_binding else self.session.run(["logits"], feed)[0]
             for row, (i, enc) in enumerate(zip(idx, chunk)):
                 out[i] = result[row, : len(enc.ids)] if self.task == "token_classification" else result[row]
         return out  # type: ignore[return-value]

@@ -23,13 +23,14 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from launcher.checkpoint import merged_state_dict, read_state
 from launcher.data import examples_to_dicts
 from launcher.errors import Problem, ZeroshipError
 from launcher.plan import Plan
 from launcher.recipe import Recipe
 from launcher.runs import Registry, Run, atomic_write, atomic_write_json
 from launcher.storage import is_uri
-from launcher.train_loop import CKPT_TAG, STATE_FILE, train_worker
+from launcher.train_loop import train_worker
 
 console = Console()
 
@@ -271,13 +272,16 @@ def worker_config(recipe: Recipe, resolved: dict, plan: Plan, board, trial: str 
 
 def make_trainer(recipe: Recipe, config: dict, storage: str, name: str, callbacks: list | None = None):
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     sc = recipe.scaling
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
     return TorchTrainer(
         train_worker,
         train_loop_config=config,
+        # Ray Train picks the backend from use_gpu (NCCL on GPUs, gloo on CPUs); the timeout bounds
+        # every collective, so a rank that hangs fails the run instead of stalling it forever
+        torch_config=TorchConfig(timeout_s=sc.timeout_s),
         scaling_config=ray.train.ScalingConfig(num_workers=sc.workers, use_gpu=sc.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=sc.placement_strategy),
@@ -324,26 +328,13 @@ def pick_winner(result, metric: str, mode: str) -> tuple[Any, dict]:
     return max(candidates, key=key)
 
 
-def merged_state_dict(ckpt_dir: Path) -> dict:
-    """The full fp32 state dict from a DeepSpeed checkpoint folder written by this project's workers."""
-    import torch
-
-    state = json.loads((ckpt_dir / STATE_FILE).read_text())
-    if state["zero_stage"] == 0:
-        # zero_to_fp32 does not handle stage 0: the module's weights sit whole in rank 0's file
-        model_states = torch.load(ckpt_dir / CKPT_TAG / "mp_rank_00_model_states.pt",
-                                  map_location="cpu", weights_only=False)  # our own checkpoint
-        return {k: v.float() for k, v in model_states["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=CKPT_TAG)
-
-
 def write_best(run: Run, resolved: dict, labels: list[str], ckpt_dir: Path, winner: dict,
                plan: Plan) -> dict:
-    """Merge the winning shards into best/ and check the merged model reproduces the metric."""
+    """Merge the winning shards into best/ (fp32, whatever the training precision) and check the
+    merged model reproduces the metric, evaluating it on the driver's GPU when it has one."""
     from transformers import AutoTokenizer
 
+    from launcher.device import driver_device
     from launcher.evaluate import evaluate_model
     from launcher.model import apply_lora, build_model, merge_lora, warm_start
 
@@ -361,7 +352,7 @@ def write_best(run: Run, resolved: dict, labels: list[str], ckpt_dir: Path, winn
     if missing or unexpected:
         raise RuntimeError(f"merged checkpoint does not fit the model: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}")
-    model = merge_lora(model.eval())  # best/ holds a plain encoder: export needs no peft
+    model = merge_lora(model.eval()).to(driver_device())  # best/ holds a plain encoder: export needs no peft
     tokenizer = AutoTokenizer.from_pretrained(plan.encoder_source)
     dcfg = resolved["data"]
     metrics, reports = {}, {}
@@ -376,7 +367,10 @@ def write_best(run: Run, resolved: dict, labels: list[str], ckpt_dir: Path, winn
     shutil.rmtree(tmp, ignore_errors=True)
     model.save(tmp, tokenizer=tokenizer, extra={
         "max_length": dcfg["max_length"], "stride": dcfg["stride"], "run": run.id,
-        "metric": resolved["train"]["metric"] or winner["metric"]})
+        "metric": resolved["train"]["metric"] or winner["metric"],
+        # the precision it was trained in; the weights in best/ are the fp32 masters
+        "training_precision": read_state(ckpt_dir).get("precision", resolved["deepspeed"]["precision"]),
+        "zero_stage": read_state(ckpt_dir)["zero_stage"]})
     atomic_write_json(tmp / "metrics.json", metrics)
     atomic_write_json(tmp / "report.json", reports)
     shutil.rmtree(run.best_dir, ignore_errors=True)
@@ -454,8 +448,9 @@ def execute(run: Run, recipe: Recipe, resolved: dict, plan: Plan) -> int:
         _fail(run, "interrupted")
         raise
     except Exception as exc:
-        _fail(run, _describe_failure(exc))
-        console.print(f"[bold red]{run.id} failed:[/] {escape(_describe_failure(exc))}", highlight=False)
+        reason = _describe_failure(exc, recipe.scaling.timeout_s)
+        _fail(run, reason)
+        console.print(f"[bold red]{run.id} failed:[/] {escape(reason)}", highlight=False)
         if os.environ.get("ZEROSHIP_DEBUG"):
             traceback.print_exc()
         return 1
@@ -467,13 +462,23 @@ def execute(run: Run, recipe: Recipe, resolved: dict, plan: Plan) -> int:
     return 0
 
 
-def _describe_failure(exc: Exception) -> str:
-    """One line for status.json: for Ray's worker-group errors, the workers' own errors."""
+# what gloo and NCCL say when a collective outlives the process group's timeout
+TIMEOUT_SIGNS = ("timed out", "timeout", "watchdog caught collective")
+
+
+def _describe_failure(exc: Exception, timeout_s: int | None = None) -> str:
+    """One line for status.json: for Ray's worker-group errors, the workers' own errors, and what a
+    collective timeout means."""
     failures = getattr(exc, "worker_failures", None)
     if failures:
         parts = [f"rank {rank}: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
                  for rank, err in sorted(failures.items())]
-        return _printable(f"{type(exc).__name__}: " + "; ".join(parts))
+        text = f"{type(exc).__name__}: " + "; ".join(parts)
+        if timeout_s is not None and any(sign in str(err).lower() for err in failures.values() for sign in TIMEOUT_SIGNS):
+            text = (f"a collective did not finish within scaling.timeout_s={timeout_s} s: a rank hung or died"
+                    f" (a stuck GPU, a lost node, a rank in another code path); raise scaling.timeout_s only if a"
+                    f" step legitimately takes that long. {text}")
+        return _printable(text)
     return _printable(f"{type(exc).__name__}: {exc}")
 
 

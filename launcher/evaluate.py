@@ -23,31 +23,34 @@ def encode(task: str, tokenizer, examples: list[Example], labels: list[str], max
 
 
 def predict(forward: Callable, features: list[Feature], batches: list[list[int]], real: list[bool],
-            pad_id: int, with_type_ids: bool) -> tuple[dict[int, list[int] | int], float, int]:
-    """Argmax per feature over the given batches. Padding batches (real=False) run but are dropped.
+            pad_id: int, with_type_ids: bool, device: Any = "cpu") -> tuple[dict[int, list[int] | int], float, int]:
+    """Argmax per feature over the given batches, each moved to `device` (where `forward`'s model
+    is). Padding batches (real=False) run but are dropped. Logits and the loss are scored in fp32.
 
     Returns ({feature index: prediction}, summed token/example loss, number of labelled items).
     """
     import torch
     import torch.nn.functional as F
 
+    from launcher.device import to_device
+
     preds: dict[int, list[int] | int] = {}
-    loss_sum, count = 0.0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     with torch.no_grad():
         for batch_ids, is_real in zip(batches, real):
             batch = collate([features[i] for i in batch_ids], pad_id, with_type_ids)
-            labels = batch.pop("labels")
-            logits = forward(**batch).float()
+            gold = batch.pop("labels").reshape(-1)
+            logits = forward(**to_device(batch, device)).float()
             if not is_real:
                 continue
             flat = logits.reshape(-1, logits.shape[-1])
-            gold = labels.reshape(-1)
-            loss_sum += float(F.cross_entropy(flat, gold, ignore_index=-100, reduction="sum"))
-            count += int((gold != -100).sum())
-            arg = logits.argmax(-1).tolist()
+            loss_sum += F.cross_entropy(flat, to_device(gold, device), ignore_index=-100, reduction="sum")
+            count += int((gold != -100).sum())  # labels are still on the host: no device sync
+            arg = logits.argmax(-1).cpu().tolist()
             for i, p in zip(batch_ids, arg):
                 preds[i] = p
-    return preds, loss_sum, count
+    return preds, float(loss_sum.cpu()), count
 
 
 def gold_and_pred(task: str, labels: list[str], examples: list[Example], features: list[Feature],
@@ -80,13 +83,16 @@ def score(task: str, labels: list[str], examples: list[Example], features: list[
 def evaluate_model(model, tokenizer, task: str, labels: list[str], examples: list[Example],
                    max_length: int, stride: int, batch_size: int = 32, with_report: bool = False,
                    forward: Callable | None = None) -> dict[str, Any]:
-    """Single-process evaluation of a plain (non-DeepSpeed) model, as the driver and export use it.
-    `forward` replaces the model's own (e.g. an onnxruntime session with the same signature)."""
+    """Single-process evaluation of a plain (non-DeepSpeed) model, as the driver and export use it,
+    on the device the model is on. `forward` replaces the model's own (e.g. an onnxruntime session
+    with the same signature, which takes CPU tensors)."""
     from launcher.data import length_grouped_batches
+    from launcher.device import module_device
 
     features = encode(task, tokenizer, examples, labels, max_length, stride)
     batches = length_grouped_batches([len(f.input_ids) for f in features], batch_size, 0, shuffle=False)
     model.eval()
+    device = "cpu" if forward is not None else module_device(model)
     preds, loss_sum, count = predict(forward or model, features, batches, [True] * len(batches),
-                                     tokenizer.pad_token_id, model.uses_token_type_ids)
+                                     tokenizer.pad_token_id, model.uses_token_type_ids, device)
     return score(task, labels, examples, features, preds, loss_sum, count, with_report)

@@ -89,7 +89,7 @@ class ZeroshipModel(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = state_dict if state_dict is not None else self.state_dict()
-        save_file({k: v.detach().to(torch.float32).contiguous() for k, v in state.items()},
+        save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()},
                   str(folder / "model.safetensors"), metadata={"format": "pt"})
         (folder / "model.json").write_text(json.dumps(self.describe(extra), indent=2) + "\n")
         if tokenizer is not None:

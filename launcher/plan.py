@@ -155,7 +155,8 @@ def print_plan(plan: Plan, console: Console) -> None:
     t.add_row("max length / stride", f"{r.data.max_length} / {r.data.stride}")
     sc = r.scaling
     res = f"{sc.cpus_per_worker:g} CPU" + (f" + {sc.gpus_per_worker:g} GPU" if sc.use_gpu else "")
-    t.add_row("workers", f"{sc.workers} × ({res}), {sc.placement_strategy}")
+    t.add_row("workers", f"{sc.workers} × ({res}), {sc.placement_strategy}; "
+              f"{'NCCL' if sc.use_gpu else 'gloo'}, collective timeout {sc.timeout_s} s")
     ds = r.deepspeed
     off = [f"optimizer→{ds.offload_optimizer}"] if ds.offload_optimizer != "none" else []
     off += [f"params→{ds.offload_params}"] if ds.offload_params != "none" else []

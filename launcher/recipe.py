@@ -160,6 +160,9 @@ class ScalingConfig(Section):
     gpus_per_worker: Annotated[float, Field(ge=0.0, le=64)] = 1.0
     cpus_per_worker: Annotated[float, Field(gt=0.0, le=1024)] = 1.0
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # every collective (gradient all-reduce, ZeRO gathers, evaluation gathers) must finish within this;
+    # a rank that hangs (a dead GPU, a stuck NCCL) then fails the run with an error instead of stalling it
+    timeout_s: Annotated[int, Field(ge=10, le=86400)] = 900
 
 
 # ---------------------------------------------------------------- sweep
@@ -235,6 +238,12 @@ class Recipe(Section):
         if self.model.init_from and (reg.hidden_dropout is not None or reg.attention_dropout is not None):
             problems.append("regularization: hidden_dropout/attention_dropout cannot be combined with"
                             " model.init_from yet (the encoder keeps its parent's dropout)")
+        sc = self.scaling
+        if sc.use_gpu and sc.workers > 1 and 0 < sc.gpus_per_worker < 1:
+            problems.append(f"scaling.gpus_per_worker: {sc.gpus_per_worker:g} would put several of the {sc.workers} "
+                            "workers on one GPU, which NCCL refuses; give each worker a whole GPU (1)")
+        if sc.use_gpu and sc.gpus_per_worker == 0:
+            problems.append("scaling.gpus_per_worker: 0 with use_gpu: true gives the workers no GPU; set it to 1")
         if ds.precision == "fp16" and not self.scaling.use_gpu:
             problems.append(
                 "deepspeed.precision: fp16 needs a GPU (scaling.use_gpu: true); use bf16 or fp32 on CPU"

@@ -10,6 +10,10 @@ each rank holds only a partition of every parameter, so `PartitionedL2SP` applie
 on the gradient side instead: θ₀ is each rank's partition at the start, and at every optimizer step
 the rank adds α·(θ − θ₀) to its own gradient partition (the penalty is a sum over elements, so the
 partitions' terms add up to the whole). FGM needs whole embeddings and stays on stages 0–2.
+
+Device: θ₀ lives on the worker's device (given by `launcher.device`), and every term is returned as
+a detached device tensor, so a training step never waits for the GPU to report a number; the loop
+reads them when it logs.
 """
 
 from __future__ import annotations
@@ -41,47 +45,55 @@ def symmetric_kl(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torc
 class PartitionedL2SP:
     """L2-SP for ZeRO-3: α·(θ − θ₀) added to each rank's local gradient partition before the step."""
 
-    def __init__(self, module: nn.Module, alpha: float):
+    def __init__(self, module: nn.Module, alpha: float, device: torch.device | str = "cpu"):
         from deepspeed.utils import safe_get_local_fp32_param
 
-        self.alpha = alpha
+        self.alpha, self.device = alpha, torch.device(device)
         self.params = [p for _, p in module.encoder.named_parameters() if p.requires_grad]
         self.anchor = [safe_get_local_fp32_param(p).detach().clone() for p in self.params]
 
-    def apply(self) -> float:
-        """Call after backward at an accumulation boundary; returns the whole penalty α/2·‖θ−θ₀‖²."""
+    def apply(self) -> torch.Tensor:
+        """Call after backward at an accumulation boundary; returns the whole penalty α/2·‖θ−θ₀‖²
+        (a device tensor: NCCL reduces on the GPU, and the loop reads it only when it logs)."""
         import torch.distributed as dist
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_grad
 
-        sq = torch.zeros((), dtype=torch.float64)
+        # float64 accumulator on the worker's device (the fp32 partitions may sit on the CPU when
+        # the optimizer is offloaded; NCCL reduces only GPU tensors)
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
         for p, p0 in zip(self.params, self.anchor):
             diff = safe_get_local_fp32_param(p).detach() - p0
             grad = safe_get_local_grad(p)
             if grad is not None:
-                safe_set_local_grad(p, grad + self.alpha * diff.to(grad.dtype))
-            sq += (diff.double() ** 2).sum()
+                safe_set_local_grad(p, grad + self.alpha * diff.to(grad.device, grad.dtype))
+            sq += (diff.double() ** 2).sum().to(self.device)
         if dist.is_initialized():
             dist.all_reduce(sq)
-        return float(0.5 * self.alpha * sq)
+        return (0.5 * self.alpha * sq).float()
 
 
 class TaskLoss:
     """Everything that goes into one training step's loss."""
 
-    def __init__(self, model: nn.Module, reg: dict[str, Any], partitioned: bool = False):
+    def __init__(self, model: nn.Module, reg: dict[str, Any], partitioned: bool = False,
+                 device: torch.device | str | None = None):
         self.smoothing = reg.get("label_smoothing", 0.0)
         self.r_drop = reg.get("r_drop", 0.0)
         self.fgm = reg.get("fgm_epsilon", 0.0)
         # under ZeRO-3 (partitioned) L2-SP acts on the gradients: see PartitionedL2SP
         self.l2_sp = 0.0 if partitioned else reg.get("l2_sp", 0.0)
         self.l2_head = reg.get("l2_head", 0.0)
-        # θ₀: the pretrained encoder weights, kept once per worker (before DeepSpeed wraps the model)
-        self.anchor = ({n: p.detach().clone() for n, p in model.encoder.named_parameters() if p.requires_grad}
+        # θ₀: the pretrained encoder weights, taken once per worker before DeepSpeed wraps (and moves)
+        # the model, kept in fp32 on the device the training step runs on
+        self.anchor = ({n: p.detach().to(device or p.device, torch.float32, copy=True)
+                        for n, p in model.encoder.named_parameters() if p.requires_grad}
                        if self.l2_sp else {})
 
     def __call__(self, model: nn.Module, forward: Callable, batch: dict[str, torch.Tensor],
-                 labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """`model` is the plain module (for parameters and embeddings); `forward` runs it (the engine)."""
+                 labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`model` is the plain module (for parameters and embeddings); `forward` runs it (the engine).
+        `batch` and `labels` are on the model's device. Returns the loss and each term (detached, fp32,
+        still on the device)."""
         parts: dict[str, torch.Tensor] = {}
         if self.fgm:
             embeds = model.encoder.get_input_embeddings()(batch["input_ids"])
@@ -103,10 +115,10 @@ class TaskLoss:
             parts["fgm"] = token_ce(adv_logits, labels, self.smoothing)
         if self.l2_sp:
             params = dict(model.encoder.named_parameters())
-            sq = sum(((params[n] - p0) ** 2).sum() for n, p0 in self.anchor.items())
+            sq = sum(((params[n].float() - p0) ** 2).sum() for n, p0 in self.anchor.items())
             parts["l2_sp"] = 0.5 * self.l2_sp * sq
         if self.l2_head:
             head = [p for n, p in model.named_parameters() if not n.startswith("encoder.") and p.requires_grad]
-            parts["l2_head"] = 0.5 * self.l2_head * sum((p ** 2).sum() for p in head)
+            parts["l2_head"] = 0.5 * self.l2_head * sum((p.float() ** 2).sum() for p in head)
         total = sum(parts.values())
-        return total, {k: float(v.detach()) for k, v in parts.items()}
+        return total, {k: v.detach().float() for k, v in parts.items()}

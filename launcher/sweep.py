@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
+from launcher.checkpoint import STATE_FILE
 from launcher.recipe import Recipe, set_dotted, sweep_points
 from launcher.runs import Run, atomic_write
-from launcher.train_loop import STATE_FILE
 
 
 def trial_recipe(resolved: dict, params: dict[str, Any]) -> dict:

@@ -2,6 +2,11 @@
 
 Everything the worker needs arrives in `config` (the resolved recipe, the label set, the parsed
 examples, a handle to the driver's progress board); nothing is read from module globals.
+
+Device and precision: the worker computes on `launcher.device.worker_device()`; every batch reaches
+it through `train_step` / `evaluate.predict` (`to_device`), and θ₀ for L2-SP is kept there. DeepSpeed
+owns precision (its `bf16`/`fp16` sections, loss scaling for fp16); losses and metrics are fp32. The
+loss terms stay on the device between logging points (`LossWindow`), so a step never waits on the GPU.
 """
 
 from __future__ import annotations
@@ -15,8 +20,7 @@ import tempfile
 import time
 from typing import Any
 
-CKPT_TAG = "zero"
-STATE_FILE = "zeroship_state.json"
+from launcher.checkpoint import CKPT_TAG, STATE_FILE
 
 
 def seed_everything(seed: int) -> None:
@@ -41,6 +45,57 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return fn
 
 
+class LossWindow:
+    """Running sums of the loss terms since the last evaluation, kept on the device (adding to them
+    queues a kernel; nothing waits for the GPU until `read`, once per logging point)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, terms: dict[str, Any]) -> None:
+        for name, value in terms.items():
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def read(self) -> dict[str, float]:
+        """Means since the last read (one host transfer for all terms), then start afresh."""
+        import torch
+
+        names = list(self.sums)
+        values = torch.stack([self.sums[n].float() for n in names]).cpu().tolist() if names else []
+        means = {n: v / self.counts[n] for n, v in zip(names, values)}
+        self.sums, self.counts = {}, {}
+        return means
+
+
+def bound_collective_timeouts(seconds: int) -> None:
+    """Make every process group this worker creates time out after `seconds`. Ray Train gives the
+    default group the recipe's timeout, but DeepSpeed builds its own groups (ZeRO's data-parallel
+    group) with `new_group()`, which takes torch's backend default (30 min gloo, 10 min NCCL):
+    a hung rank would stall the others that long. Call before `deepspeed.initialize`."""
+    from datetime import timedelta
+
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timedelta(seconds=seconds)
+
+
+def train_step(engine, task_loss, batch: dict[str, Any], device, l2_sp_z3=None) -> dict[str, Any]:
+    """One micro-batch: move it to the worker's device, loss, backward, DeepSpeed step (which only
+    updates at accumulation boundaries). Returns the loss terms as detached device tensors."""
+    from launcher.device import to_device
+
+    batch = to_device(batch, device)
+    labels = batch.pop("labels")
+    loss, parts = task_loss(engine.module, engine, batch, labels)
+    engine.backward(loss)
+    if l2_sp_z3 is not None and engine.is_gradient_accumulation_boundary():
+        parts["l2_sp"] = l2_sp_z3.apply()  # ZeRO-3: on each rank's gradient partition
+    engine.step()
+    return {"loss": loss.detach().float(), **parts}
+
+
 def train_worker(config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
@@ -49,7 +104,9 @@ def train_worker(config: dict[str, Any]) -> None:
     from deepspeed.utils import logger as ds_logger
     from transformers import AutoTokenizer
 
+    from launcher.checkpoint import save_stage0_fp32
     from launcher.data import collate, examples_from_dicts, length_grouped_batches, shard_batches
+    from launcher.device import worker_device
     from launcher.ds_config import build_ds_config
     from launcher.evaluate import encode, predict, score
     from launcher.model import apply_freeze, apply_lora, build_model, param_groups, warm_start
@@ -62,6 +119,8 @@ def train_worker(config: dict[str, Any]) -> None:
     task, metric, mode = mcfg["task"], config["metric"], config["mode"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = worker_device()
+    bound_collective_timeouts(recipe["scaling"]["timeout_s"])
     torch.set_num_threads(max(1, int(recipe["scaling"]["cpus_per_worker"])))
     ds_logger.setLevel("WARNING")
     seed_everything(tcfg["seed"])
@@ -102,8 +161,10 @@ def train_worker(config: dict[str, Any]) -> None:
     apply_freeze(model, mcfg["freeze"])
     if mcfg.get("lora"):
         apply_lora(model, mcfg["lora"])
-    zero3 = recipe["deepspeed"]["zero_stage"] == 3
-    task_loss = TaskLoss(model, rcfg, partitioned=zero3)  # takes θ₀ for L2-SP before DeepSpeed touches the weights
+    stage, precision = recipe["deepspeed"]["zero_stage"], recipe["deepspeed"]["precision"]
+    zero3 = stage == 3
+    # takes θ₀ for L2-SP before DeepSpeed touches (casts, moves, partitions) the weights
+    task_loss = TaskLoss(model, rcfg, partitioned=zero3, device=device)
     with_type_ids = model.uses_token_type_ids
     optimizer = torch.optim.AdamW(param_groups(model, rcfg["weight_decay"], tcfg["lr"], tcfg.get("head_lr"),
                                                tcfg.get("layer_decay", 1.0)),
@@ -112,12 +173,12 @@ def train_worker(config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg["schedule"], warmup, total_steps))
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=build_ds_config(recipe, world))
-    l2_sp_z3 = PartitionedL2SP(engine.module, rcfg["l2_sp"]) if zero3 and rcfg.get("l2_sp") else None
+    l2_sp_z3 = PartitionedL2SP(engine.module, rcfg["l2_sp"], device) if zero3 and rcfg.get("l2_sp") else None
 
     def evaluate() -> dict[str, float]:
         engine.eval()
         preds, loss_sum, count = predict(engine, val_feats, val_batches, val_real,
-                                         tokenizer.pad_token_id, with_type_ids)
+                                         tokenizer.pad_token_id, with_type_ids, device)
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, (preds, loss_sum, count))
         engine.train()
@@ -132,21 +193,23 @@ def train_worker(config: dict[str, Any]) -> None:
     bad_evals = 0
     es = tcfg.get("early_stopping")
 
-    window: dict[str, Any] = {"times": [], "losses": [], "samples": 0, "tokens": 0, "parts": {}}
+    window: dict[str, Any] = {"times": [], "samples": 0, "tokens": 0}
+    losses = LossWindow()
 
     def train_stats() -> dict[str, float]:
         times = sorted(window["times"])
         total = sum(times) or 1e-9
-        stats = {"train_loss": sum(window["losses"]) / max(1, len(window["losses"])),
+        terms = losses.read()
+        stats = {"train_loss": terms.pop("loss", 0.0),
                  "train_step_s": times[len(times) // 2] if times else 0.0,
                  "train_samples_per_s": window["samples"] * world / total,
                  "train_tokens_per_s": window["tokens"] * world / total,
                  "lr": scheduler.get_last_lr()[0]}
         if torch.cuda.is_available():  # the GPU benchmark reads it (benchmarks/gpu.sh)
             stats["train_peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        for name, values in window["parts"].items():  # each loss term, so its effect can be seen
-            stats[f"train_loss_{name}"] = sum(values) / max(1, len(values))
-        window.update(times=[], losses=[], samples=0, tokens=0, parts={})
+        for name, value in terms.items():  # each loss term, so its effect can be seen
+            stats[f"train_loss_{name}"] = value
+        window.update(times=[], samples=0, tokens=0)
         return stats
 
     def checkpoint_and_report(metrics: dict[str, float], epoch: int, step: int, next_pos: tuple[int, int]) -> bool:
@@ -175,9 +238,11 @@ def train_worker(config: dict[str, Any]) -> None:
             # each rank's RNG, so dropout after a resume repeats the uninterrupted run exactly
             torch.save({"torch": torch.get_rng_state()}, os.path.join(tmp, f"rng_rank{rank}.pt"))
             if rank == 0:
+                if stage == 0:  # fp32 masters for best/ (see launcher.checkpoint)
+                    save_stage0_fp32(engine, tmp)
                 with open(os.path.join(tmp, STATE_FILE), "w") as fh:
                     json.dump({"epoch": epoch, "step": step, "metrics": metrics, "labels": labels,
-                               "zero_stage": recipe["deepspeed"]["zero_stage"]}, fh)
+                               "zero_stage": stage, "precision": precision}, fh)
             emit({"kind": "eval", **record}, wait=True)
             ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         finally:
@@ -195,7 +260,7 @@ def train_worker(config: dict[str, Any]) -> None:
         state = client["zeroship_resume"]
         step, start_epoch, start_micro = state["step"], state["next_epoch"], state["next_micro"]
         best_value, bad_evals = state["best_value"], state["bad_evals"]
-    fault = _fault_hook(rank)
+    fault = FaultHook.from_env(rank)
 
     # ---------------------------------------------------------------- train
     emit({"kind": "start", "total_steps": total_steps, "world": world, "examples": len(train_ex),
@@ -216,31 +281,19 @@ def train_worker(config: dict[str, Any]) -> None:
                 continue  # consumed before the checkpoint this run resumed from
             batch = collate([train_feats[i] for i in batch_ids], tokenizer.pad_token_id, with_type_ids)
             window["samples"] += len(batch_ids)
-            window["tokens"] += int(batch["attention_mask"].sum())
-            labels_t = batch.pop("labels")
-            loss, parts = task_loss(engine.module, engine, batch, labels_t)
-            for name, value in parts.items():
-                window["parts"].setdefault(name, []).append(value)
-            engine.backward(loss)
-            if l2_sp_z3 is not None and engine.is_gradient_accumulation_boundary():
-                window["parts"].setdefault("l2_sp", []).append(l2_sp_z3.apply())
-            engine.step()
+            window["tokens"] += sum(len(train_feats[i].input_ids) for i in batch_ids)  # host-side count
+            terms = train_step(engine, task_loss, batch, device, l2_sp_z3)
+            losses.add(terms)
             if (micro + 1) % tcfg["grad_accum"]:
                 continue  # DeepSpeed accumulates; an optimizer step happens every grad_accum micro-batches
             step += 1
-            if fault is not None and step == fault[0]:
-                # Ray Train's controller collects reports every 2 s: a crash sooner than that after
-                # a checkpoint can lose it (seen in CI: resumed from step 5, not 10). Wait it out, so
-                # the test's resume point is deterministic.
-                time.sleep(3)
-                with open(fault[1], "w") as fh:  # the restarted worker sees it and runs on
-                    fh.write(str(time.time()))  # when it died, to measure the time to resume
-                os._exit(17)  # test-only: die hard, as a crashed or preempted worker would
+            if fault is not None:
+                fault.at_step(step)
             now = time.perf_counter()
             window["times"].append(now - step_started)
-            window["losses"].append(float(loss.detach()))
             if rank == 0 and (step % max(1, total_steps // 100) == 0 or step == total_steps):
-                emit({"kind": "step", "step": step, "epoch": epoch, "loss": float(loss.detach()),
+                # the one host sync outside evaluation: at most ~100 per run, for the progress bar
+                emit({"kind": "step", "step": step, "epoch": epoch, "loss": float(terms["loss"]),
                       "lr": scheduler.get_last_lr()[0], "elapsed": time.time() - started})
             if isinstance(eval_every, int) and step % eval_every == 0:
                 last_eval_step = step
@@ -259,13 +312,40 @@ def train_worker(config: dict[str, Any]) -> None:
     emit({"kind": "end", "step": step, "stop_reason": stopped or "completed all epochs"}, wait=True)
 
 
-def _fault_hook(rank: int) -> tuple[int, str] | None:
-    """Test-only fault injection: ZEROSHIP_FAULT="rank:step:marker-file" makes that rank exit hard
-    when it reaches that optimizer step, once (the marker file records that it happened)."""
-    spec = os.environ.get("ZEROSHIP_FAULT")
-    if not spec:
-        return None
-    r, s, marker = spec.split(":", 2)
-    if int(r) != rank or os.path.exists(marker):
-        return None
-    return int(s), marker
+class FaultHook:
+    """Test-only fault injection, read from ZEROSHIP_FAULT:
+
+    - "RANK:STEP:MARKER-FILE": that rank exits hard at that optimizer step, once (the marker file
+      records that it happened, so the restarted worker runs on);
+    - "hang:RANK:STEP": that rank stops answering at that step (a stuck GPU or NCCL), so the others
+      wait in their next collective until `scaling.timeout_s` fails the run.
+    """
+
+    def __init__(self, step: int, marker: str | None):
+        self.step, self.marker = step, marker
+
+    @classmethod
+    def from_env(cls, rank: int) -> FaultHook | None:
+        spec = os.environ.get("ZEROSHIP_FAULT")
+        if not spec:
+            return None
+        if spec.startswith("hang:"):
+            _, r, s = spec.split(":")
+            return cls(int(s), None) if int(r) == rank else None
+        r, s, marker = spec.split(":", 2)
+        if int(r) != rank or os.path.exists(marker):
+            return None
+        return cls(int(s), marker)
+
+    def at_step(self, step: int) -> None:
+        if step != self.step:
+            return
+        if self.marker is None:
+            time.sleep(10**6)  # hung: Ray tears the worker group down once the others time out
+        # Ray Train's controller collects reports every 2 s: a crash sooner than that after a
+        # checkpoint can lose it (seen in CI: resumed from step 5, not 10). Wait it out, so the
+        # test's resume point is deterministic.
+        time.sleep(3)
+        with open(self.marker, "w") as fh:  # the restarted worker sees it and runs on
+            fh.write(str(time.time()))  # when it died, to measure the time to resume
+        os._exit(17)  # die hard, as a crashed or preempted worker would

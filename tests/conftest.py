@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +25,28 @@ def cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: i
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([str(BIN / args[0]), *args[1:]], cwd=cwd or ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+EVAL_BEST = """
+import json, sys
+from transformers import AutoTokenizer
+from launcher.data import load_dataset
+from launcher.evaluate import evaluate_model
+from launcher.model import load_model
+best, data = sys.argv[1], json.loads(sys.argv[2])
+model, meta = load_model(best)
+ds = load_dataset(data, meta["task"])
+tok = AutoTokenizer.from_pretrained(best)
+print(json.dumps(evaluate_model(model, tok, meta["task"], meta["labels"], ds.splits["validation"].examples,
+                                meta["max_length"], meta["stride"])))
+"""
+
+
+def evaluate_best_in_fresh_process(best: Path, data: dict) -> dict:
+    res = subprocess.run([sys.executable, "-c", EVAL_BEST, str(best), json.dumps(data)],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture

@@ -96,3 +96,19 @@ def test_resume_after_driver_killed(tmp_path, ray_tmp, uninterrupted):
     assert max(e["step"] for e in evals(run)) == 38
     res = cli("launch", "--resume", "run-1", "--runs", str(tmp_path / "runs"))
     assert res.returncode == 2 and "already succeeded" in res.stderr
+
+
+def test_hung_rank_fails_the_run_at_the_collective_timeout(tmp_path, ray_tmp):
+    """Rank 1 stops answering at step 3 (as a stuck GPU would): rank 0 waits in its next gradient
+    all-reduce until scaling.timeout_s, and the run fails with that reason instead of hanging."""
+    recipe = tiny_ner_recipe(tmp_path, scaling={"timeout_s": 15})
+    started = time.time()
+    res = cli("launch", str(recipe), env={"ZEROSHIP_FAULT": "hang:1:3", "ZEROSHIP_RAY_TMPDIR": ray_tmp}, timeout=600)
+    assert res.returncode == 1, (res.stdout + res.stderr)[-3000:]
+    run = only_run(tmp_path)
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed"
+    assert "did not finish within scaling.timeout_s=15 s" in status["error"], status["error"]
+    assert "scaling.timeout_s=15" in res.stdout and f"{run.name} failed" in res.stdout
+    assert not (run / "best").exists()
+    assert time.time() - started < 300  # bounded: the timeout, not the test's own limit, ended it

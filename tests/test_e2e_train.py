@@ -6,37 +6,14 @@ import json
 import os
 import random
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, ROOT, TOY_CLS, TOY_NER, cli, tiny_ner_recipe
+from conftest import BIN, ROOT, TOY_CLS, TOY_NER, cli, evaluate_best_in_fresh_process, tiny_ner_recipe
 
 pytestmark = pytest.mark.e2e
-
-EVAL_BEST = """
-import json, sys
-from transformers import AutoTokenizer
-from launcher.data import load_dataset
-from launcher.evaluate import evaluate_model
-from launcher.model import load_model
-best, data = sys.argv[1], json.loads(sys.argv[2])
-model, meta = load_model(best)
-ds = load_dataset(data, meta["task"])
-tok = AutoTokenizer.from_pretrained(best)
-print(json.dumps(evaluate_model(model, tok, meta["task"], meta["labels"], ds.splits["validation"].examples,
-                                meta["max_length"], meta["stride"])))
-"""
-
-
-def evaluate_best_in_fresh_process(best: Path, data: dict) -> dict:
-    res = subprocess.run([sys.executable, "-c", EVAL_BEST, str(best), json.dumps(data)],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
 
 def random_tagger_f1() -> float:
     """Chance level from the data: tag each validation word by sampling the train tag frequencies."""
@@ -201,11 +178,10 @@ def test_lora_run_merges_its_adapters_into_best_and_exports(tmp_path, ray_tmp):
     from conftest import train_run
     from safetensors.torch import load_file
 
+    from launcher.checkpoint import STATE_FILE, merged_state_dict
     from launcher.data import collate, read_conll
-    from launcher.driver import merged_state_dict
     from launcher.evaluate import encode
     from launcher.model import apply_lora, build_model, load_model
-    from launcher.train_loop import STATE_FILE
 
     lora = {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["query", "key", "value", "dense"]}
     run = train_run(tmp_path, ray_tmp, model={"lora": lora}, train={"epochs": 2, "lr": 2e-3})

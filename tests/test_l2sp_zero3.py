@@ -48,7 +48,7 @@ opt = torch.optim.SGD(param_groups(ref, 0.0, lr, None), lr=lr)
 loss_fn, ref_pen = TaskLoss(ref, {"l2_sp": alpha}), []
 for _ in range(steps):
     loss, parts = loss_fn(ref, ref, batch, labels)
-    ref_pen.append(parts.get("l2_sp", 0.0))
+    ref_pen.append(float(parts.get("l2_sp", 0.0)))
     opt.zero_grad(); loss.backward(); opt.step()
 
 model = make()
@@ -62,7 +62,7 @@ for _ in range(steps):
     loss, parts = loss_fn(engine.module, engine, batch, labels)
     assert "l2_sp" not in parts  # not in the loss under ZeRO-3
     engine.backward(loss)
-    pen.append(z3.apply())
+    pen.append(float(z3.apply()))
     engine.step()
 diffs = {}
 params = dict(engine.module.named_parameters())
