@@ -41,6 +41,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     pr.add_argument("texts", nargs="+")
     pr.add_argument("--runs", default="runs", metavar="DIR")
     pr.add_argument("--variant", default="auto", choices=["auto", "fp32", "optimized", "int8", "fp16"])
+    pr.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="onnxruntime provider (cuda needs onnxruntime-gpu; default cpu)")
     b = sub.add_parser("bench", help="latency/throughput of PyTorch vs each ONNX variant of RUN's bundle")
     b.add_argument("run")
     b.add_argument("--runs", default="runs", metavar="DIR")
@@ -99,7 +101,7 @@ def cmd_onnx(args) -> int:
 def cmd_predict(args) -> int:
     from export.runtime import Predictor
 
-    predictor = Predictor.load(bundle_path(args.bundle, args.runs), variant=args.variant)
+    predictor = Predictor.load(bundle_path(args.bundle, args.runs), variant=args.variant, device=args.device)
     out.print(f"[dim]{predictor.bundle} ({predictor.variant})[/]")
     for text, result in zip(args.texts, predictor.predict(list(args.texts))):
         out.print(f"[bold]{escape(text)}[/]", highlight=False)

@@ -49,6 +49,33 @@ def evaluate_best_in_fresh_process(best: Path, data: dict) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+# One CPU process running real DeepSpeed over gloo, for tests that need an engine but not Ray.
+# Scripts get `deepspeed`, `torch`, `json`, `os`, `sys` and MODEL (a 1-layer MiniLM, no dropout);
+# their own arguments start at sys.argv[2]; their last stdout line is JSON.
+DEEPSPEED_PRELUDE = r"""
+import json, os, sys
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+import deepspeed, torch
+deepspeed.init_distributed(dist_backend="gloo")
+torch.set_num_threads(1)
+MODEL = {"encoder": "packaged:all-MiniLM-L6-v2", "task": "token_classification", "num_hidden_layers": 1,
+         "head": {"dim": 16, "layers": 1, "activation": "gelu", "dropout": 0.0, "layernorm": True}}
+"""
+
+
+def run_deepspeed_script(body: str, *args: str) -> dict:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = subprocess.run([sys.executable, "-c", DEEPSPEED_PRELUDE + body, str(port), *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture
 def ray_tmp():
     """A short, private Ray temp dir (Unix socket paths must stay under ~107 characters)."""

@@ -5,28 +5,17 @@ not the bf16 copies the model ran on upcast, and must come back from the checkpo
 
 from __future__ import annotations
 
-import json
-import socket
-import subprocess
-import sys
-
 import pytest
-from conftest import ROOT
+from conftest import run_deepspeed_script
 
 pytestmark = pytest.mark.e2e
 
 SCRIPT = r"""
-import json, os, sys, tempfile
-os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
-import deepspeed, torch
+import tempfile
 from launcher.checkpoint import STATE_FILE, merged_state_dict, save_stage0_fp32, stage0_fp32_state_dict
 from launcher.ds_config import build_ds_config
 from launcher.model import build_model, param_groups
 
-deepspeed.init_distributed(dist_backend="gloo")
-torch.set_num_threads(1)
-MODEL = {"encoder": "packaged:all-MiniLM-L6-v2", "task": "token_classification", "num_hidden_layers": 1,
-         "head": {"dim": 16, "layers": 1, "activation": "gelu", "dropout": 0.0, "layernorm": True}}
 precision = sys.argv[2]
 torch.manual_seed(0)
 model = build_model(MODEL, ["O", "B-PER", "I-PER"])
@@ -64,14 +53,7 @@ print(json.dumps(out))
 
 
 def run(precision: str) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    res = subprocess.run([sys.executable, "-c", SCRIPT, str(port), precision], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-                                                      "TOKENIZERS_PARALLELISM": "false"})
-    assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_deepspeed_script(SCRIPT, precision)
 
 
 def test_bf16_stage0_keeps_the_fp32_masters():

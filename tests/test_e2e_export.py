@@ -237,3 +237,22 @@ def test_classification_report_has_confusion_matrix(cls_run):
     assert abs(sum(rows[i][i] for i in range(len(rows))) / n_validation - metrics["eval_accuracy"]) < 1e-9
     res = cli("zeroship", "runs", "show", cls_run.name, "--runs", str(cls_run.parent))
     assert res.returncode == 0 and "confusion matrix" in res.stdout
+
+
+def test_io_binding_gives_the_same_answers_and_cuda_without_provider_is_a_clear_error(ner_bundle):
+    """IO binding (what Predictor uses on CUDA) runs on the CPU provider too: same logits as a plain run."""
+    import onnxruntime as ort
+
+    texts = [" ".join(ex.tokens) for ex in read_conll(str(TOY_NER / "validation.conll"))[:16]]
+    plain = Predictor.load(ner_bundle, variant="fp32")
+    bound = Predictor.load(ner_bundle, variant="fp32", io_binding=True)
+    assert not plain.io_binding and bound.io_binding
+    encodings = plain.tokenizer.encode_batch(texts)
+    for a, b in zip(plain.logits(encodings), bound.logits(encodings)):
+        assert a.shape == b.shape and float(abs(a - b).max()) <= 1e-6
+    assert bound.predict(texts) == plain.predict(texts)
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(BundleError, match="no CUDA provider.*onnxruntime-gpu"):
+            Predictor.load(ner_bundle, device="cuda")
+    with pytest.raises(BundleError, match="use cpu or cuda"):
+        Predictor.load(ner_bundle, device="tpu")

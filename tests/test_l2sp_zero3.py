@@ -4,20 +4,12 @@ checked against an independent formula in test_regularize.py)."""
 
 from __future__ import annotations
 
-import json
-import socket
-import subprocess
-import sys
-
 import pytest
-from conftest import ROOT
+from conftest import run_deepspeed_script
 
 pytestmark = pytest.mark.e2e
 
 SCRIPT = r"""
-import json, os, sys
-os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
-import deepspeed, torch
 from launcher.data import Example, collate, encode_ner
 from launcher.ds_config import build_ds_config
 from launcher.model import build_model, param_groups
@@ -25,10 +17,6 @@ from launcher.recipe import resolve_encoder
 from launcher.regularize import PartitionedL2SP, TaskLoss
 from transformers import AutoTokenizer
 
-deepspeed.init_distributed(dist_backend="gloo")
-torch.set_num_threads(1)
-MODEL = {"encoder": "packaged:all-MiniLM-L6-v2", "task": "token_classification", "num_hidden_layers": 1,
-         "head": {"dim": 16, "layers": 1, "activation": "gelu", "dropout": 0.0, "layernorm": True}}
 LABELS = ["O", "B-PER", "I-PER", "B-LOC"]
 tok = AutoTokenizer.from_pretrained(resolve_encoder(MODEL["encoder"]))
 ex = [Example(tokens=["Mara", "Okafor", "visited", "Aldmere"], tags=["B-PER", "I-PER", "O", "B-LOC"]),
@@ -76,14 +64,7 @@ print(json.dumps({"max_diff": max(diffs.values()), "ref_pen": ref_pen, "z3_pen":
 
 
 def run(alpha: float, z3_alpha: float) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    res = subprocess.run([sys.executable, "-c", SCRIPT, str(port), str(alpha), str(z3_alpha)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-                                                      "TOKENIZERS_PARALLELISM": "false"})
-    assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_deepspeed_script(SCRIPT, str(alpha), str(z3_alpha))
 
 
 def test_l2_sp_under_zero3_matches_the_loss_term_form():
