@@ -127,7 +127,7 @@ def cmd_bench(args) -> int:
 # ------------------------------------------------------------------ umbrella
 def zeroship(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: zeroship {launch,export,runs,evaluate} ...  (zeroship COMMAND --help for more)"
+    usage = "usage: zeroship {launch,export,serve,runs,evaluate} ...  (zeroship COMMAND --help for more)"
     if not argv or argv[0] in ("-h", "--help"):
         out.print(usage)
         return 0 if argv else 2
@@ -136,6 +136,10 @@ def zeroship(argv: list[str] | None = None) -> int:
         return launch(rest, prog="zeroship launch")
     if cmd == "export":
         return main(rest, prog="zeroship export")
+    if cmd == "serve":
+        from export.serve_cli import serve_command
+
+        return serve_command(rest)
     if cmd == "runs":
         return runs_command(rest)
     if cmd == "evaluate":

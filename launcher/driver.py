@@ -41,31 +41,16 @@ class ClusterError(ZeroshipError):
 
 # ------------------------------------------------------------------ Ray
 def connect_ray(recipe: Recipe, storage: str | None = None) -> str:
-    """Join the cluster when one is there (RAY_ADDRESS, as under `ray job submit`), else start a
-    local Ray bound to loopback. Returns a short description."""
-    import ray
+    """Join the cluster when one is there, else start a local Ray bound to loopback
+    (launcher.ray_session), then check it can run the recipe. Returns a short description."""
+    from launcher.ray_session import init_ray
 
-    if ray.is_initialized():
-        return "existing ray session"
     env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
-    if os.environ.get("ZEROSHIP_FAULT"):  # test-only fault hook (train_loop._fault_hook)
+    if os.environ.get("ZEROSHIP_FAULT"):  # test-only fault hook (train_loop.FaultHook)
         env["ZEROSHIP_FAULT"] = os.environ["ZEROSHIP_FAULT"]
-    runtime_env = {"env_vars": env}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env, log_to_driver=True)
-        where = f"cluster at {os.environ['RAY_ADDRESS']}"
-    else:
-        # The dashboard serves the State API that Ray Train's placement-group cleaner polls; without
-        # it the driver log fills with "Failed to query Ray Train Controller actor state".
-        kwargs: dict[str, Any] = {}
-        # Loopback-only listeners need RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is imported:
-        # the CLI entry points set it (launcher.cli.process_defaults).
-        if os.environ.get("ZEROSHIP_RAY_TMPDIR"):
-            kwargs["_temp_dir"] = os.environ["ZEROSHIP_RAY_TMPDIR"]
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1",
-                 runtime_env=runtime_env, log_to_driver=True, **kwargs)
-        where = f"local ray ({os.cpu_count()} CPUs, 127.0.0.1)"
+    where = init_ray(env)
+    if where == "existing ray session":
+        return where
     _check_resources(recipe)
     if storage and not is_uri(storage):  # a URI is reachable from every node by construction
         check_shared_storage(Path(storage))

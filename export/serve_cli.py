@@ -1,0 +1,69 @@
+"""`zeroship serve RUN_OR_BUNDLE [...]`: the command line of export.serve."""
+
+from __future__ import annotations
+
+import sys
+
+from launcher.cli import _Parser, out, run_cli
+from launcher.errors import Problem, ZeroshipError
+
+
+def serve_parser() -> _Parser:
+    p = _Parser(prog="zeroship serve", description="Serve an exported bundle over HTTP on Ray Serve.")
+    p.add_argument("bundle", help="bundle folder, or a run id whose runs/RUN/onnx to serve")
+    p.add_argument("--runs", default="runs", metavar="DIR", help="storage root for run ids (default: runs)")
+    p.add_argument("--variant", default="auto", choices=["auto", "fp32", "optimized", "int8", "fp16"])
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=1, metavar="N", help="fixed number of replicas (default 1)")
+    scale.add_argument("--autoscale", metavar="MIN:MAX", help="scale replicas between MIN and MAX on load")
+    p.add_argument("--threads-per-replica", type=int, default=1, metavar="T", help="CPUs and onnxruntime threads")
+    p.add_argument("--max-batch-size", type=int, default=32, metavar="N", help="texts per model call (default 32)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, metavar="MS",
+                   help="how long a batch waits for more texts (default 5)")
+    p.add_argument("--max-texts", type=int, default=256, metavar="N", help="texts per request (default 256)")
+    p.add_argument("--max-chars", type=int, default=20_000, metavar="N", help="characters per text (default 20000)")
+    p.add_argument("--config-only", action="store_true",
+                   help="print a Serve config file for `serve deploy` on a cluster instead of serving")
+    return p
+
+
+def serve_command(argv: list[str]) -> int:
+    args = serve_parser().parse_args(argv)
+
+    def go() -> int:
+        from pydantic import ValidationError
+
+        from export.cli import bundle_path
+        from export.runtime import BundleError, pick_variant, providers_for, read_manifest
+        from export.serve import ServeOptions, config_yaml, run_forever
+
+        if not 0 < args.port < 65536:
+            raise ZeroshipError(Problem("--port", f"must be 1-65535, got {args.port}"))
+        autoscale = None
+        if args.autoscale:
+            lo, sep, hi = args.autoscale.partition(":")
+            if not (sep and lo.isascii() and lo.isdigit() and hi.isascii() and hi.isdigit()):
+                raise ZeroshipError(Problem("--autoscale", f"expected MIN:MAX, got {args.autoscale!r}", "e.g. 1:4"))
+            autoscale = (int(lo), int(hi))
+        bundle = bundle_path(args.bundle, args.runs)
+        try:
+            manifest = read_manifest(bundle)
+            pick_variant(manifest, args.variant, providers_for("cpu"))
+        except BundleError as exc:
+            raise ZeroshipError(Problem(str(bundle), str(exc), "export the run first: zeroship export onnx RUN")) from None
+        try:
+            opts = ServeOptions(bundle=str(bundle.resolve()), variant=args.variant, replicas=args.replicas,
+                                autoscale=autoscale, threads_per_replica=args.threads_per_replica,
+                                max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                                max_texts=args.max_texts, max_chars=args.max_chars)
+        except ValidationError as exc:
+            raise ZeroshipError([Problem("--" + str(e["loc"][0]).replace("_", "-") if e["loc"] else "options",
+                                         e["msg"]) for e in exc.errors()]) from None
+        if args.config_only:
+            sys.stdout.write(config_yaml(opts, args.host, args.port))
+            return 0
+        return run_forever(opts, args.host, args.port, lambda msg: out.print(msg, highlight=False, markup=False))
+
+    return run_cli(go)

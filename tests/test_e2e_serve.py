@@ -1,0 +1,245 @@
+"""`zeroship serve` for real: Ray Serve on 127.0.0.1 in a subprocess, real HTTP from this process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import BIN, ROOT, TOY_NER, cli
+
+from export.runtime import Predictor
+from launcher.data import read_conll
+
+pytestmark = pytest.mark.e2e
+
+TEXTS = [" ".join(ex.tokens) for ex in read_conll(str(TOY_NER / "validation.conll"))[:40]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url: str, body: bytes | None = None, timeout: float = 60) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def predict(url: str, texts: list[str], timeout: float = 60) -> tuple[int, dict]:
+    return http(f"{url}/predict", json.dumps({"texts": texts}).encode(), timeout)
+
+
+class Server:
+    """`zeroship serve` in its own process session, with its own Ray temp dir."""
+
+    def __init__(self, bundle: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ray_dir = tempfile.mkdtemp(prefix="zs-", dir="/tmp")
+        self.log = open(Path(self.ray_dir) / "serve.log", "w+")
+        env = {**os.environ, "ZEROSHIP_RAY_TMPDIR": self.ray_dir}
+        self.proc = subprocess.Popen([str(BIN / "zeroship"), "serve", str(bundle), "--port", str(self.port), *args],
+                                     cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.output()
+            try:  # ready, and the command has printed its routes (start-up is over)
+                if http(f"{self.url}/readyz", timeout=5)[0] == 200 and "Ctrl-C stops it" in self.output():
+                    return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(1)
+        raise AssertionError("server not ready in 240 s:\n" + self.output())
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-4000:]
+
+    def stop(self, sig=signal.SIGINT) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def bundle(ner_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("serve") / "bundle"
+    res = cli("zeroship", "export", "onnx", ner_run.name, "--runs", str(ner_run.parent), "--out", str(out))
+    assert res.returncode == 0, res.stdout + res.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    srv = Server(bundle, "--batch-wait-ms", "50", "--max-texts", "8", "--max-chars", "500")
+    yield srv
+    srv.stop()
+
+
+def spans(predictions: list) -> list:
+    return [[(e["label"], e["start"], e["end"], e["text"]) for e in p] for p in predictions]
+
+
+def test_http_predictions_equal_the_predictor(server, bundle):
+    reference = Predictor.load(bundle).predict(TEXTS)
+    got, model = [], None
+    for i in range(0, len(TEXTS), 8):
+        status, body = predict(server.url, TEXTS[i:i + 8])
+        assert status == 200, body
+        got += body["predictions"]
+        model = body["model"]
+    assert spans(got) == spans(reference)  # same entities, in input order
+    assert sum(map(len, got)) > 20
+    for g, r in zip(got, reference):
+        assert [e["score"] for e in g] == pytest.approx([e["score"] for e in r], abs=1e-4)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert model == {"run": manifest["run"], "variant": "fp32", "sha256": manifest["files"]["model.onnx"]["sha256"]}
+
+
+def test_concurrent_clients_get_their_own_answers_batched_together(server, bundle):
+    reference = spans(Predictor.load(bundle).predict(TEXTS[:32]))
+    before = http(f"{server.url}/stats")[1]
+    barrier, answers = threading.Barrier(32), [None] * 32
+
+    def client(i: int) -> None:
+        barrier.wait()
+        answers[i] = predict(server.url, [TEXTS[i]])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(a is not None and a[0] == 200 for a in answers), answers
+    assert [spans(a[1]["predictions"])[0] for a in answers] == reference
+    after = http(f"{server.url}/stats")[1]
+    calls, texts = after["model_calls"] - before["model_calls"], after["texts"] - before["texts"]
+    assert texts == 32
+    assert calls < 32, after  # several clients' texts went through one model call
+
+
+@pytest.mark.parametrize("body,status,error", [
+    (b"{not json", 400, "malformed JSON"),
+    (b'{"texts": [1, 2]}', 422, "texts must be a list of strings"),
+    (b'{"texts": []}', 422, "texts is empty"),
+    (b'{"texts": ["a"], "labels": []}', 422, "unknown fields"),
+    (json.dumps({"texts": ["a"] * 9}).encode(), 413, "too many texts"),
+    (json.dumps({"texts": ["x" * 501]}).encode(), 413, "text too long"),
+    (b"[" * 50_000 + b"]" * 50_000, 400, "malformed JSON"),
+])
+def test_bad_requests_get_json_errors_and_the_replica_stays_up(server, body, status, error):
+    got_status, got = http(f"{server.url}/predict", body)
+    assert (got_status, got.get("error")) == (status, error), got
+    assert "detail" in got
+    assert http(f"{server.url}/healthz")[0] == 200
+    assert predict(server.url, ["Mara Okafor joined Kestrel Systems."])[0] == 200
+
+
+def test_metadata_and_openapi(server, bundle):
+    status, meta = http(f"{server.url}/metadata")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert status == 200 and meta["labels"] == manifest["labels"] and meta["task"] == "token_classification"
+    assert meta["max_length"] == manifest["max_length"] and meta["limits"] == {"max_texts": 8, "max_chars": 500}
+    status, spec = http(f"{server.url}/openapi.json")
+    assert status == 200 and {"/predict", "/healthz", "/readyz", "/metadata"} <= set(spec["paths"])
+
+
+def test_sigint_exits_0_and_frees_the_port(server):
+    assert server.stop(signal.SIGINT) == 0, server.output()
+    with pytest.raises(ConnectionRefusedError):  # nothing listens there any more
+        socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+    with socket.socket() as s:  # and a new server could take the port (past the clients' TIME_WAITs)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", server.port))
+        s.listen()
+    assert "shutting down" in server.output()
+
+
+def replica_pids() -> list[int]:
+    """Processes of this test's Serve replicas (their process title names the deployment)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"ServeReplica:zeroship:BundleServer" in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_killing_a_replica_mid_load_loses_no_request(bundle):
+    """Two replicas; one is SIGKILLed while four clients keep sending. Every request gets its right
+    answer (a client retries once a 5xx or a dropped connection says its replica died), and Serve
+    brings the replica back."""
+    srv = Server(bundle, "--replicas", "2", "--max-texts", "8")
+    try:
+        deadline = time.time() + 60
+        while len(replica_pids()) < 2 and time.time() < deadline:
+            time.sleep(1)
+        victims = replica_pids()
+        assert len(victims) == 2, victims
+        reference = spans(Predictor.load(bundle).predict(TEXTS[:8]))
+        stop, lock = threading.Event(), threading.Lock()
+        done, retried, failed = [0], [0], []
+
+        def client(k: int) -> None:
+            while not stop.is_set():
+                texts = TEXTS[k:k + 4]
+                for attempt in range(6):
+                    try:
+                        status, body = predict(srv.url, texts, timeout=60)
+                    except (urllib.error.URLError, ConnectionError, TimeoutError):
+                        status, body = 599, {}
+                    if status == 200:
+                        ok = spans(body["predictions"]) == reference[k:k + 4]
+                        with lock:
+                            done[0] += 1
+                            if not ok:
+                                failed.append(("wrong answer", k))
+                        break
+                    with lock:
+                        retried[0] += 1
+                    time.sleep(0.5)
+                else:
+                    with lock:
+                        failed.append((status, body))
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(3)
+        os.kill(victims[0], signal.SIGKILL)
+        time.sleep(8)
+        stop.set()
+        for t in threads:
+            t.join(120)
+        assert failed == [] and done[0] > 8, (failed, done, retried)
+        deadline = time.time() + 120
+        while time.time() < deadline and (len(replica_pids()) < 2 or victims[0] in replica_pids()):
+            time.sleep(1)
+        assert len(replica_pids()) == 2 and victims[0] not in replica_pids()  # a new replica in its place
+        assert predict(srv.url, TEXTS[:2])[0] == 200
+        print(f"replica kill: {done[0]} requests answered, {retried[0]} retried")
+    finally:
+        assert srv.stop() == 0, srv.output()

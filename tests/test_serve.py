@@ -1,0 +1,96 @@
+"""Serving, without a server: request parsing (hostile bodies included), options, the config file,
+and that a replica's code loads neither torch nor transformers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import ROOT, cli
+
+from export.serve import RequestError, ServeOptions, config_yaml, parse_texts
+
+
+@pytest.mark.parametrize("body,status,error", [
+    (b"{bad", 400, "malformed JSON"),
+    (b"\xff\xfe\x00", 400, "malformed JSON"),  # not UTF-8
+    (b"[" * 100_000 + b"]" * 100_000, 400, "malformed JSON"),  # nesting beyond the parser's depth
+    (b"[]", 422, "expected a JSON object"),
+    (b'"texts"', 422, "expected a JSON object"),
+    (b'{"texts": "one string"}', 422, "texts must be a list of strings"),
+    (b'{"texts": [1]}', 422, "texts must be a list of strings"),
+    (b'{"texts": [["nested"]]}', 422, "texts must be a list of strings"),
+    (b'{"texts": []}', 422, "texts is empty"),
+    (b'{"texts": ["a"], "extra": 1}', 422, "unknown fields"),
+    (b'{"text": "a"}', 422, "unknown fields"),
+    (b'{"texts": ["a", "b", "c", "d"]}', 413, "too many texts"),
+    (b'{"texts": ["' + b"x" * 101 + b'"]}', 413, "text too long"),
+])
+def test_bad_bodies_are_named(body, status, error):
+    with pytest.raises(RequestError) as info:
+        parse_texts(body, max_texts=3, max_chars=100)
+    assert info.value.status == status and info.value.error == error
+
+
+def test_good_bodies_pass_unchanged():
+    texts = ["Mara Okafor", "", "line\u2028break", "x" * 100]
+    assert parse_texts(json.dumps({"texts": texts}).encode(), max_texts=4, max_chars=100) == texts
+    # a UTF-8 byte-order mark is read as an encoding marker (json's detection), not as text
+    assert parse_texts(b'\xef\xbb\xbf{"texts": ["a"]}', max_texts=4, max_chars=100) == ["a"]
+
+
+@pytest.mark.parametrize("options,field", [
+    ({"max_batch_size": 0}, "max_batch_size"), ({"replicas": 0}, "replicas"),
+    ({"threads_per_replica": 10**9}, "threads_per_replica"), ({"autoscale": (3, 1)}, "autoscale"),
+    ({"batch_wait_ms": -1}, "batch_wait_ms"), ({"max_chars": 0}, "max_chars"),
+])
+def test_options_out_of_range_refused(options, field):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=field):
+        ServeOptions(bundle="b", **options)
+
+
+def test_config_file_is_what_serve_deploy_reads(tmp_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    text = config_yaml(ServeOptions(bundle=str(tmp_path), replicas=3, autoscale=None), "0.0.0.0", 9000)
+    config = yaml.safe_load(text)
+    ServeDeploySchema.model_validate(config)  # Ray's own schema for `serve deploy` files
+    (app,) = config["applications"]
+    assert app["import_path"] == "export.serve:build_app"
+    assert app["args"]["bundle"] == str(tmp_path.resolve()) and app["args"]["replicas"] == 3
+    assert config["http_options"] == {"host": "0.0.0.0", "port": 9000}
+
+
+def test_serve_cli_refuses_bad_arguments_and_missing_bundles(tmp_path):
+    res = cli("zeroship", "serve", str(tmp_path), "--config-only")
+    assert res.returncode == 2 and "no manifest.json" in res.stderr and "Traceback" not in res.stderr
+    res = cli("zeroship", "serve", "run-9", "--runs", str(tmp_path), "--config-only")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    for bad, field in ((["--port", "70000"], "--port"), (["--autoscale", "x"], "--autoscale"),
+                       (["--replicas", "2", "--autoscale", "1:2"], "not allowed with")):
+        res = cli("zeroship", "serve", str(tmp_path), *bad)
+        assert res.returncode == 2 and field in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_replica_code_imports_neither_torch_nor_transformers():
+    code = "import sys, export.serve; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_kuberay_rayservice_carries_a_valid_serve_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    manifest = yaml.safe_load((ROOT / "cluster" / "kuberay-rayservice.yaml").read_text())
+    assert manifest["kind"] == "RayService"
+    config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    assert app["import_path"] == "export.serve:build_app"
+    ServeOptions(**app["args"])  # the args are what build_app accepts
