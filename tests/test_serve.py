@@ -94,3 +94,36 @@ def test_kuberay_rayservice_carries_a_valid_serve_config():
     (app,) = config["applications"]
     assert app["import_path"] == "export.serve:build_app"
     ServeOptions(**app["args"])  # the args are what build_app accepts
+
+
+def test_unexpected_failure_is_a_500_whose_request_id_is_in_the_log():
+    """The one fake: a model call that raises (in place of the batched call, which needs a live
+    replica). The route answers 500 with an id the log repeats next to the traceback."""
+    import asyncio
+    import logging
+
+    from export.serve import BundleServer, logger
+
+    async def broken(text):
+        raise RuntimeError("boom")
+
+    class Body:
+        async def body(self):
+            return b'{"texts": ["Mara Okafor"]}'
+
+    server = object.__new__(BundleServer.func_or_class)
+    server._batch, server.model_info = broken, {}
+    server.opts = ServeOptions(bundle="b")
+    server.counts = {"model_calls": 0, "texts": 0, "requests": 0}
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        response = asyncio.run(server.predict(Body()))
+    finally:
+        logger.removeHandler(handler)
+    body = json.loads(response.body)
+    assert response.status_code == 500 and body["error"] == "internal error"
+    request_id = body["detail"]["request_id"]
+    assert any(request_id in r.getMessage() and r.exc_info and "boom" in str(r.exc_info[1]) for r in records)
