@@ -87,11 +87,14 @@ def test_conll_recipe_validates_and_names_its_fetched_data():
 
 
 def test_check_prints_plan_details():
-    res = cli("launch", "--check", "recipes/quickstart_ner.yaml", "scaling.workers=4", "train.grad_accum=2")
+    # wide enough that no row wraps, whatever the checkout's path length (rich wraps at COLUMNS)
+    res = cli("launch", "--check", "recipes/quickstart_ner.yaml", "scaling.workers=4", "train.grad_accum=2",
+              env={"COLUMNS": "400"})
     assert res.returncode == 0, res.stderr
     assert "16/worker × 2 accum × 4 workers = 128 effective" in res.stdout
     assert "600 examples" in res.stdout  # rows counted from the data file
     assert '"stage": 2' in res.stdout  # the DeepSpeed config
+    assert "gloo, collective timeout 900 s" in res.stdout
 
 
 def test_overrides_apply_and_parse_as_yaml():
