@@ -222,6 +222,9 @@ def run_forever(opts: ServeOptions, host: str, port: int, say) -> int:
     finally:  # a second Ctrl-C must not cut the shutdown short (and leave the port taken)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        serve.shutdown()
+        if where.startswith("cluster"):
+            serve.delete(APP_NAME)  # only this application: others on the cluster keep serving
+        else:
+            serve.shutdown()
         ray.shutdown()
     return 0
