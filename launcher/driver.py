@@ -330,6 +330,7 @@ def write_best(run: Run, resolved: dict, labels: list[str], ckpt_dir: Path, winn
         model = build_model(resolved["model"], labels, pretrained=False)
     if resolved["model"].get("lora"):
         apply_lora(model, resolved["model"]["lora"])
+    ckpt_state = read_state(ckpt_dir)  # epoch, step, ZeRO stage, precision of the winning checkpoint
     state = merged_state_dict(ckpt_dir)
     missing, unexpected = model.load_state_dict(state, strict=False)
     persistent = {n for n, _ in model.named_parameters()} | set(model.state_dict())
@@ -354,8 +355,8 @@ def write_best(run: Run, resolved: dict, labels: list[str], ckpt_dir: Path, winn
         "max_length": dcfg["max_length"], "stride": dcfg["stride"], "run": run.id,
         "metric": resolved["train"]["metric"] or winner["metric"],
         # the precision it was trained in; the weights in best/ are the fp32 masters
-        "training_precision": read_state(ckpt_dir).get("precision", resolved["deepspeed"]["precision"]),
-        "zero_stage": read_state(ckpt_dir)["zero_stage"]})
+        "training_precision": ckpt_state.get("precision", resolved["deepspeed"]["precision"]),
+        "zero_stage": ckpt_state["zero_stage"]})
     atomic_write_json(tmp / "metrics.json", metrics)
     atomic_write_json(tmp / "report.json", reports)
     shutil.rmtree(run.best_dir, ignore_errors=True)
