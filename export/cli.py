@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from launcher.cli import _Parser, console, launch, out, process_defaults, run_cli, runs_command
+from launcher.cli import _Parser, bounded, console, launch, out, process_defaults, run_cli, runs_command
 from launcher.errors import Problem, ZeroshipError
 
 
@@ -29,12 +29,13 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     o.add_argument("run")
     o.add_argument("--runs", default="runs", metavar="DIR", help="storage root (default: runs)")
     o.add_argument("--out", metavar="DIR", help="bundle folder (default: runs/RUN/onnx)")
-    o.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    o.add_argument("--opset", type=bounded(int, 14, 20), default=17, help="ONNX opset, 14-20 (default 17)")
     o.add_argument("--optimize", action="store_true", help="apply onnxruntime transformer fusions")
     o.add_argument("--quantize", choices=["int8"], help="dynamic int8 quantization (CPU)")
     o.add_argument("--fp16", action="store_true", help="also write an fp16 variant (GPU)")
-    o.add_argument("--max-length", type=int, metavar="N", help="max tokens per window (default: as trained)")
-    o.add_argument("--max-metric-drop", type=float, default=1.0, metavar="POINTS",
+    o.add_argument("--max-length", type=bounded(int, 8, 1 << 20), metavar="N",
+                   help="max tokens per window, up to the encoder's positions (default: as trained)")
+    o.add_argument("--max-metric-drop", type=bounded(float, -100, 100), default=1.0, metavar="POINTS",
                    help="fail if an optimized/int8/fp16 variant loses more than this (default 1.0)")
     pr = sub.add_parser("predict", help="predict with a bundle (or a run's bundle) using the runtime only")
     pr.add_argument("bundle", help="bundle folder, or a run id whose runs/RUN/onnx to use")
@@ -46,8 +47,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="latency/throughput of PyTorch vs each ONNX variant of RUN's bundle")
     b.add_argument("run")
     b.add_argument("--runs", default="runs", metavar="DIR")
-    b.add_argument("--threads", type=int, default=2)
-    b.add_argument("--repeats", type=int, default=20)
+    b.add_argument("--threads", type=bounded(int, 1, 1024), default=2)
+    b.add_argument("--repeats", type=bounded(int, 1, 100_000), default=20)
     return p
 
 
@@ -81,8 +82,6 @@ def main(argv: list[str] | None = None, prog: str = "export") -> int:
 def cmd_onnx(args) -> int:
     from export.onnx import ExportOptions, ParityError, export_run
 
-    if args.max_length is not None and args.max_length < 8:
-        raise ZeroshipError(Problem("--max-length", f"must be at least 8, got {args.max_length}"))
     opts = ExportOptions(opset=args.opset, optimize=args.optimize, quantize=args.quantize, fp16=args.fp16,
                          max_length=args.max_length, max_metric_drop=args.max_metric_drop,
                          out=Path(args.out) if args.out else None,

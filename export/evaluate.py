@@ -7,6 +7,7 @@ code as training, and prints the per-label report; `--json OUT` also writes metr
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +38,8 @@ def evaluate(args) -> int:
     from launcher.model import load_model
     from launcher.report import print_report
 
+    if args.json:
+        _check_writable(Path(args.json))
     run = resolve_run(args.run, args.runs)
     model, meta = load_model(run.best_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(run.best_dir))
@@ -60,5 +63,18 @@ def evaluate(args) -> int:
     print_report(report, f"{run.id} on {args.data} ({engine})", out)
     out.print("  ".join(f"{k}={v:.4f}" for k, v in result.items()), highlight=False)
     if args.json:
-        Path(args.json).write_text(json.dumps({"engine": engine, "metrics": result, "report": report}, indent=2))
+        try:
+            Path(args.json).write_text(json.dumps({"engine": engine, "metrics": result, "report": report}, indent=2))
+        except OSError as exc:
+            raise ZeroshipError(Problem(f"--json {args.json}", f"cannot be written ({exc.strerror})")) from None
     return 0
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse an output file that cannot be written before the evaluation's work, not after it."""
+    parent = path.parent if str(path.parent) else Path(".")
+    problem = ("is a folder" if path.is_dir() else
+               f"{parent} is not a folder" if not parent.is_dir() else
+               f"{parent} is not writable" if not os.access(parent, os.W_OK | os.X_OK) else "")
+    if problem:
+        raise ZeroshipError(Problem(f"--json {path}", problem, "give a file path in a writable folder"))

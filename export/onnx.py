@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.runtime import VARIANT_FILES, make_session, run_bound, sha256_file
+from export.runtime import VARIANT_FILES, make_session, manifest_problem, run_bound, sha256_file
 from launcher.data import Feature, length_grouped_batches, load_dataset
 from launcher.errors import ExportError, Problem
 from launcher.evaluate import encode, predict, score
@@ -34,6 +34,7 @@ PARITY_MAX_ABS = 1e-4
 # PyTorch's argmax on this share of positions (its metric drop is gated separately)
 FP16_MIN_AGREEMENT = 0.99
 OUTPUT = "logits"
+BESIDE_FILES = {"manifest.json", "bench.json"}  # written into a bundle by zeroship but not listed in it
 
 
 class ParityError(Exception):
@@ -208,13 +209,18 @@ def export_run(run_id: str, runs_dir: str | Path, opts: ExportOptions) -> tuple[
 
     log = opts.log
     run = resolve_run(run_id, runs_dir)
+    # abspath, not resolve: ".." is folded without following a link that `out` itself may be
+    out = Path(os.path.abspath(opts.out)) if opts.out else run.dir / "onnx"
+    check_out(out)
     model, meta = load_model(run.best_dir, attn="eager")
     tokenizer = AutoTokenizer.from_pretrained(str(run.best_dir))
     max_length = opts.max_length or meta["max_length"]
+    positions = getattr(model.encoder.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and max_length > positions:
+        raise ExportError(Problem("--max-length", f"{max_length} is more than the encoder's {positions} positions",
+                                  f"give at most {positions}"))
     val = load_validation(run, meta, tokenizer, max_length)
     pad_id = tokenizer.pad_token_id
-    out = Path(opts.out) if opts.out else run.dir / "onnx"
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; services read the bundle as another user
     try:
@@ -307,6 +313,39 @@ def export_run(run_id: str, runs_dir: str | Path, opts: ExportOptions) -> tuple[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_out(out: Path) -> None:
+    """An export replaces only a bundle it wrote (a valid manifest listing every file in the folder) or an
+    empty folder; anything else at `out` — the user's files, a run's own folder, a plain file — is refused
+    before any work is done, and nothing is deleted."""
+    where = f"--out {out}"
+    fix = "give a new or empty folder, or the folder of an earlier export"
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ExportError(Problem(where, "exists and is not a folder", fix))
+    if out.is_dir():
+        try:
+            entries = {p.name for p in out.iterdir()}
+        except OSError as exc:
+            raise ExportError(Problem(where, f"cannot be read ({exc.strerror})", fix)) from None
+        if entries and not _is_our_bundle(out, entries):
+            raise ExportError(Problem(where, "is a folder that is not a zeroship bundle (no valid manifest, or "
+                                      "files the manifest does not list); an export replaces only a bundle "
+                                      "it wrote", fix))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(Problem(where, f"cannot create its parent folder ({exc.strerror})", fix)) from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise ExportError(Problem(where, f"{out.parent} is not writable", fix))
+
+
+def _is_our_bundle(folder: Path, entries: set[str]) -> bool:
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return not manifest_problem(manifest) and entries <= set(manifest["files"]) | BESIDE_FILES
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

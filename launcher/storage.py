@@ -30,6 +30,7 @@ def is_uri(storage: str | os.PathLike) -> bool:
 
 def check_storage(storage: str) -> None:
     if not is_uri(storage):
+        check_local_root(storage, "run.storage")
         return
     scheme = str(storage).split("://", 1)[0].lower()
     if scheme not in SCHEMES:
@@ -39,6 +40,18 @@ def check_storage(storage: str) -> None:
     if scheme == "file" and not str(storage).startswith("file:///"):
         raise RecipeError(Problem("run.storage", f"{storage!r}: a file:// URI needs an absolute path",
                                   "write file:///abs/path"))
+
+
+def check_local_root(root: str | os.PathLike, field: str) -> None:
+    """A local storage root is a folder, or a path where one can be made (not a file, a FIFO, /dev/null)."""
+    path = Path(root)
+    for parent in (path, *path.parents):
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                what = "is not a folder" if parent == path else f"lies under {parent}, which is not a folder"
+                raise RecipeError(Problem(field, f"{str(root)!r} {what}",
+                                          "give a folder for runs (it is created when missing)"))
+            return
 
 
 def cache_root() -> Path:

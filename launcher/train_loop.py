@@ -112,6 +112,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from launcher.model import apply_freeze, apply_lora, build_model, param_groups, warm_start
     from launcher.recipe import resolve_encoder
     from launcher.regularize import PartitionedL2SP, TaskLoss
+    from launcher.signing import sign_checkpoint, verify_checkpoint, worker_key
 
     # ---------------------------------------------------------------- setup
     recipe, labels, board = config["recipe"], config["labels"], config.get("progress")
@@ -124,6 +125,7 @@ def train_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(recipe["scaling"]["cpus_per_worker"])))
     ds_logger.setLevel("WARNING")
     seed_everything(tcfg["seed"])
+    signing_key = worker_key()
 
     def emit(event: dict, wait: bool = False) -> None:
         if board is not None and rank == 0:
@@ -243,6 +245,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 with open(os.path.join(tmp, STATE_FILE), "w") as fh:
                     json.dump({"epoch": epoch, "step": step, "metrics": metrics, "labels": labels,
                                "zero_stage": stage, "precision": precision}, fh)
+            sign_checkpoint(tmp, signing_key, rank)  # last: it covers every file this rank wrote
             emit({"kind": "eval", **record}, wait=True)
             ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         finally:
@@ -254,6 +257,7 @@ def train_worker(config: dict[str, Any]) -> None:
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as folder:
+            verify_checkpoint(folder, signing_key)  # before DeepSpeed unpickles anything in it
             _, client = engine.load_checkpoint(folder, tag=CKPT_TAG)  # model, optimizer, scheduler
             rng = torch.load(os.path.join(folder, f"rng_rank{rank}.pt"), weights_only=True)
         torch.set_rng_state(rng["torch"])

@@ -130,6 +130,15 @@ def ner_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ner_bundle(ner_run) -> Path:
+    """ner_run's bundle (optimized + int8), shared by the export and hostile-input tests."""
+    res = cli("zeroship", "export", "onnx", ner_run.name, "--runs", str(ner_run.parent), "--optimize",
+              "--quantize", "int8")
+    assert res.returncode == 0, res.stdout + res.stderr
+    return ner_run / "onnx"
+
+
+@pytest.fixture(scope="session")
 def cls_run(tmp_path_factory) -> Path:
     """A tiny sequence-classification run (ZeRO-0, so the stage-0 merge path is covered)."""
     folder = tmp_path_factory.mktemp("cls")

@@ -36,6 +36,8 @@ masters = {id(lp): hp for g16, g32 in zip(getattr(engine.optimizer, "fp16_groups
 folder = tempfile.mkdtemp()
 save_stage0_fp32(engine, folder)
 json.dump({"zero_stage": 0}, open(os.path.join(folder, STATE_FILE), "w"))
+from launcher.signing import load_key, sign_checkpoint
+sign_checkpoint(folder, load_key(), 0)  # the driver merges only signed checkpoints
 back = merged_state_dict(folder)
 out = {"module_dtype": str(next(engine.module.parameters()).dtype), "masters": len(masters)}
 for name, p in engine.module.named_parameters():

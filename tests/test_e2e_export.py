@@ -20,14 +20,6 @@ from launcher.runs import Registry
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def ner_bundle(ner_run) -> Path:
-    res = cli("zeroship", "export", "onnx", ner_run.name, "--runs", str(ner_run.parent), "--optimize",
-              "--quantize", "int8")
-    assert res.returncode == 0, res.stdout + res.stderr
-    return ner_run / "onnx"
-
-
 def torch_entities(run: Path, texts: list[str]) -> list[list[dict]]:
     """Reference predictions straight from the PyTorch model, decoded independently of the runtime:
     transformers tokenizer with offsets, argmax on each word's first subtoken, BIO runs → spans."""

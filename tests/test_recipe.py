@@ -47,6 +47,14 @@ BROKEN_OVERRIDES = [
     (["train.batch_size=[1, 2"], "not valid YAML"),
     (["deepspeed.zero_stage=0", "deepspeed.offload_params=cpu"], "offload_params"),
     (["train.batch_size=[/x]"], "train.batch_size"),  # text that looks like console markup is printed as is
+    # hostile values: YAML 1.1 coercions, non-finite numbers, past Python's integer digit limit
+    (["train.epochs=true"], "got the boolean true"),
+    (["train.epochs=1:30"], "got '1:30'"),
+    (["train.lr=.nan"], "finite number"),
+    (["regularization.l2_sp=1e999"], "finite number"),
+    (["train.seed=" + "9" * 5000], "an integer of 5000 digits is too large"),
+    (["deepspeed.config=" + "[" * 5000 + "]" * 5000], "nested deeper than 64 levels"),
+    (["train={epochs: 2, epochs: 3}"], "duplicate key 'epochs'"),
 ]
 
 
