@@ -8,7 +8,10 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 state="${ZEROSHIP_CLUSTER_DIR:-/tmp/zeroship-cluster}"
 ray="${RAY:-$here/.venv/bin/ray}"
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0   # else --node-ip-address 127.0.0.1 is replaced by the external IP
-export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"  # a loopback-only cluster; set token to keep auth on
+# Token authentication on: without it the job API (arbitrary code) answers anyone who reaches the port.
+# The token is made once per cluster folder; clients pass it with the two variables printed by `up`.
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+token_file="$state/auth_token"
 
 # alive PID: running and not a zombie (a container's PID 1 may never reap the orphaned `ray start`)
 alive() { local st; st=$(ps -o stat= -p "$1" 2>/dev/null) && [ -n "$st" ] && [[ "$st" != Z* ]]; }
@@ -20,6 +23,15 @@ up() {
     echo "already running: $(cat "$state/address")"; exit 0
   fi
   mkdir -p "$state/tmp"
+  local client_env="RAY_AUTH_MODE=disabled"
+  if [ "$RAY_AUTH_MODE" = token ]; then
+    if [ ! -s "$token_file" ]; then
+      (umask 077 && "$here/.venv/bin/python" -c 'import secrets; print(secrets.token_hex(32))' >"$token_file")
+    fi
+    export RAY_AUTH_TOKEN_PATH="$token_file"
+    client_env="RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$token_file"
+  fi
+  echo "export $client_env" >"$state/client.env"
   # every port chosen free, so this cluster never collides with another Ray on the machine
   local gcs dash client agent; gcs=$(free_port); dash=$(free_port); client=$(free_port); agent=$(free_port)
   setsid "$ray" start --head --block --node-ip-address 127.0.0.1 --port "$gcs" \
@@ -48,10 +60,11 @@ up() {
   echo "127.0.0.1:$gcs" >"$state/gcs"
   cat <<MSG
 Ray head on 127.0.0.1:$gcs (dashboard and job API: http://127.0.0.1:$dash), ${1:-0} extra node(s).
+Token authentication: $RAY_AUTH_MODE (every client needs: $client_env)
 Submit a run:
-  RAY_AUTH_MODE=$RAY_AUTH_MODE .venv/bin/ray job submit --address http://127.0.0.1:$dash --working-dir . -- launch recipes/quickstart_ner.yaml
+  $client_env .venv/bin/ray job submit --address http://127.0.0.1:$dash --working-dir . -- launch recipes/quickstart_ner.yaml
 Or launch from this shell into it:
-  RAY_ADDRESS=127.0.0.1:$gcs .venv/bin/launch recipes/quickstart_ner.yaml
+  source $state/client.env; RAY_ADDRESS=127.0.0.1:$gcs .venv/bin/launch recipes/quickstart_ner.yaml
 Stop it:
   cluster/local.sh down
 MSG
@@ -67,7 +80,7 @@ down() {
     kill -KILL -- "-$pid" 2>/dev/null || true
     rm -f "$pidfile"
   done
-  rm -f "$state/address" "$state/gcs"
+  rm -f "$state/address" "$state/gcs" "$state/client.env"  # the token stays: a cluster brought back up keeps it
   echo "stopped the cluster in $state"
 }
 

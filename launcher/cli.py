@@ -67,6 +67,8 @@ def launch_parser(prog: str = "launch") -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN", help="continue RUN (its driver died) from its latest checkpoint")
     p.add_argument("--check", action="store_true", help="validate and print the plan; start nothing")
     p.add_argument("--runs", metavar="DIR", help="storage root for runs (default: the recipe's run.storage)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also stream worker and library logs to the console (always kept in runs/RUN/logs)")
     return p
 
 
@@ -100,7 +102,8 @@ def launch(argv: list[str] | None = None, prog: str = "launch") -> int:
             return 0
         from launcher.driver import launch_run
 
-        return launch_run(recipe, resolved, plan, recipe_path=args.recipe, overrides=args.overrides)
+        return launch_run(recipe, resolved, plan, recipe_path=args.recipe, overrides=args.overrides,
+                          verbose=args.verbose)
 
     return run_cli(go)
 
@@ -117,7 +120,7 @@ def resume(args) -> int:
     plan = build_plan(recipe, resolved, str(run.dir / "recipe.yaml"))
     print_plan(plan, out)
     out.print(f"[bold]{run.id}[/] resuming → {run.dir}")
-    return execute(run, recipe, resolved, plan)
+    return execute(run, recipe, resolved, plan, args.verbose)
 
 
 # ------------------------------------------------------------------ runs

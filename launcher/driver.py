@@ -8,6 +8,7 @@ into place only once complete) → evaluate the merged model again → status `s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -41,7 +42,7 @@ class ClusterError(ZeroshipError):
 
 
 # ------------------------------------------------------------------ Ray
-def connect_ray(recipe: Recipe, storage: str | None = None) -> str:
+def connect_ray(recipe: Recipe, storage: str | None = None, log_to_driver: bool = True) -> str:
     """Join the cluster when one is there, else start a local Ray bound to loopback
     (launcher.ray_session), then check it can run the recipe. Returns a short description."""
     from launcher.ray_session import init_ray
@@ -50,7 +51,7 @@ def connect_ray(recipe: Recipe, storage: str | None = None) -> str:
     if os.environ.get("ZEROSHIP_FAULT"):  # test-only fault hook (train_loop.FaultHook)
         env["ZEROSHIP_FAULT"] = os.environ["ZEROSHIP_FAULT"]
     env[KEY_ENV] = load_key().hex()  # workers sign their checkpoints with it (launcher.signing)
-    where = init_ray(env)
+    where = init_ray(env, log_to_driver)
     if where == "existing ray session":
         return where
     _check_resources(recipe)
@@ -322,7 +323,8 @@ def write_best(run: Run, resolved: dict, labels: list[str], ckpt_dir: Path, winn
         model = build_model(resolved["model"], labels, pretrained=False)
     if resolved["model"].get("lora"):
         apply_lora(model, resolved["model"]["lora"])
-    state = merged_state_dict(ckpt_dir)  # verifies the checkpoint's signatures first
+    with run.logs.quiet() if run.logs else contextlib.nullcontext():  # zero_to_fp32 prints to stdout
+        state = merged_state_dict(ckpt_dir)  # verifies the checkpoint's signatures first
     ckpt_state = read_state(ckpt_dir)  # epoch, step, ZeRO stage, precision of the winning checkpoint
     missing, unexpected = model.load_state_dict(state, strict=False)
     persistent = {n for n, _ in model.named_parameters()} | set(model.state_dict())
@@ -358,7 +360,8 @@ def write_best(run: Run, resolved: dict, labels: list[str], ckpt_dir: Path, winn
 
 
 # ------------------------------------------------------------------ launch
-def launch_run(recipe: Recipe, resolved: dict, plan: Plan, recipe_path: str, overrides: list[str]) -> int:
+def launch_run(recipe: Recipe, resolved: dict, plan: Plan, recipe_path: str, overrides: list[str],
+               verbose: bool = False) -> int:
     """Start a new run: allocate its id, record the resolved recipe, train, keep the winner."""
     reg = Registry(resolved["run"]["storage"])
     run = reg.allocate({"task": recipe.model.task, "recipe": str(Path(recipe_path).resolve()), "overrides": list(overrides),
@@ -367,7 +370,7 @@ def launch_run(recipe: Recipe, resolved: dict, plan: Plan, recipe_path: str, ove
     run.push("recipe.yaml")
     where = f"{run.location} (working copy {run.dir})" if run.remote else str(run.dir)
     console.print(f"[bold]{run.id}[/] started → {where}  (tensorboard --logdir {run.dir / 'tensorboard'})")
-    return execute(run, recipe, resolved, plan)
+    return execute(run, recipe, resolved, plan, verbose)
 
 
 def resume_run(run: Run) -> tuple[Recipe, dict]:
@@ -384,15 +387,22 @@ def resume_run(run: Run) -> tuple[Recipe, dict]:
     return load_recipe(recipe_file)
 
 
-def execute(run: Run, recipe: Recipe, resolved: dict, plan: Plan) -> int:
+def execute(run: Run, recipe: Recipe, resolved: dict, plan: Plan, verbose: bool = False) -> int:
     """Train (or continue training) `run` and write its winner. Same storage and name as any earlier
-    attempt, so Ray Train continues from the latest checkpoint it finds there."""
+    attempt, so Ray Train continues from the latest checkpoint it finds there. Worker and library logs
+    go to the run's logs/ folder (launcher.run_logs); `verbose` streams them to the console too."""
     from launcher.observe import RunLogger
+    from launcher.run_logs import RunLogs
 
     started = time.time()
+    run.logs = RunLogs(run.dir, verbose)
+    run.logs.start()
+    console.print(f"logs: {run.logs.dir}" + ("" if verbose else "  (launch -v streams them here)"), highlight=False)
     try:
-        run.logger = RunLogger(run.dir, run.id, resolved)
-        where = connect_ray(recipe, storage=None if run.remote else str(run.dir.parent))
+        with run.logs.quiet():  # MLflow announces the experiments it creates
+            run.logger = RunLogger(run.dir, run.id, resolved)
+        where = connect_ray(recipe, storage=None if run.remote else str(run.dir.parent), log_to_driver=verbose)
+        run.logs.reroute()  # ray.init may configure Ray's loggers again
         console.print(f"ray: {where}")
         run.update(state="running", error=None)
         extra: dict[str, Any] = {}
@@ -428,10 +438,16 @@ def execute(run: Run, recipe: Recipe, resolved: dict, plan: Plan) -> int:
     except Exception as exc:
         reason = _describe_failure(exc, recipe.scaling.timeout_s)
         _fail(run, reason)
+        run.logs.collect_workers()
         console.print(f"[bold red]{run.id} failed:[/] {escape(reason)}", highlight=False)
+        tail = "" if verbose else run.logs.error_tail()
+        if tail:
+            console.print(f"[dim]{escape(tail)}[/]", highlight=False)
+        console.print(f"logs: {run.logs.dir}", highlight=False)
         if os.environ.get("ZEROSHIP_DEBUG"):
             traceback.print_exc()
         return 1
+    run.logs.collect_workers()
     if extra.get("cross_validation"):
         print_cv(extra["cross_validation"], recipe.metric, extra["k"])
     elif extra.get("trials"):

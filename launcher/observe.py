@@ -8,6 +8,8 @@ shows them side by side).
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,16 +48,25 @@ class RunLogger:
     def __init__(self, run_dir: Path, run_id: str, resolved: dict):
         self.root = Path(run_dir) / "tensorboard"
         self.writers: dict[str, Any] = {}
-        self.mlflow = None
+        self.mlflow = None  # MlflowClient; calls name the run explicitly: the progress view logs from its
+        self.mlflow_run = ""  # own thread, where mlflow's thread-local "active run" would be a new, empty one
         uri = resolved.get("run", {}).get("mlflow_uri")
         if uri:
-            import mlflow
+            from mlflow.entities import Param
+            from mlflow.tracking import MlflowClient
 
-            mlflow.set_tracking_uri(uri)
-            mlflow.set_experiment(resolved["run"].get("name") or "zeroship")
-            mlflow.start_run(run_name=run_id)
-            mlflow.log_params({k: str(v)[:500] for k, v in flatten(resolved).items()})
-            self.mlflow = mlflow
+            if "://" not in uri or uri.startswith("file:"):
+                # MLflow 3 keeps its folder store only on request; a folder named in the recipe is one
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            client = MlflowClient(tracking_uri=uri)
+            name = resolved["run"].get("name") or "zeroship"
+            experiment = client.get_experiment_by_name(name)
+            experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+            self.mlflow_run = client.create_run(experiment_id, run_name=run_id).info.run_id
+            params = [Param(k, str(v)[:500]) for k, v in flatten(resolved).items()]
+            for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+                client.log_batch(self.mlflow_run, params=params[i:i + 100])
+            self.mlflow = client
 
     def _writer(self, trial: str):
         if trial not in self.writers:
@@ -71,14 +82,17 @@ class RunLogger:
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, step)
         if self.mlflow is not None and scalars:
-            prefix = f"{trial}/" if trial else ""
-            self.mlflow.log_metrics({prefix + t.replace("/", "_"): v for t, v in scalars.items()}, step=step)
+            from mlflow.entities import Metric
+
+            prefix, now = (f"{trial}/" if trial else ""), int(time.time() * 1000)
+            self.mlflow.log_batch(self.mlflow_run, metrics=[Metric(prefix + t.replace("/", "_"), v, now, step)
+                                                            for t, v in scalars.items()])
 
     def close(self, state: str | None = None) -> None:
         for writer in self.writers.values():
             writer.close()
         if self.mlflow is not None:
-            self.mlflow.end_run(status="FINISHED" if state in (None, "succeeded") else "FAILED")
+            self.mlflow.set_terminated(self.mlflow_run, "FINISHED" if state in (None, "succeeded") else "FAILED")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -10,16 +10,17 @@ import os
 from typing import Any
 
 
-def init_ray(env_vars: dict[str, str] | None = None) -> str:
+def init_ray(env_vars: dict[str, str] | None = None, log_to_driver: bool = True) -> str:
     """`ray.init` against RAY_ADDRESS when set (as under `ray job submit`), else a local Ray whose
-    listeners bind 127.0.0.1 (ZEROSHIP_RAY_TMPDIR picks its temp folder). Returns where it is."""
+    listeners bind 127.0.0.1 (ZEROSHIP_RAY_TMPDIR picks its temp folder). Returns where it is.
+    `log_to_driver`: stream the workers' stdout/stderr to this process's console (else only Ray's files)."""
     import ray
 
     if ray.is_initialized():
         return "existing ray session"
     runtime_env = {"env_vars": dict(env_vars or {})}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env, log_to_driver=True)
+        ray.init(runtime_env=runtime_env, log_to_driver=log_to_driver)
         return f"cluster at {os.environ['RAY_ADDRESS']}"
     # The dashboard serves the State API that Ray Train's placement-group cleaner polls; without
     # it the driver log fills with "Failed to query Ray Train Controller actor state".
@@ -28,6 +29,22 @@ def init_ray(env_vars: dict[str, str] | None = None) -> str:
     # the CLI entry points set it (launcher.cli.process_defaults).
     if os.environ.get("ZEROSHIP_RAY_TMPDIR"):
         kwargs["_temp_dir"] = os.environ["ZEROSHIP_RAY_TMPDIR"]
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", runtime_env=runtime_env, log_to_driver=True, **kwargs)
+    # Ray Train's placement-group cleaner (an actor) asks the State API about the controller; without an
+    # explicit address it looks for "the" local Ray, and fails with "Found multiple active Ray instances"
+    # when another launch on this machine runs its own. So this Ray's dashboard gets a port chosen here,
+    # and every process of the job (and this driver) is told where it is.
+    port = _free_loopback_port()
+    api = f"http://127.0.0.1:{port}"
+    runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = api
+    os.environ["RAY_API_SERVER_ADDRESS"] = api
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             _node_ip_address="127.0.0.1", runtime_env=runtime_env, log_to_driver=log_to_driver, **kwargs)
     return f"local ray ({os.cpu_count()} CPUs, 127.0.0.1)"
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

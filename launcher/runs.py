@@ -71,6 +71,7 @@ class Run:
     id: str
     dir: Path
     logger: Any = field(default=None, compare=False, repr=False)  # launcher.observe.RunLogger while training
+    logs: Any = field(default=None, compare=False, repr=False)  # launcher.run_logs.RunLogs while training
     remote: RemoteStore | None = field(default=None, compare=False, repr=False)  # storage on a URI
 
     @property

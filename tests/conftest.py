@@ -109,6 +109,7 @@ def train_run(folder: Path, ray_dir: str, **sections) -> Path:
     recipe = tiny_ner_recipe(folder, **sections)
     res = cli("launch", str(recipe), env={"ZEROSHIP_RAY_TMPDIR": ray_dir})
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    (folder / "console.txt").write_text(res.stdout + res.stderr)  # what the user saw (test_console.py)
     runs = sorted((folder / "runs").glob("run-*"), key=lambda p: int(p.name.split("-")[1]))
     return runs[-1]
 
@@ -123,10 +124,75 @@ CLS_SECTIONS = dict(
 
 @pytest.fixture(scope="session")
 def ner_run(tmp_path_factory) -> Path:
-    """A tiny NER run (ZeRO-2, 2 workers, 2 epochs), shared by the training and export tests."""
+    """A tiny NER run (ZeRO-2, 2 workers, 2 epochs), shared by the training and export tests. It also
+    logs to an MLflow file store (`<folder>/mlruns`), which test_mlflow.py reads back."""
     folder = tmp_path_factory.mktemp("ner")
     with tempfile.TemporaryDirectory(prefix="zs-", dir="/tmp") as ray_dir:
-        return train_run(folder, ray_dir, train={"epochs": 2})
+        return train_run(folder, ray_dir, train={"epochs": 2}, run={"mlflow_uri": str(folder / "mlruns")})
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend), for the whole session; yields its URL."""
+    import time
+    import urllib.request
+
+    folder = tmp_path_factory.mktemp("mlflow")
+    url = f"http://127.0.0.1:{free_port()}"
+    log = open(folder / "server.log", "w")
+    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
+                             "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+                             "--default-artifact-root", str(folder / "artifacts"), "--workers", "1"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, (folder / "server.log").read_text()[-3000:]
+            time.sleep(1)
+        yield url
+    finally:
+        stop_process_group(proc, 30)
+        log.close()
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: int) -> None:
+    """SIGTERM the process group a test started (start_new_session=True), SIGKILL it after `timeout`."""
+    import signal
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+PAYLOAD = """
+import os, sys, torch
+class Payload:
+    def __reduce__(self):
+        return (os.mkdir, (sys.argv[2],))
+torch.save({"module": Payload()}, sys.argv[1])
+"""
+
+
+def plant_payload(target: Path, marker: Path) -> None:
+    """Overwrite a checkpoint file with a pickle that, if anything unpickles it, creates `marker`."""
+    subprocess.run([str(BIN / "python"), "-c", PAYLOAD, str(target), str(marker)], check=True)
 
 
 @pytest.fixture(scope="session")
@@ -139,8 +205,9 @@ def ner_bundle(ner_run) -> Path:
 
 
 @pytest.fixture(scope="session")
-def cls_run(tmp_path_factory) -> Path:
-    """A tiny sequence-classification run (ZeRO-0, so the stage-0 merge path is covered)."""
+def cls_run(tmp_path_factory, mlflow_server) -> Path:
+    """A tiny sequence-classification run (ZeRO-0, so the stage-0 merge path is covered); it logs to the
+    session's MLflow server, which test_mlflow.py reads back."""
     folder = tmp_path_factory.mktemp("cls")
     with tempfile.TemporaryDirectory(prefix="zs-", dir="/tmp") as ray_dir:
-        return train_run(folder, ray_dir, **CLS_SECTIONS)
+        return train_run(folder, ray_dir, **CLS_SECTIONS, run={"mlflow_uri": mlflow_server, "name": "cls-tests"})

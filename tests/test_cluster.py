@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -43,9 +44,63 @@ def test_kuberay_rayjob_has_the_fields_kuberay_needs():
         assert container["volumeMounts"][0]["mountPath"] == "/mnt/shared"
 
 
+def _containers(node, found=None) -> list[dict]:
+    found = [] if found is None else found
+    if isinstance(node, dict):
+        found += [c for c in node.get("containers", []) if isinstance(c, dict)]
+        for value in node.values():
+            _containers(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            _containers(value, found)
+    return found
+
+
+@pytest.mark.parametrize("name", ["kuberay-rayjob.yaml", "kuberay-rayservice.yaml"])
+def test_every_kuberay_pod_runs_with_token_auth(name):
+    containers = _containers(yaml.safe_load((ROOT / "cluster" / name).read_text()))
+    assert len(containers) >= 2 + (name == "kuberay-rayjob.yaml")  # head, workers (and the job submitter)
+    for container in containers:
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", container["name"]
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "zeroship-ray-token", container["name"]
+
+
+def test_ray_up_cluster_runs_with_token_auth():
+    config = yaml.safe_load((ROOT / "cluster/aws-gpu.yaml").read_text())
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        starts = [c for c in commands if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token" in c for c in starts)
+    assert config["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+
+
 def test_large_recipe_uses_the_shared_mount():
     recipe = yaml.safe_load((ROOT / "recipes/large_ner.yaml").read_text())
     assert recipe["run"]["storage"].startswith("/mnt/shared/")
+
+
+def check_job_api_needs_the_token(address: str, token: str, env: dict) -> None:
+    """The head's job-submission API (arbitrary code on the cluster) refuses requests without the token:
+    raw HTTP, Ray's own client without a token, and with a wrong one; with the token a job runs."""
+    for headers in ({}, {"Authorization": "Bearer " + "0" * 64}):
+        request = urllib.request.Request(f"{address}/api/jobs/", method="POST", headers=headers,
+                                         data=b'{"entrypoint": "touch /tmp/zeroship-unauthenticated-job"}')
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=10)
+        assert err.value.code in (401, 403)  # no token: 401; a wrong one: 403
+    request = urllib.request.Request(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        assert resp.status == 200
+    ray_bin = env["RAY"]
+    submit = [ray_bin, "job", "submit", "--address", address, "--", "echo", "hello-from-job"]
+    for client in ({"RAY_AUTH_MODE": "disabled"}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "f" * 64}):
+        res = subprocess.run(submit, env={**env, **client}, capture_output=True, text=True, timeout=120)
+        assert res.returncode != 0 and "hello-from-job" not in res.stdout
+        assert "Unauthorized" in res.stdout + res.stderr or "authentication" in (res.stdout + res.stderr).lower()
+    res = subprocess.run(submit, env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(Path(env["ZEROSHIP_CLUSTER_DIR"]) / "auth_token")},
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0 and "hello-from-job" in res.stdout, res.stdout + res.stderr
+    assert not Path("/tmp/zeroship-unauthenticated-job").exists()
 
 
 def test_local_cluster_up_and_down(tmp_path):
@@ -57,9 +112,11 @@ def test_local_cluster_up_and_down(tmp_path):
         assert up.returncode == 0, up.stderr
         address = (state / "address").read_text().strip()
         assert address.startswith("http://127.0.0.1:") and "ray job submit --address" in up.stdout
-        with urllib.request.urlopen(f"{address}/api/version", timeout=10) as resp:
-            assert resp.status == 200
         pid = int((state / "head.pid").read_text())
+        token_file = state / "auth_token"
+        assert token_file.stat().st_mode & 0o077 == 0  # readable by its owner only
+        token = token_file.read_text().strip()
+        check_job_api_needs_the_token(address, token, env)
     finally:
         down = subprocess.run(["bash", str(ROOT / "cluster/local.sh"), "down"], env=env, capture_output=True,
                               text=True, timeout=120)

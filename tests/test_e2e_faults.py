@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, ROOT, cli, tiny_ner_recipe
+from conftest import BIN, ROOT, cli, plant_payload, tiny_ner_recipe
 
 pytestmark = pytest.mark.e2e
 
@@ -113,19 +113,6 @@ def test_hung_rank_fails_the_run_at_the_collective_timeout(tmp_path, ray_tmp):
     assert not (run / "best").exists()
     assert time.time() - started < 300  # bounded: the timeout, not the test's own limit, ended it
 
-
-PAYLOAD = """
-import os, sys, torch
-class Payload:
-    def __reduce__(self):
-        return (os.mkdir, (sys.argv[2],))
-torch.save({"module": Payload()}, sys.argv[1])
-"""
-
-
-def plant_payload(target: Path, marker: Path) -> None:
-    """Overwrite a checkpoint file with a pickle that, if unpickled, creates `marker`."""
-    subprocess.run([str(BIN / "python"), "-c", PAYLOAD, str(target), str(marker)], check=True)
 
 
 def test_planted_checkpoint_is_refused_on_resume_and_never_unpickled(tmp_path, ray_tmp):

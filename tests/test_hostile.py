@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import BIN, TOY_NER, cli
+from conftest import TOY_NER, cli, plant_payload
 
 from launcher.data import read_conll, read_csv, read_jsonl
 from launcher.errors import DataError
@@ -287,15 +287,6 @@ def test_an_unlisted_tokenizer_cannot_be_swapped_in(ner_bundle, tmp_path):
 
 # ------------------------------------------------------------------ checkpoints
 
-PAYLOAD = """
-import os, sys, torch
-class Payload:
-    def __reduce__(self):
-        return (os.mkdir, (sys.argv[2],))
-torch.save({"module": Payload()}, sys.argv[1])
-"""
-
-
 def _checkpoint_copy(ner_run: Path, tmp_path: Path) -> Path:
     src = sorted((ner_run / "ray").rglob("zeroship_state.json"))[-1].parent
     dst = tmp_path / "ckpt"
@@ -305,16 +296,13 @@ def _checkpoint_copy(ner_run: Path, tmp_path: Path) -> Path:
 
 @e2e
 def test_driver_merge_refuses_a_planted_pickle_before_unpickling(ner_run, tmp_path):
-    import subprocess
-
     from launcher.checkpoint import merged_state_dict
     from launcher.signing import CheckpointError
 
     ckpt = _checkpoint_copy(ner_run, tmp_path)
     assert merged_state_dict(ckpt)  # signed by the run's workers: merges
     marker = tmp_path / "payload-ran"
-    subprocess.run([str(BIN / "python"), "-c", PAYLOAD, str(ckpt / "zero" / "mp_rank_00_model_states.pt"),
-                    str(marker)], check=True)
+    plant_payload(ckpt / "zero" / "mp_rank_00_model_states.pt", marker)
     with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt was changed"):
         merged_state_dict(ckpt)
     assert not marker.exists()
