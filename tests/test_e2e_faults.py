@@ -59,13 +59,29 @@ def test_dead_worker_resumes_from_checkpoint(tmp_path, ray_tmp, uninterrupted):
 def test_dead_worker_without_retries_fails_the_run(tmp_path, ray_tmp):
     marker = tmp_path / "fault-fired"
     recipe = tiny_ner_recipe(tmp_path, **FAULTY)  # max_failures: 0
-    res = cli("launch", str(recipe), env={"ZEROSHIP_FAULT": f"0:7:{marker}", "ZEROSHIP_RAY_TMPDIR": ray_tmp})
+    res = cli("launch", str(recipe), env={"ZEROSHIP_FAULT": f"0:7:{marker}", "ZEROSHIP_RAY_TMPDIR": ray_tmp,
+                                          "COLUMNS": "400"})  # no wrapping inside the paths checked below
     assert res.returncode == 1
     run = only_run(tmp_path)
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "failed" and "rank 0" in status["error"], status
     assert not (run / "best").exists() and not (run / ".best.tmp").exists()
-    assert f"{run.name} failed" in res.stdout
+    assert f"{run.name} failed" in res.stdout and f"logs: {run / 'logs'}" in res.stdout
+
+    # Someone who can write the run's storage swaps a shard for a pickle payload: --resume refuses the
+    # checkpoint (its signature does not match) before DeepSpeed loads it, and the payload never runs.
+    shards = sorted((run / "ray").rglob("mp_rank_00_model_states.pt"))
+    assert shards, "the failed run kept no checkpoint"
+    payload_ran = tmp_path / "payload-ran"
+    for shard in shards:
+        plant_payload(shard, payload_ran)
+    res = cli("launch", "--resume", run.name, "--runs", str(run.parent), env={"ZEROSHIP_RAY_TMPDIR": ray_tmp})
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and "checkpoint refused before loading" in status["error"], status
+    assert "mp_rank_00_model_states.pt was changed" in status["error"]
+    assert not payload_ran.exists()  # nothing was unpickled
+    assert not (run / "best").exists()
 
 
 def test_resume_after_driver_killed(tmp_path, ray_tmp, uninterrupted):
@@ -112,25 +128,3 @@ def test_hung_rank_fails_the_run_at_the_collective_timeout(tmp_path, ray_tmp):
     assert "scaling.timeout_s=15" in res.stdout and f"{run.name} failed" in res.stdout
     assert not (run / "best").exists()
     assert time.time() - started < 300  # bounded: the timeout, not the test's own limit, ended it
-
-
-
-def test_planted_checkpoint_is_refused_on_resume_and_never_unpickled(tmp_path, ray_tmp):
-    """Someone who can write the run's storage swaps a shard for a pickle payload: --resume refuses the
-    checkpoint (its signature does not match) before DeepSpeed loads it, and the payload never runs."""
-    recipe = tiny_ner_recipe(tmp_path, **FAULTY)  # max_failures 0: the fault at step 13 fails the run
-    res = cli("launch", str(recipe), env={"ZEROSHIP_FAULT": f"0:13:{tmp_path / 'fired'}", "ZEROSHIP_RAY_TMPDIR": ray_tmp})
-    assert res.returncode == 1, res.stderr[-3000:]
-    run = only_run(tmp_path)
-    shards = sorted((run / "ray").rglob("mp_rank_00_model_states.pt"))
-    assert shards, "the failed run kept no checkpoint"
-    marker = tmp_path / "payload-ran"
-    for shard in shards:
-        plant_payload(shard, marker)
-    res = cli("launch", "--resume", run.name, "--runs", str(run.parent), env={"ZEROSHIP_RAY_TMPDIR": ray_tmp})
-    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
-    status = json.loads((run / "status.json").read_text())
-    assert status["state"] == "failed" and "checkpoint refused before loading" in status["error"], status
-    assert "mp_rank_00_model_states.pt was changed" in status["error"]
-    assert not marker.exists()  # nothing was unpickled
-    assert not (run / "best").exists()

@@ -14,7 +14,7 @@ import pytest
 from conftest import TOY_NER, cli, plant_payload
 
 from launcher.data import read_conll, read_csv, read_jsonl
-from launcher.errors import DataError
+from launcher.errors import DataError, RunError
 from launcher.runs import Registry
 
 e2e = pytest.mark.e2e  # the tests that need a trained run (conftest's shared ner_run / ner_bundle)
@@ -119,7 +119,10 @@ def test_one_damaged_status_does_not_break_the_listing(tmp_path):
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
     assert "eval_f1=0.5000" in res.stdout  # the good run is listed
     assert res.stdout.count("unreadable") == len(BAD_STATUS)
-    for n in range(2, len(BAD_STATUS) + 2):
+    for n in range(2, len(BAD_STATUS) + 2):  # every shape, in process
+        with pytest.raises(RunError, match="corrupt status file"):
+            reg.get(str(n)).status()
+    for n in (2, 5, 10):  # and through each command that reads a status (a process each: a few)
         for args in (("zeroship", "runs", "show", str(n)), ("zeroship", "export", "onnx", str(n)),
                      ("launch", "--resume", str(n))):
             res = cli(*args, "--runs", str(tmp_path), timeout=120)
@@ -127,20 +130,23 @@ def test_one_damaged_status_does_not_break_the_listing(tmp_path):
             assert "corrupt status file" in res.stderr, (args, res.stderr)
 
 
-@pytest.mark.parametrize("run_id", ["٤٢", "run-٤٢", "４２", "run-00000000001", "run-1/../../x", "-1"])
-def test_only_ascii_run_ids(tmp_path, run_id):
-    Registry(tmp_path).allocate()
-    res = cli("zeroship", "runs", "show", run_id, "--runs", str(tmp_path))
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert "not a run id" in res.stderr or "no run" in res.stderr
+def test_only_ascii_run_ids(tmp_path):
+    reg = Registry(tmp_path)
+    reg.allocate()
+    for run_id in ["٤٢", "run-٤٢", "４２", "run-00000000001", "run-1/../../x", "-1", "run-1\x00"]:
+        with pytest.raises(RunError, match="not a run id"):
+            reg.get(run_id)
+    res = cli("zeroship", "runs", "show", "٤٢", "--runs", str(tmp_path))
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "not a run id" in res.stderr
 
 
 @pytest.mark.parametrize("root", ["file", "/dev/null", "under-file"])
 def test_storage_root_that_is_not_a_folder_exits_2(tmp_path, root):
     (tmp_path / "file").write_text("x")
     root = {"file": str(tmp_path / "file"), "/dev/null": "/dev/null", "under-file": str(tmp_path / "file" / "runs")}[root]
-    for args in (("zeroship", "runs"), ("zeroship", "export", "onnx", "latest"),
-                 ("launch", "recipes/quickstart_ner.yaml", "--check")):
+    commands = [("zeroship", "runs"), ("zeroship", "export", "onnx", "latest"),
+                ("launch", "recipes/quickstart_ner.yaml", "--check")]
+    for args in commands if root == "/dev/null" else commands[:1]:
         res = cli(*args, "--runs", root, timeout=120)
         assert res.returncode == 2 and "Traceback" not in res.stderr, (args, res.stderr)
         assert "not a folder" in res.stderr, (args, res.stderr)
@@ -177,13 +183,16 @@ def test_export_out_never_replaces_what_zeroship_did_not_write(ner_run, tmp_path
 
 
 @e2e
-def test_export_into_an_empty_folder_or_over_its_own_bundle(ner_run, tmp_path):
-    out = tmp_path / "empty"
-    out.mkdir()
-    for _ in range(2):  # the second export replaces the first one's bundle (recognised by its manifest)
-        res = cli("zeroship", "export", "onnx", ner_run.name, "--runs", str(ner_run.parent), "--out", str(out))
+def test_export_into_an_empty_folder_or_over_its_own_bundle(ner_run, ner_bundle, tmp_path):
+    empty, out = tmp_path / "empty", tmp_path / "earlier"
+    empty.mkdir()
+    shutil.copytree(ner_bundle, out)  # an earlier export's bundle, recognised by its manifest
+    earlier = out.stat().st_ino
+    for target in (empty, out):
+        res = cli("zeroship", "export", "onnx", ner_run.name, "--runs", str(ner_run.parent), "--out", str(target))
         assert res.returncode == 0, res.stderr[-2000:]
-        assert (out / "manifest.json").is_file()
+        assert (target / "manifest.json").is_file()
+    assert out.stat().st_ino != earlier  # the earlier bundle was swapped for the new one
     (out / "mine.txt").write_text("a file the bundle does not list")
     res = cli("zeroship", "export", "onnx", ner_run.name, "--runs", str(ner_run.parent), "--out", str(out))
     assert res.returncode == 2 and "not a zeroship bundle" in res.stderr

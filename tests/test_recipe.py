@@ -152,3 +152,12 @@ def test_fgm_refused_on_zero3_but_l2_sp_accepted():
         load_recipe(ROOT / "recipes/quickstart_ner.yaml", ["deepspeed.zero_stage=3", "regularization.fgm_epsilon=0.1"])
     recipe, _ = load_recipe(ROOT / "recipes/quickstart_ner.yaml", ["deepspeed.zero_stage=3", "regularization.l2_sp=0.01"])
     assert recipe.regularization.l2_sp == 0.01
+
+
+def test_check_warns_when_this_machine_cannot_place_the_workers():
+    # a cluster recipe may be checked on a laptop, so this is a warning (a local launch refuses it with exit 2)
+    res = cli("launch", "--check", "recipes/quickstart_ner.yaml", "scaling.workers=64", env={"COLUMNS": "400"})
+    assert res.returncode == 0, res.stderr
+    out = res.stdout + res.stderr
+    assert "a launch on this machine would refuse: 64 workers × 1 CPU = 64 CPUs, but this machine has" in out
+    assert "RAY_ADDRESS=<head>:6379 launch --check" in out
