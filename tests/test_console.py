@@ -45,14 +45,15 @@ def _ray_processes(tmp: str) -> list[str]:
 
 def test_two_launches_at_once_each_use_only_their_own_ray(tmp_path):
     procs = []
-    for name in ("a", "b"):
+    for name in ("a", "b"):  # b runs with -v: its workers' output streams to its console
         folder = tmp_path / name
         folder.mkdir()
         recipe = tiny_ner_recipe(folder, scaling={"workers": 1}, deepspeed={"zero_stage": 0},
                                  model={"num_hidden_layers": 1})
         ray_tmp = f"/tmp/zs-{name}{os.getpid()}"
         env = {**os.environ, "ZEROSHIP_RAY_TMPDIR": ray_tmp}
-        procs.append((folder, ray_tmp, subprocess.Popen([str(BIN / "launch"), str(recipe)], cwd=ROOT, env=env,
+        args = [str(BIN / "launch"), str(recipe)] + (["-v"] if name == "b" else [])
+        procs.append((folder, ray_tmp, subprocess.Popen(args, cwd=ROOT, env=env,
                                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
     outputs = [proc.communicate(timeout=900)[0] for _, _, proc in procs]
     for (folder, ray_tmp, proc), output in zip(procs, outputs):
@@ -62,7 +63,11 @@ def test_two_launches_at_once_each_use_only_their_own_ray(tmp_path):
         for text in (output, logs):
             assert "Found multiple active Ray instances" not in text
             assert "Failed to query Ray Train Controller" not in text
-        assert not [line for line in output.splitlines() if "error" in line.lower()], output[-3000:]
+        if folder.name == "a":  # quiet: only its own lines, none of them an error
+            assert "(RayTrainWorker" not in output
+            assert not [line for line in output.splitlines() if "error" in line.lower()], output[-3000:]
+        else:
+            assert "(RayTrainWorker" in output  # -v streams the workers' output
     deadline = time.time() + 60  # Ray's processes take a moment to exit after the driver does
     while time.time() < deadline and any(_ray_processes(t) for _, t, _ in procs):
         time.sleep(1)
