@@ -31,8 +31,6 @@ class RunLogs:
         self.verbose = verbose
         self.driver_log = self.dir / "driver.log"
         self._handler: logging.Handler | None = None
-        self._removed: list[tuple[logging.Logger, logging.Handler]] = []
-        self._saved: list[tuple[logging.Logger, bool]] = []
 
     def start(self) -> None:
         """Send the library loggers of this process to driver.log (and, unless verbose, only there)."""
@@ -55,12 +53,10 @@ class RunLogs:
             logger = logging.getLogger(name)
             if self._handler not in logger.handlers:  # levels stay the libraries' own
                 logger.addHandler(self._handler)
-                self._saved.append((logger, logger.propagate))
             if not self.verbose:
                 for handler in list(logger.handlers):
                     if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                         logger.removeHandler(handler)
-                        self._removed.append((logger, handler))
                 logger.propagate = False
 
     @contextlib.contextmanager
@@ -111,16 +107,3 @@ class RunLogs:
             if "Traceback" in text or "Error" in text:
                 return f"{path}:\n" + "\n".join(text.rstrip().splitlines()[-lines:])
         return ""
-
-    def close(self) -> None:
-        """Give the loggers back their console handlers (for in-process callers; the CLI just exits)."""
-        for logger, handler in self._removed:
-            logger.addHandler(handler)
-        for logger, propagate in self._saved:
-            logger.propagate = propagate
-            if self._handler is not None:
-                logger.removeHandler(self._handler)
-        self._removed, self._saved = [], []
-        if self._handler is not None:
-            self._handler.close()
-            self._handler = None
