@@ -15,17 +15,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, ROOT, cli, stop_process_group, tiny_ner_recipe
+from conftest import BIN, ROOT, cli, free_port, stop_process_group, tiny_ner_recipe
 
 pytestmark = pytest.mark.e2e
 
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
@@ -104,7 +98,7 @@ def two_nodes(ray_tmp, monkeypatch):
     os.makedirs(os.path.join(ray_tmp, "ray"), exist_ok=True)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "node_ip_address": "127.0.0.1", "temp_dir": ray_tmp, "include_dashboard": True,
-        "dashboard_host": "127.0.0.1", "dashboard_port": _free_port()})
+        "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})
     cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     cluster.wait_for_nodes()
     try:
@@ -162,11 +156,11 @@ def test_ray_job_submit_and_its_exit_code(tmp_path, ray_tmp):
     """`ray job submit -- launch recipes/quickstart_ner.yaml` against a head this test starts on
     loopback; a recipe that cannot run makes the job, and `ray job submit`, fail."""
     env = {**os.environ, **LOOPBACK_ENV, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
          "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-         "--dashboard-agent-listen-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
+         "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
          "--temp-dir", ray_tmp, "--num-cpus", "2", "--include-dashboard", "true"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

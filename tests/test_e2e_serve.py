@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import BIN, ROOT, TOY_NER, cli
+from conftest import BIN, ROOT, TOY_NER, cli, free_port
 
 from export.runtime import Predictor
 from launcher.data import read_conll
@@ -23,12 +23,6 @@ from launcher.data import read_conll
 pytestmark = pytest.mark.e2e
 
 TEXTS = [" ".join(ex.tokens) for ex in read_conll(str(TOY_NER / "validation.conll"))[:40]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http(url: str, body: bytes | None = None, timeout: float = 60) -> tuple[int, dict]:

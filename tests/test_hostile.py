@@ -341,3 +341,12 @@ def test_checkpoint_verification_refuses_added_missing_unsigned_and_foreign(ner_
         sig.unlink()
     with pytest.raises(CheckpointError, match="carries no zeroship signature"):
         verify_checkpoint(ckpt, key)
+
+
+def test_signing_key_is_private_and_where_zeroship_key_file_says(tmp_path, monkeypatch):
+    from launcher.signing import load_key
+
+    monkeypatch.setenv("ZEROSHIP_KEY_FILE", str(tmp_path / "keys" / "k"))
+    key = load_key()
+    assert len(key) == 32 and (tmp_path / "keys" / "k").stat().st_mode & 0o077 == 0
+    assert load_key() == key  # made once, then reused
