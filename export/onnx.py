@@ -3,8 +3,9 @@
 Steps: rebuild the model (eager attention, so onnxruntime's BERT fusions can match the graph) →
 `torch.onnx.export` with dynamic batch/sequence axes → `onnx.checker` → parity against PyTorch on
 real validation batches (fp32 must agree to 1e-4 with identical argmax, else the export fails) →
-optional fusions / int8 / fp16, each re-evaluated on the validation split → bundle written into a
-temp folder and renamed into place only when complete, manifest last.
+optional fusions / int8 / fp16, each re-evaluated on the validation split and held to the metric
+budget (int8: see export/quantize.py) → bundle written into a temp folder and renamed into place only
+when complete, manifest last.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from export.quantize import (
+    CALIBRATION_WINDOWS,
+    METHODS,
+    SENSITIVITY_BATCHES,
+    Int8Builder,
+    pad_feeds,
+    sample_indices,
+)
 from export.runtime import VARIANT_FILES, make_session, manifest_problem, run_bound, sha256_file
 from launcher.data import Feature, length_grouped_batches, load_dataset
 from launcher.errors import ExportError, Problem
@@ -33,6 +42,10 @@ PARITY_MAX_ABS = 1e-4
 # fp16 rounds logits to ~3 significant digits, which can flip a near-tie: the variant must agree with
 # PyTorch's argmax on this share of positions (its metric drop is gated separately)
 FP16_MIN_AGREEMENT = 0.99
+# int8 is held to the metric budget; this floor on argmax agreement with PyTorch (on labelled positions)
+# catches a broken graph whose metric happens to survive
+INT8_MIN_AGREEMENT = 0.97
+DEFAULT_MAX_METRIC_DROP = 0.5  # points of the run's metric (× 100)
 OUTPUT = "logits"
 BESIDE_FILES = {"manifest.json", "bench.json"}  # written into a bundle by zeroship but not listed in it
 
@@ -46,10 +59,10 @@ class ExportOptions:
     out: Path | None = None
     opset: int = 17
     optimize: bool = False
-    quantize: str | None = None  # "int8"
+    quantize: str | None = None  # "int8" (the faster of dynamic/static within budget), "int8-dynamic", "int8-static"
     fp16: bool = False
     max_length: int | None = None
-    max_metric_drop: float = 1.0  # points (metric × 100)
+    max_metric_drop: float = DEFAULT_MAX_METRIC_DROP
     parity_batches: int = 8
     log: Any = print
 
@@ -62,7 +75,7 @@ class Validation:
     features: list[Feature]
     batches: list[list[int]]
     metric: str
-    extra: dict = field(default_factory=dict)
+    calibration: list[Feature] = field(default_factory=list)  # a seeded sample of the training split
 
 
 def resolve_run(run_id: str, runs_dir: str | Path) -> Run:
@@ -85,7 +98,11 @@ def load_validation(run: Run, meta: dict, tokenizer, max_length: int, batch_size
     examples = ds.splits["validation"].examples
     feats = encode(meta["task"], tokenizer, examples, meta["labels"], max_length, meta["stride"])
     batches = length_grouped_batches([len(f.input_ids) for f in feats], batch_size, 0, shuffle=False)
-    return Validation(examples, feats, batches, meta.get("metric") or "eval_f1")
+    train = ds.splits["train"].examples
+    seed = int(recipe.get("train", {}).get("seed", 0))
+    picked = [train[i] for i in sample_indices(len(train), CALIBRATION_WINDOWS, seed)]
+    calibration = encode(meta["task"], tokenizer, picked, meta["labels"], max_length, meta["stride"])
+    return Validation(examples, feats, batches, meta.get("metric") or "eval_f1", calibration[:CALIBRATION_WINDOWS])
 
 
 def export_graph(model: ZeroshipModel, path: Path, opset: int) -> list[str]:
@@ -129,8 +146,10 @@ def fp16_session(path: Path):
 
 
 def check_parity(model: ZeroshipModel, session, names: list[str], val: Validation, pad_id: int,
-                 n_batches: int, io_binding: bool = False) -> dict:
-    """Max |Δ logits| and argmax agreement over real (unpadded) positions of validation batches."""
+                 n_batches: int, io_binding: bool = False, labelled_only: bool = False) -> dict:
+    """Max |Δ logits| and argmax agreement over real (unpadded) positions of validation batches; with
+    `labelled_only`, over the positions that carry a label (NER: each word's first subtoken), the only
+    ones whose argmax reaches an answer — the rest were never trained and hold near-ties."""
     from launcher.data import collate
     from launcher.device import module_device, to_device
 
@@ -141,17 +160,17 @@ def check_parity(model: ZeroshipModel, session, names: list[str], val: Validatio
     with torch.no_grad():
         for ids in batches:
             batch = collate([val.features[i] for i in ids], pad_id, model.uses_token_type_ids)
-            batch.pop("labels")
+            labels = batch.pop("labels")
             ref = model(**to_device(batch, device)).float().cpu()
             got = forward(**batch)
             if model.task == "token_classification":
-                mask = batch["attention_mask"].bool()
+                mask = (labels != -100) if labelled_only else batch["attention_mask"].bool()
                 ref, got = ref[mask], got[mask]
             max_diff = max(max_diff, float((ref - got).abs().max()))
             agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
             total += int(ref.shape[0])
     return {"max_abs_diff": max_diff, "argmax_agreement": agree / max(total, 1), "batches": len(batches),
-            "positions": total}
+            "positions": total, **({"counted": "labelled positions"} if labelled_only else {})}
 
 
 def evaluate_with(forward, model: ZeroshipModel, val: Validation, pad_id: int) -> dict:
@@ -172,15 +191,88 @@ def optimize_graph(src: Path, dst: Path, model: ZeroshipModel) -> dict[str, int]
     return {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def metric_drop(metric: str, reference: dict, variant: dict) -> float:
+    """Points of `metric` lost by a variant (× 100; for a loss, a rise is a drop)."""
+    drop = 100 * (reference[metric] - variant[metric])
+    return -drop if metric == "eval_loss" else drop
 
-    # DefaultTensorType: without it, an ORT-optimized graph fails with "Unable to find data type".
-    # per_channel: one scale per output column; per-tensor scales cost 0.65 F1 points on CoNLL-2003
-    # validation (MiniLM-L6), per-channel 0.00 (benchmarks/RESULTS.md).
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+
+def int8_builder(source: Path, work: Path, model: ZeroshipModel, names: list[str], val: Validation, pad_id: int,
+                 reference: dict, budget: float, log) -> Int8Builder:
+    """An Int8Builder over `source` fed from this run's validation split (scoring, sensitivity sample,
+    timing) and training split (static calibration)."""
+    def evaluate(path: Path) -> tuple[dict, float]:
+        metrics = evaluate_with(ort_forward(make_session(path), names), model, val, pad_id)
+        return metrics, metric_drop(val.metric, reference, metrics)
+
+    def rows(features: list[Feature]) -> list[dict]:
+        return [{"input_ids": f.input_ids, "attention_mask": f.attention_mask, "token_type_ids": f.token_type_ids}
+                for f in features]
+
+    sample = []
+    for feed in pad_feeds(rows([val.features[i] for b in val.batches[:SENSITIVITY_BATCHES] for i in b]),
+                          names, pad_id, 16):
+        mask = (feed["attention_mask"].astype(bool) if model.task == "token_classification"
+                else np.ones(feed["input_ids"].shape[0], dtype=bool))
+        sample.append((feed, mask))
+    serving = rows(val.features[:256])
+    return Int8Builder(source, work, evaluate, sample, pad_feeds(rows(val.calibration), names, pad_id, 16),
+                       lambda independent: pad_feeds(serving, names, pad_id, 32 if independent else 1), budget, log)
+
+
+def build_int8(kind: str, fp32: Path, fused: Path, tmp: Path, model: ZeroshipModel, names: list[str],
+               val: Validation, pad_id: int, reference: dict, opts: ExportOptions) -> tuple[dict, dict]:
+    """The int8 variant for `--quantize kind`: each method held to the budget (export/quantize.py); with
+    plain `int8`, the faster of those within it. Returns (manifest entry, validation metrics).
+
+    Dynamic int8 starts from the fused graph (`fused` is the fp32 graph without --optimize): onnxruntime
+    quantizes its fused Attention too. Static QDQ starts from the unfused graph: it cannot quantize a fused
+    Attention, and QDQ around the remaining MatMuls was 2x slower than static int8 of the plain graph
+    (quickstart model, b=32). A method counts as passing when within the budget and when it agrees with
+    PyTorch's argmax on at least INT8_MIN_AGREEMENT of the labelled validation positions."""
+    work = tmp / ".int8-work"  # candidates and probes; never listed in the manifest
+    work.mkdir()
+    methods = METHODS if kind == "int8" else (kind.removeprefix("int8-"),)
+    sources = {"dynamic": fused, "static": fp32}
+    results = {}
+    for method in methods:
+        builder = int8_builder(sources[method], work, model, names, val, pad_id, reference, opts.max_metric_drop,
+                               opts.log)
+        results[method] = builder.build(method, work / f"{method}.onnx")
+    within = [r for r in results.values() if r.drop <= opts.max_metric_drop]
+    if not within:
+        worst = "; ".join(f"{r.method}: {r.drop:.2f} points with {len(r.excluded)} node(s) kept in fp32"
+                          for r in results.values())
+        raise ParityError(f"int8 variant over budget: best {val.metric} loss reached {worst} "
+                          f"(limit --max-metric-drop {opts.max_metric_drop:g}); export without --quantize, "
+                          "or raise the limit")
+    parity = {r.method: check_parity(model, make_session(r.path), names, val, pad_id, opts.parity_batches,
+                                     labelled_only=True) for r in within}
+    passing = [r for r in within if parity[r.method]["argmax_agreement"] >= INT8_MIN_AGREEMENT]
+    if not passing:
+        raise ParityError("int8 variant agrees with PyTorch on too few labelled positions: " + ", ".join(
+            f"{m} {p['argmax_agreement']:.2%}" for m, p in parity.items()) + f" (needs {INT8_MIN_AGREEMENT:.0%})")
+    chosen = min(passing, key=lambda r: r.ms_per_window)
+    dst = tmp / VARIANT_FILES["int8"]
+    chosen.path.replace(dst)
+    shutil.rmtree(work)
+    summary = {m: {**r.summary(opts.max_metric_drop), "argmax_agreement": parity.get(m, {}).get("argmax_agreement")}
+               for m, r in results.items()}
+    opts.log(f"int8: {chosen.method} chosen ("
+             + ", ".join(f"{m} {s['drop']:+.2f} points, {s['ms_per_window']:.2f} ms/window" for m, s in summary.items())
+             + f"); argmax agreement with PyTorch {parity[chosen.method]['argmax_agreement']:.2%} of labelled positions")
+    for node in chosen.excluded:
+        opts.log(f"  kept in fp32: {node['node']} (KL divergence from fp32 when quantized alone {node['kl']:.2e})")
+    entry = {"file": dst.name, "from": sources[chosen.method].name, "method": chosen.method,
+             "batch_independent": chosen.batch_independent,
+             "kept_fp32": chosen.excluded,
+             "kept_fp32_why": ("the most sensitive nodes by KL divergence of validation logits from fp32 "
+                               "(each quantized alone); the fewest that bring the drop within the budget")
+             if chosen.excluded else "",
+             "search": chosen.search, "parity": parity[chosen.method], "candidates": summary,
+             "chosen_by": "the faster (ms per validation window, as the runtime feeds it) of the methods "
+                          "within the budget" if len(results) > 1 else f"--quantize {kind}"}
+    return entry, chosen.metrics
 
 
 def convert_fp16(src: Path, dst: Path) -> None:
@@ -248,11 +340,9 @@ def export_run(run_id: str, runs_dir: str | Path, opts: ExportOptions) -> tuple[
             variants["optimized"] = {"file": dst.name, "fusions": fusions}
             metrics["optimized"] = evaluate_with(ort_forward(make_session(dst), names), model, val, pad_id)
             source = dst
-        if opts.quantize == "int8":
-            dst = tmp / VARIANT_FILES["int8"]
-            quantize_int8(source, dst)
-            variants["int8"] = {"file": dst.name, "from": source.name}
-            metrics["int8"] = evaluate_with(ort_forward(make_session(dst), names), model, val, pad_id)
+        if opts.quantize:
+            variants["int8"], metrics["int8"] = build_int8(opts.quantize, fp32, source, tmp, model, names, val,
+                                                           pad_id, metrics["torch"], opts)
         if opts.fp16:
             dst = tmp / VARIANT_FILES["fp16"]
             convert_fp16(source, dst)
@@ -271,9 +361,7 @@ def export_run(run_id: str, runs_dir: str | Path, opts: ExportOptions) -> tuple[
         drops = {}
         for name in ("optimized", "int8", "fp16"):
             if name in metrics:
-                drop = 100 * (metrics["torch"][metric] - metrics[name][metric])
-                if val.metric == "eval_loss":
-                    drop = -drop
+                drop = metric_drop(metric, metrics["torch"], metrics[name])
                 drops[name] = drop
                 log(f"{name}: {metric} {metrics[name][metric]:.4f} vs torch {metrics['torch'][metric]:.4f}"
                     f" (drop {drop:+.2f} points)")
@@ -299,6 +387,7 @@ def export_run(run_id: str, runs_dir: str | Path, opts: ExportOptions) -> tuple[
             "parity": parity,
             "metrics": metrics,
             "metric_drop_points": drops,
+            "metric_budget_points": opts.max_metric_drop,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                          "onnxruntime": onnxruntime.__version__},

@@ -109,7 +109,20 @@ def manifest_problem(manifest: Any) -> str:
         return f"{', '.join(missing)} is not listed in files"
     if not any(VARIANT_FILES[v] in files for v in VARIANT_FILES):
         return "no model variant is listed in files"
+    variants = manifest.get("variants", {})
+    if not (isinstance(variants, dict) and all(isinstance(v, dict) for v in variants.values())):
+        return "variants must be a mapping of variant → {file, ...}"
+    if any(not isinstance(v.get("batch_independent", True), bool) for v in variants.values()):
+        return "variants[...].batch_independent must be true or false"
     return ""
+
+
+def batch_independent(manifest: dict, variant: str) -> bool:
+    """Whether `variant`'s answer for a text is the same whatever is batched with it. Dynamic int8 is not
+    (its activation scales are taken over the whole batch); bundles written before the manifest said so
+    only had dynamic int8."""
+    info = manifest.get("variants", {}).get(variant, {})
+    return info.get("batch_independent", variant != "int8")
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -198,6 +211,9 @@ class Predictor:
         self.input_names = [i.name for i in session.get_inputs()]
         self.tokenizer = tokenizer
         self.pad_id = manifest["pad_token_id"]
+        # a model whose answers depend on the batch (dynamic int8) is fed one window per call, so a text's
+        # answer never depends on what else is predicted with it (batch_independent in the manifest)
+        self.batch_independent = batch_independent(manifest, variant)
 
     @classmethod
     def load(cls, bundle_dir: str | Path, providers: list[str] | None = None, variant: str = "auto",
@@ -226,9 +242,11 @@ class Predictor:
 
     # ------------------------------------------------------------ inference
     def logits(self, encodings: list[Any], batch_size: int = 32) -> list[np.ndarray]:
-        """Run the model on encodings in length-sorted batches (see `plan_batches`); results come back
-        in the order of `encodings`."""
+        """Run the model on encodings in length-sorted batches (see `plan_batches`; one per call for a
+        batch-dependent variant); results come back in the order of `encodings`."""
         out: list[np.ndarray | None] = [None] * len(encodings)
+        if not self.batch_independent:
+            batch_size = 1
         for idx in plan_batches([len(e.ids) for e in encodings], batch_size):
             chunk = [encodings[i] for i in idx]
             width = max(len(e.ids) for e in chunk)

@@ -67,6 +67,11 @@ def test_ner_bundle_manifest_and_parity(ner_run, ner_bundle):
     assert manifest["parity"]["batches"] >= 1
     assert {"torch", "onnx", "int8"} <= set(manifest["metrics"])
     assert "int8" in manifest["metric_drop_points"]
+    int8 = manifest["variants"]["int8"]  # `--quantize int8`: both methods built, held to the default budget
+    assert manifest["metric_budget_points"] == 0.5
+    assert set(int8["candidates"]) == {"dynamic", "static"} and int8["method"] in int8["candidates"]
+    assert all(c["ms_per_window"] > 0 for c in int8["candidates"].values() if c["within_budget"])
+    assert int8["batch_independent"] is (int8["method"] == "static")
     assert manifest["variants"]["optimized"]["fusions"].get("Attention", 0) >= 1  # fusions really fired
     for name, info in manifest["files"].items():
         assert sha256_file(ner_bundle / name) == info["sha256"]
@@ -145,10 +150,11 @@ def test_sequence_classification_export(cls_run):
 
 def test_metric_drop_gate_fails_and_leaves_no_bundle(ner_run, tmp_path):
     out = tmp_path / "gate"
-    res = cli("zeroship", "export", "onnx", ner_run.name, "--runs", str(ner_run.parent), "--quantize", "int8",
+    res = cli("zeroship", "export", "onnx", ner_run.name, "--runs", str(ner_run.parent), "--optimize",
               "--max-metric-drop", "-100", "--out", str(out))
     assert res.returncode == 1
     assert "export failed" in res.stderr and "no bundle was written" in res.stderr
+    assert "optimized variant loses" in res.stderr and "--max-metric-drop -100" in res.stderr
     assert not out.exists() and not list(tmp_path.glob(".gate.tmp-*"))
 
 

@@ -255,6 +255,9 @@ def _manifest_variants(bundle: Path) -> list[tuple[str, object]]:
         ("inputs unknown", {**m, "inputs": {"pixel_values": ["batch"]}}),
         ("future format", {**m, "format_version": 2}),
         ("no variant", {**m, "files": {"tokenizer.json": m["files"]["tokenizer.json"]}}),
+        ("variants a list", {**m, "variants": ["int8"]}),
+        ("batch_independent text", {**m, "variants": {**m["variants"],
+                                                      "int8": {**m["variants"]["int8"], "batch_independent": "yes"}}}),
     ]
 
 
