@@ -49,7 +49,7 @@ quickstart: install
 	  "According to Zofia Brandt, the Solstice Summit talks in Aldmere went well."
 
 test: install
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs --durations=25
 
 # The GPU suite (tests marked gpu). Without an NVIDIA GPU it runs in the CPU venv and every test
 # skips with its reason.
