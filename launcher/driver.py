@@ -182,6 +182,8 @@ class ProgressView:
                                          "time": time.time()})
                 self.progress.console.print(f"{trial or self.run.id}: workers restarted, resuming from the"
                                             f" checkpoint at step {event['resumed_from_step']}")
+            if event.get("zero_auto") and event.get("resumed_from_step") is None:
+                self.progress.console.print(f"{trial or self.run.id}: {escape(event['zero_auto'])}", highlight=False)
             self.totals[trial] = event["total_steps"]
             self.progress.update(task, total=event["total_steps"], info=self._info(trial, "running"),
                                  steps=f"step 0/{event['total_steps']}")

@@ -34,6 +34,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     parent: str | None = None  # warm start: the run id or folder this run starts from
     augmentation: dict = field(default_factory=dict)  # examples each augmentation produced
+    zero_auto: list[str] = field(default_factory=list)  # zero_stage auto: the estimate and the choice
 
 
 def resource_problems(recipe: Recipe, have: dict, where: str) -> list[Problem]:
@@ -127,8 +128,42 @@ def build_plan(recipe: Recipe, resolved: dict, recipe_path: str) -> Plan:
     if not os.environ.get("RAY_ADDRESS"):  # the run would start a local Ray of this machine's size
         warnings += [f"a launch on this machine would refuse: {p.what} (fine for a cluster recipe: check it there"
                      " with RAY_ADDRESS=<head>:6379 launch --check)" for p in resource_problems(recipe, local, "this machine")]
-    return Plan(recipe, resolved, dataset, source, build_ds_config(resolved, sc.workers), warnings, parent,
-                augmented)
+    shown, zero_lines = resolved, []
+    if recipe.deepspeed.zero_stage == "auto":
+        shown, zero_lines = auto_stage_preview(resolved, dataset.labels, local["GPU"])
+    return Plan(recipe, resolved, dataset, source, build_ds_config(shown, sc.workers), warnings, parent,
+                augmented, zero_lines)
+
+
+def auto_stage_preview(resolved: dict, labels: list[str], local_gpus: int) -> tuple[dict, list[str]]:
+    """What `zero_stage: auto` would pick, for --check. The workers decide for real from their own
+    devices (launcher.zero_auto); here CPU workers resolve to stage 0, and GPU workers are previewed
+    with this machine's GPU when it has one."""
+    import torch
+
+    from launcher import zero_auto
+    from launcher.model import build_model
+
+    with torch.device("meta"):  # shapes only: no weights read, no memory
+        model = build_model(resolved["model"], labels, pretrained=False)
+    sc = resolved["scaling"]
+    total, largest = zero_auto.parameter_counts(model)
+    per_node = min(sc["workers"], local_gpus) if local_gpus else sc["workers"]
+    table = zero_auto.estimates(total, largest, sc["workers"], per_node)
+    lines = [f"model states ({total / 1e6:.1f}M parameters, {sc['workers']} workers): " + zero_auto.describe(table)]
+    device = host = None
+    if sc["use_gpu"]:
+        if not local_gpus:
+            return resolved, [*lines, "zero_stage auto: each launch picks from the workers' GPU memory"
+                              f" (the lowest option within {1 - zero_auto.ACTIVATION_MARGIN:.0%} of it)"]
+        import psutil
+
+        device, host = torch.cuda.get_device_properties(0).total_memory, psutil.virtual_memory().total
+    try:
+        shown, why = zero_auto.resolve(resolved, model, device, host, per_node)
+    except ValueError as exc:
+        return resolved, [*lines, str(exc)]
+    return shown, [*lines, why + (" — with GPUs like this machine's" if device else "")]
 
 
 def resolve_parent(init_from: str, storage: str, recipe_path: str) -> tuple[str, Path]:
@@ -199,7 +234,8 @@ def print_plan(plan: Plan, console: Console) -> None:
     tr = r.train
     t.add_row("batch", f"{tr.batch_size}/worker × {tr.grad_accum} accum × {sc.workers} workers"
               f" = {r.effective_batch_size} effective")
-    t.add_row("train", f"{tr.epochs} epochs, lr {tr.lr:g} ({tr.schedule}, warmup {tr.warmup_ratio:g}),"
+    length = f"{tr.max_steps} optimizer steps (train.max_steps)" if tr.max_steps else f"{tr.epochs} epochs"
+    t.add_row("train", f"{length}, lr {tr.lr:g} ({tr.schedule}, warmup {tr.warmup_ratio:g}),"
               f" seed {tr.seed}, eval every {tr.eval_every}"
               + (f", layer-wise lr decay {tr.layer_decay:g}" if tr.layer_decay < 1 else ""))
     t.add_row("select", f"{r.metric} ({r.mode})" + (
@@ -212,6 +248,8 @@ def print_plan(plan: Plan, console: Console) -> None:
         t.add_row("sweep", f"{r.sweep.method}, {r.sweep_size()} trials: {params}")
     t.add_row("storage", f"{plan.resolved['run']['storage']}")
     console.print(t)
+    for line in plan.zero_auto:
+        console.print(escape(line), highlight=False, soft_wrap=True)
     console.print("deepspeed config: " + json.dumps(plan.ds_config), highlight=False, soft_wrap=True)
     for w in plan.warnings:
         console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)

@@ -143,6 +143,9 @@ class EarlyStopping(Section):
 
 class TrainConfig(Section):
     epochs: Annotated[int, Field(gt=0, le=10000)] = 3
+    # stop after this many optimizer steps, however many epochs that takes (overrides epochs, as
+    # transformers' Trainer does): the knob for corpora where one epoch is already a long run
+    max_steps: Annotated[int, Field(gt=0, le=10**9)] | None = None
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = 5e-5
     head_lr: Annotated[float, Field(gt=0.0, le=1.0)] | None = None  # default: same as lr
     layer_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0  # layer-wise lr decay (1 = off)
@@ -172,7 +175,8 @@ class RegularizationConfig(Section):
 
 # ---------------------------------------------------------------- deepspeed
 class DeepSpeedConfig(Section):
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    # auto: the lowest stage (then offload) whose model states fit the workers' devices (zero_auto.py)
+    zero_stage: Literal[0, 1, 2, 3, "auto"] = 2
     offload_optimizer: Literal["none", "cpu"] = "none"
     offload_params: Literal["none", "cpu"] = "none"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -250,9 +254,12 @@ class Recipe(Section):
     def _cross_checks(self) -> Recipe:
         problems: list[str] = []
         ds, task = self.deepspeed, self.model.task
-        if ds.zero_stage == 0 and (ds.offload_optimizer != "none" or ds.offload_params != "none"):
+        if ds.zero_stage == "auto" and (ds.offload_optimizer != "none" or ds.offload_params != "none"):
+            problems.append("deepspeed: zero_stage auto chooses offload itself; set offload_optimizer and"
+                            " offload_params to none, or pick the stage by hand")
+        elif ds.zero_stage == 0 and (ds.offload_optimizer != "none" or ds.offload_params != "none"):
             problems.append("deepspeed: offload needs zero_stage 1-3 (offload_params needs 3), got 0")
-        if ds.offload_params != "none" and ds.zero_stage != 3:
+        elif ds.offload_params != "none" and ds.zero_stage != 3:
             problems.append(f"deepspeed.offload_params: needs zero_stage 3, got {ds.zero_stage}")
         raw = ds.config
         if _enabled(raw.get("fp16")) and _enabled(raw.get("bf16")):

@@ -104,6 +104,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from deepspeed.utils import logger as ds_logger
     from transformers import AutoTokenizer
 
+    from launcher import zero_auto
     from launcher.checkpoint import save_stage0_fp32
     from launcher.data import collate, examples_from_dicts, length_grouped_batches, shard_batches
     from launcher.device import worker_device
@@ -152,7 +153,8 @@ def train_worker(config: dict[str, Any]) -> None:
 
     micro_per_epoch = len(epoch_batches(0))
     steps_per_epoch = max(1, micro_per_epoch // tcfg["grad_accum"])
-    total_steps = steps_per_epoch * tcfg["epochs"]
+    total_steps = tcfg.get("max_steps") or steps_per_epoch * tcfg["epochs"]  # max_steps overrides epochs
+    last_epoch = -(-total_steps // steps_per_epoch)
 
     # ---------------------------------------------------------------- model + DeepSpeed
     if mcfg.get("init_from"):  # warm start from an earlier run's winner
@@ -163,6 +165,9 @@ def train_worker(config: dict[str, Any]) -> None:
     apply_freeze(model, mcfg["freeze"])
     if mcfg.get("lora"):
         apply_lora(model, mcfg["lora"])
+    zero_choice = None
+    if recipe["deepspeed"]["zero_stage"] == "auto":  # every rank computes the same choice
+        recipe, zero_choice = zero_auto.resolve(recipe, model, *zero_auto.worker_memory(device))
     stage, precision = recipe["deepspeed"]["zero_stage"], recipe["deepspeed"]["precision"]
     zero3 = stage == 3
     # takes θ₀ for L2-SP before DeepSpeed touches (casts, moves, partitions) the weights
@@ -268,18 +273,18 @@ def train_worker(config: dict[str, Any]) -> None:
 
     # ---------------------------------------------------------------- train
     emit({"kind": "start", "total_steps": total_steps, "world": world, "examples": len(train_ex),
-          "resumed_from_step": step if restored is not None else None})
+          "resumed_from_step": step if restored is not None else None, "zero_auto": zero_choice})
     if mcfg.get("init_from") and restored is None:  # where the parent leaves off, before any step
         emit({"kind": "initial", **evaluate(), "epoch": 0, "step": 0}, wait=True)
     stopped, started = None, time.time()
     eval_every = tcfg["eval_every"]
     last_eval_step = step if restored is not None else -1
     micro_total = steps_per_epoch * tcfg["grad_accum"]
-    for epoch in range(start_epoch, tcfg["epochs"] + 1):
+    for epoch in range(start_epoch, last_epoch + 1):
         engine.train()
         step_started = time.perf_counter()
         for micro, batch_ids in enumerate(epoch_batches(epoch)):
-            if micro >= micro_total:
+            if micro >= micro_total or step >= total_steps:
                 break  # keep every rank and epoch at the same number of optimizer steps
             if epoch == start_epoch and micro < start_micro:
                 continue  # consumed before the checkpoint this run resumed from
@@ -308,11 +313,18 @@ def train_worker(config: dict[str, Any]) -> None:
             step_started = time.perf_counter()  # step time excludes evaluation and checkpointing
         if stopped:
             break
-        if eval_every == "epoch" or (epoch == tcfg["epochs"] and last_eval_step != step):
+        done = step >= total_steps
+        if last_eval_step != step and (eval_every == "epoch" or epoch == last_epoch or done):
             last_eval_step = step
-            if checkpoint_and_report(evaluate(), epoch, step, (epoch + 1, 0)):
+            # a max_steps stop mid-epoch resumes (if the worker dies now) where it stopped: at the end
+            nxt = (epoch, micro_total) if done else (epoch + 1, 0)
+            if checkpoint_and_report(evaluate(), epoch, step, nxt):
                 stopped = f"early stopping: {metric} did not improve for {es['patience']} evaluations"
                 break
+        if done:
+            break
+    if stopped is None and tcfg.get("max_steps"):
+        stopped = f"reached train.max_steps ({total_steps} optimizer steps)"
     emit({"kind": "end", "step": step, "stop_reason": stopped or "completed all epochs"}, wait=True)
 
 

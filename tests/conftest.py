@@ -119,7 +119,7 @@ CLS_SECTIONS = dict(
     data={"format": "csv", "train": str(TOY_CLS / "train.csv"), "validation": str(TOY_CLS / "validation.csv"),
           "test": str(TOY_CLS / "test.csv")},
     train={"epochs": 2, "lr": 3e-4},
-    deepspeed={"zero_stage": 0})
+    deepspeed={"zero_stage": "auto"})  # CPU workers: auto is stage 0
 
 
 @pytest.fixture(scope="session")
@@ -206,7 +206,8 @@ def ner_bundle(ner_run) -> Path:
 
 @pytest.fixture(scope="session")
 def cls_run(tmp_path_factory, mlflow_server) -> Path:
-    """A tiny sequence-classification run (ZeRO-0, so the stage-0 merge path is covered); it logs to the
+    """A tiny sequence-classification run (`zero_stage: auto`, i.e. ZeRO-0 on CPU workers, so the
+    stage-0 merge path is covered); it logs to the
     session's MLflow server, which test_mlflow.py reads back."""
     folder = tmp_path_factory.mktemp("cls")
     with tempfile.TemporaryDirectory(prefix="zs-", dir="/tmp") as ray_dir:

@@ -73,7 +73,11 @@ def test_ner_run_zero3(tmp_path, ray_tmp):
     assert 0 < penalties[0] < penalties[1]  # θ drifts from θ₀ as training goes on
 
 
-def test_sequence_classification_zero0(cls_run):
+def test_sequence_classification_zero_auto_is_stage0_on_cpu(cls_run):
+    # zero_stage auto on CPU workers: stage 0, said on the console, recorded with the model
+    console = (cls_run.parent.parent / "console.txt").read_text()
+    assert f"{cls_run.name}: zero_stage auto → ZeRO-0 (" in console and "CPU workers" in console
+    assert json.loads((cls_run / "best" / "model.json").read_text())["zero_stage"] == 0
     status = json.loads((cls_run / "status.json").read_text())
     metrics = json.loads((cls_run / "best" / "metrics.json").read_text())
     labels = [line.rsplit(",", 1)[1] for line in (TOY_CLS / "validation.csv").read_text().splitlines()[1:]]
@@ -227,14 +231,16 @@ def yaml_load(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def test_single_worker_run_listens_on_loopback_only(tmp_path, ray_tmp):
-    """1 worker × 2 threads at ZeRO-0 trains; meanwhile every socket its private Ray listens on
-    (driver, GCS, raylet, dashboard, workers: all descendants of `launch`) is bound to loopback.
-    One exception, outside our reach: torch.distributed's TCPStore (the rendezvous rank 0 hosts)
-    binds every interface whatever host it is given (`dist.TCPStore("127.0.0.1", ...)` listens on ::)."""
+def test_single_worker_run_stops_at_max_steps_and_listens_on_loopback_only(tmp_path, ray_tmp):
+    """1 worker × 2 threads at ZeRO-0 trains for `train.max_steps`, past the recipe's one epoch;
+    meanwhile every socket its private Ray listens on (driver, GCS, raylet, dashboard, workers: all
+    descendants of `launch`) is bound to loopback. One exception, outside our reach:
+    torch.distributed's TCPStore (the rendezvous rank 0 hosts) binds every interface whatever host it
+    is given (`dist.TCPStore("127.0.0.1", ...)` listens on ::). One run checks both, to save a launch."""
     import psutil
 
-    recipe = tiny_ner_recipe(tmp_path, scaling={"workers": 1, "cpus_per_worker": 2}, deepspeed={"zero_stage": 0})
+    recipe = tiny_ner_recipe(tmp_path, scaling={"workers": 1, "cpus_per_worker": 2}, deepspeed={"zero_stage": 0},
+                             train={"epochs": 1, "batch_size": 32, "max_steps": 25, "schedule": "linear"})
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
     proc = subprocess.Popen([str(BIN / "launch"), str(recipe)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**env, "ZEROSHIP_RAY_TMPDIR": ray_tmp})
@@ -259,5 +265,12 @@ def test_single_worker_run_listens_on_loopback_only(tmp_path, ray_tmp):
     loopback = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
     others = {a: n for a, n in listeners.items() if a.rsplit(":", 1)[0] not in loopback}
     assert len(others) <= 1 and set(others.values()) <= {"ray::RayTrainWorker"}, others
-    status = json.loads((run_dir(tmp_path, out) / "status.json").read_text())
+    run = run_dir(tmp_path, out)
+    status = json.loads((run / "status.json").read_text())
     assert status["state"] == "succeeded" and status["winner"]["value"] > 0.5
+    # max_steps overrides epochs: an evaluation at the end of epoch 1, then one at step 25 in epoch 2
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["epoch"], e["step"]) for e in evals] == [(1, evals[0]["step"]), (2, 25)], evals
+    assert 0 < evals[0]["step"] < 25
+    assert evals[-1]["lr"] == 0.0  # the linear schedule ends at max_steps, not at the end of an epoch
+    assert "reached train.max_steps (25" in status["stop_reason"]

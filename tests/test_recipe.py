@@ -55,6 +55,9 @@ BROKEN_OVERRIDES = [
     (["train.seed=" + "9" * 5000], "an integer of 5000 digits is too large"),
     (["deepspeed.config=" + "[" * 5000 + "]" * 5000], "nested deeper than 64 levels"),
     (["train={epochs: 2, epochs: 3}"], "duplicate key 'epochs'"),
+    (["train.max_steps=0"], "train.max_steps"),
+    (["deepspeed.zero_stage=auto", "deepspeed.offload_optimizer=cpu"], "zero_stage auto chooses offload itself"),
+    (["train.max_steps=" + "9" * 12], "train.max_steps"),
 ]
 
 
@@ -97,11 +100,12 @@ def test_conll_recipe_validates_and_names_its_fetched_data():
 def test_check_prints_plan_details():
     # wide enough that no row wraps, whatever the checkout's path length (rich wraps at COLUMNS)
     res = cli("launch", "--check", "recipes/quickstart_ner.yaml", "scaling.workers=4", "train.grad_accum=2",
-              env={"COLUMNS": "400"})
+              "train.max_steps=50", env={"COLUMNS": "400"})
     assert res.returncode == 0, res.stderr
     assert "16/worker × 2 accum × 4 workers = 128 effective" in res.stdout
+    assert "50 optimizer steps (train.max_steps), lr" in res.stdout
     assert "600 examples" in res.stdout  # rows counted from the data file
-    assert '"stage": 2' in res.stdout  # the DeepSpeed config
+    assert '"stage": 0' in res.stdout  # the DeepSpeed config (zero_stage auto: 0 on CPU workers)
     assert "gloo, collective timeout 900 s" in res.stdout
 
 
