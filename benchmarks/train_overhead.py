@@ -136,11 +136,28 @@ def launch_stage(stage: int, workers: int, epochs: int, runs: Path, gpu: bool = 
     if res.returncode != 0:
         raise SystemExit(f"launch failed at ZeRO-{stage}:\n{res.stderr[-3000:]}")
     run = sorted(runs.glob("run-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
-    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
     steps = [e["train_step_s"] for e in evals]
     peak = {"peak_gpu_mb": max(e["train_peak_gpu_mb"] for e in evals)} if gpu else {}
+    startup = next(r for r in records if r["kind"] == "startup")
     return {"step_s": statistics.median(steps), "samples_per_s": statistics.median(e["train_samples_per_s"] for e in evals),
-            "wall_s": wall, "eval_f1": evals[-1]["eval_f1"], **peak}
+            "wall_s": wall, "eval_f1": evals[-1]["eval_f1"], "startup": startup, **peak}
+
+
+def startup_table(rows: dict) -> str:
+    """Where each launch's time before its first optimizer step went (metrics.jsonl's first record)."""
+    from launcher.startup import PHASES
+
+    names = [name for name, _, _ in PHASES]
+    lines = ["| launch | to first step (s) | " + " | ".join(n.replace("_", " ") for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for name, r in rows.items():
+        if "startup" in r:
+            sec = r["startup"]["seconds"]
+            lines.append(f"| {name} | {r['startup']['to_first_step_s']:.1f} | "
+                         + " | ".join(f"{sec.get(n, 0):.1f}" for n in names) + " |")
+    return "\n".join(lines)
 
 
 def gpu_rows(stages: list[int], epochs: int, steps: int) -> dict:
@@ -166,6 +183,7 @@ def main() -> None:
         rows = gpu_rows(args.stages, args.epochs, args.plain_steps)
         lines = ["| setup | median step (s) | samples/s | peak GPU MB |", "|---|---|---|---|"]
         lines += [f"| {n} | {r['step_s']:.3f} | {r['samples_per_s']:.1f} | {r['peak_gpu_mb']:.0f} |" for n, r in rows.items()]
+        lines += ["", "Start-up, from the `launch` process start to the first optimizer step:", "", startup_table(rows)]
         print("\n".join(lines))
         from benchmarks.results import append_results
 
@@ -186,7 +204,7 @@ def main() -> None:
     for name, r in rows.items():
         lines.append(f"| {name} | {r['step_s']:.3f} | {r['samples_per_s']:.1f} | {r['step_s'] / base:.2f} | "
                      f"{r.get('wall_s', 0):.0f} |")
-    table = "\n".join(lines)
+    table = "\n".join(lines) + "\n\nStart-up, from the `launch` process start to the first optimizer step:\n\n" + startup_table(rows)
     print(table)
     from benchmarks.results import append_results
 

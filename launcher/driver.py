@@ -24,6 +24,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from launcher import startup
 from launcher.checkpoint import merged_state_dict, read_state
 from launcher.data import examples_to_dicts
 from launcher.errors import Problem, ZeroshipError
@@ -209,6 +210,10 @@ class ProgressView:
             self.run.append_metrics({"kind": "initial", **event})
             shown = " ".join(f"{k}={v:.4f}" for k, v in event.items() if k.startswith("eval_"))
             self.progress.console.print(f"{trial + ' ' if trial else ''}before training: {shown}", highlight=False)
+        elif kind == "startup":
+            rec = startup.record(self.run.stamps, event)
+            self.run.append_metrics(rec)
+            self.progress.console.print(f"{trial or self.run.id}: {startup.summary(rec)}", highlight=False)
         elif kind == "end":
             self.stop_reasons[trial] = event.get("stop_reason")
             self.progress.update(task, info=self._info(trial, "done"))
@@ -397,6 +402,7 @@ def execute(run: Run, recipe: Recipe, resolved: dict, plan: Plan, verbose: bool 
     from launcher.run_logs import RunLogs
 
     started = time.time()
+    run.stamps = {"process": startup.process_start(), "plan": started}
     run.logs = RunLogs(run.dir, verbose)
     run.logs.start()
     console.print(f"logs: {run.logs.dir}" + ("" if verbose else "  (launch -v streams them here)"), highlight=False)
@@ -405,6 +411,7 @@ def execute(run: Run, recipe: Recipe, resolved: dict, plan: Plan, verbose: bool 
             run.logger = RunLogger(run.dir, run.id, resolved)
         where = connect_ray(recipe, storage=None if run.remote else str(run.dir.parent), log_to_driver=verbose)
         run.logs.reroute()  # ray.init may configure Ray's loggers again
+        run.stamps["ray"] = time.time()
         console.print(f"ray: {where}")
         run.update(state="running", error=None)
         extra: dict[str, Any] = {}

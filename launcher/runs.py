@@ -73,6 +73,7 @@ class Run:
     logger: Any = field(default=None, compare=False, repr=False)  # launcher.observe.RunLogger while training
     logs: Any = field(default=None, compare=False, repr=False)  # launcher.run_logs.RunLogs while training
     remote: RemoteStore | None = field(default=None, compare=False, repr=False)  # storage on a URI
+    stamps: dict = field(default_factory=dict, compare=False, repr=False)  # the driver's launcher.startup stamps
 
     @property
     def ray_storage(self) -> str:

@@ -81,6 +81,17 @@ def bound_collective_timeouts(seconds: int) -> None:
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timedelta(seconds=seconds)
 
 
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce op on CPU workers. It serves
+    only `inference_all_reduce` (tensor-parallel inference), which training never calls, and building
+    it costs 30-80 s of `deepspeed.initialize` on each node's first launch, again whenever another
+    environment's build replaced it in the shared `~/.cache/torch_extensions` (measured, STACK.md).
+    DeepSpeed keeps `deepspeed.ops.__compatible_ops__` as one dict so that edits to it persist."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def train_step(engine, task_loss, batch: dict[str, Any], device, l2_sp_z3=None) -> dict[str, Any]:
     """One micro-batch: move it to the worker's device, loss, backward, DeepSpeed step (which only
     updates at accumulation boundaries). Returns the loss terms as detached device tensors."""
@@ -97,6 +108,7 @@ def train_step(engine, task_loss, batch: dict[str, Any], device, l2_sp_z3=None) 
 
 
 def train_worker(config: dict[str, Any]) -> None:
+    stamps = {"worker": time.time()}  # start-up phases (launcher.startup), reported after the first step
     import deepspeed
     import ray.train
     import torch
@@ -115,6 +127,8 @@ def train_worker(config: dict[str, Any]) -> None:
     from launcher.regularize import PartitionedL2SP, TaskLoss
     from launcher.signing import sign_checkpoint, verify_checkpoint, worker_key
 
+    stamps["imports"] = time.time()
+
     # ---------------------------------------------------------------- setup
     recipe, labels, board = config["recipe"], config["labels"], config.get("progress")
     mcfg, dcfg, tcfg, rcfg = recipe["model"], recipe["data"], recipe["train"], recipe["regularization"]
@@ -123,6 +137,7 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = worker_device()
     bound_collective_timeouts(recipe["scaling"]["timeout_s"])
+    skip_shm_comm_build()
     torch.set_num_threads(max(1, int(recipe["scaling"]["cpus_per_worker"])))
     ds_logger.setLevel("WARNING")
     seed_everything(tcfg["seed"])
@@ -142,6 +157,7 @@ def train_worker(config: dict[str, Any]) -> None:
     enc = dict(task=task, tokenizer=tokenizer, labels=labels, max_length=dcfg["max_length"], stride=dcfg["stride"])
     train_feats = encode(examples=train_ex, **enc)
     val_feats = encode(examples=val_ex, **enc)
+    stamps["data"] = time.time()
     val_batches, val_real = shard_batches(
         length_grouped_batches([len(f.input_ids) for f in val_feats], tcfg["batch_size"], 0, shuffle=False),
         rank, world)
@@ -165,6 +181,7 @@ def train_worker(config: dict[str, Any]) -> None:
     apply_freeze(model, mcfg["freeze"])
     if mcfg.get("lora"):
         apply_lora(model, mcfg["lora"])
+    stamps["model"] = time.time()
     zero_choice = None
     if recipe["deepspeed"]["zero_stage"] == "auto":  # every rank computes the same choice
         recipe, zero_choice = zero_auto.resolve(recipe, model, *zero_auto.worker_memory(device))
@@ -270,12 +287,21 @@ def train_worker(config: dict[str, Any]) -> None:
         step, start_epoch, start_micro = state["step"], state["next_epoch"], state["next_micro"]
         best_value, bad_evals = state["best_value"], state["bad_evals"]
     fault = FaultHook.from_env(rank)
+    stamps["engine"] = time.time()
 
     # ---------------------------------------------------------------- train
     emit({"kind": "start", "total_steps": total_steps, "world": world, "examples": len(train_ex),
           "resumed_from_step": step if restored is not None else None, "zero_auto": zero_choice})
+    initial = None
     if mcfg.get("init_from") and restored is None:  # where the parent leaves off, before any step
-        emit({"kind": "initial", **evaluate(), "epoch": 0, "step": 0}, wait=True)
+        initial = {"kind": "initial", **evaluate(), "epoch": 0, "step": 0}  # sent after the startup record
+    resumed_from = step if restored is not None else None
+
+    def first_step_done() -> None:  # the start-up record comes first in metrics.jsonl
+        stamps["first_step"] = time.time()
+        emit({"kind": "startup", "stamps": stamps, "resumed_from_step": resumed_from})
+        if initial is not None:
+            emit(initial, wait=True)
     stopped, started = None, time.time()
     eval_every = tcfg["eval_every"]
     last_eval_step = step if restored is not None else -1
@@ -296,6 +322,8 @@ def train_worker(config: dict[str, Any]) -> None:
             if (micro + 1) % tcfg["grad_accum"]:
                 continue  # DeepSpeed accumulates; an optimizer step happens every grad_accum micro-batches
             step += 1
+            if "first_step" not in stamps:
+                first_step_done()
             if fault is not None:
                 fault.at_step(step)
             now = time.perf_counter()
@@ -323,6 +351,8 @@ def train_worker(config: dict[str, Any]) -> None:
                 break
         if done:
             break
+    if "first_step" not in stamps and initial is not None:  # no step was taken (nothing left to train)
+        emit(initial, wait=True)
     if stopped is None and tcfg.get("max_steps"):
         stopped = f"reached train.max_steps ({total_steps} optimizer steps)"
     emit({"kind": "end", "step": step, "stop_reason": stopped or "completed all epochs"}, wait=True)

@@ -13,6 +13,8 @@ import pytest
 import torch
 from conftest import BIN, ROOT, TOY_CLS, TOY_NER, cli, evaluate_best_in_fresh_process, tiny_ner_recipe
 
+from launcher.startup import PHASES
+
 pytestmark = pytest.mark.e2e
 
 def random_tagger_f1() -> float:
@@ -36,8 +38,15 @@ def run_dir(tmp_path: Path, out: str) -> Path:
 def check_ner_run(run: Path, epochs: int) -> None:
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "succeeded" and status["error"] is None
-    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
     assert [e["epoch"] for e in evals] == list(range(1, epochs + 1))  # one line per evaluation
+    # the first record says where the time before the first optimizer step went: every phase, in order
+    first = records[0]
+    assert first["kind"] == "startup" and first["from"] == "process" and first["resumed_from_step"] is None
+    assert list(first["seconds"]) == [name for name, _, _ in PHASES] and min(first["seconds"].values()) >= 0
+    assert abs(sum(first["seconds"].values()) - first["to_first_step_s"]) < 0.1  # the phases tile the total
+    assert first["to_first_step_s"] < status["wall_seconds"] + first["seconds"]["launch_and_plan"]
     winner = status["winner"]
     assert winner["value"] == max(e["eval_f1"] for e in evals)
     # best/ loads into the model class in a fresh process and reproduces the winner's metric
@@ -68,7 +77,7 @@ def test_ner_run_zero3(tmp_path, ray_tmp):
     assert f"{run.name} succeeded: eval_f1=" in res.stdout
     assert f"zeroship export onnx {run.name}" in res.stdout
     check_ner_run(run, epochs=2)
-    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     penalties = [e["train_loss_l2_sp"] for e in evals]
     assert 0 < penalties[0] < penalties[1]  # θ drifts from θ₀ as training goes on
 
@@ -127,12 +136,12 @@ def test_regularized_run_applies_every_term_freezes_and_stops_early(tmp_path, ra
     run = run_dir(tmp_path, res.stdout)
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "succeeded" and "early stopping" in status["stop_reason"]
-    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     assert [e["step"] for e in evals] == [4, 8]  # both ranks stopped together (else the run would hang)
     second = evals[1]
     for term in ("l2_sp", "r_drop", "fgm", "l2_head", "ce"):
         assert second[f"train_loss_{term}"] > 0, term
-    baseline = [json.loads(line) for line in (ner_run / "metrics.jsonl").read_text().splitlines()]
+    baseline = [json.loads(line) for line in (ner_run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     assert not any(k.startswith("train_loss_") and k != "train_loss_ce" for k in baseline[0])  # absent when off
     # freeze: 1 → embeddings and layer 0 are bit-identical to the pretrained weights
     from launcher.model import build_model
@@ -155,8 +164,9 @@ def test_warm_start_begins_where_the_parent_left_off(tmp_path, ray_tmp, ner_run)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     run = run_dir(tmp_path, res.stdout)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    initial = lines[0]
-    assert initial["kind"] == "initial" and initial["step"] == 0
+    assert [x["kind"] for x in lines[:3]] == ["startup", "initial", "eval"]
+    initial = lines[1]
+    assert initial["step"] == 0 and lines[0]["seconds"]["first_step"] > 0
     # before any step, the child scores what the parent's winner scored on the same validation data
     assert abs(initial["eval_f1"] - parent["winner"]["value"]) <= 1e-6
     status = json.loads((run / "status.json").read_text())
@@ -269,7 +279,7 @@ def test_single_worker_run_stops_at_max_steps_and_listens_on_loopback_only(tmp_p
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "succeeded" and status["winner"]["value"] > 0.5
     # max_steps overrides epochs: an evaluation at the end of epoch 1, then one at step 25 in epoch 2
-    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     assert [(e["epoch"], e["step"]) for e in evals] == [(1, evals[0]["step"]), (2, 25)], evals
     assert 0 < evals[0]["step"] < 25
     assert evals[-1]["lr"] == 0.0  # the linear schedule ends at max_steps, not at the end of an epoch
