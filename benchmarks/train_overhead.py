@@ -1,5 +1,7 @@
 """Launcher overhead: `launch` (Ray Train + DeepSpeed, 1 and 2 workers) at ZeRO 0/2/3 vs a plain
-PyTorch loop and vs the transformers `Trainer`.
+PyTorch loop, the transformers `Trainer`, and the `Trainer` through DeepSpeed at the same stages and
+with the same DeepSpeed config (ZeRO's own cost, apart from the launcher's). A second table breaks
+each launch's start-up down by phase (metrics.jsonl's `startup` record).
 
 Same model (the quickstart's MiniLM + projection head), same data, same effective batch (32 samples
 per optimizer step: 1 worker × 32 or 2 workers × 16) and the same 2 cores (1 worker × 2 threads,
@@ -76,9 +78,10 @@ def plain_loop(steps: int, threads: int) -> dict:
     return {"step_s": statistics.median(times), "samples_per_s": batch_size / statistics.median(times)}
 
 
-def hf_trainer(steps: int, threads: int, gpu: bool = False, zero_stage: int = 0) -> dict:
-    """transformers' Trainer on the same model, features, optimizer groups, batch 32 and threads
-    (on GPU: bf16 with the DeepSpeed config `launch` builds for the same recipe and stage)."""
+def hf_trainer(steps: int, threads: int, gpu: bool = False, zero_stage: int | None = None) -> dict:
+    """transformers' Trainer on the same model, features, optimizer groups, batch 32 and threads;
+    with `zero_stage`, through DeepSpeed with the config `launch` builds for the same recipe and stage
+    (on GPU in bf16; on CPU in fp32 over gloo, one process) — the fair anchor for ZeRO's own cost."""
     import torch
     import torch.nn.functional as F
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -101,12 +104,18 @@ def hf_trainer(steps: int, threads: int, gpu: bool = False, zero_stage: int = 0)
 
     batch_size = recipe.train.batch_size * recipe.scaling.workers
     extra: dict = {}
-    if gpu:
-        from launcher.ds_config import build_ds_config
+    if gpu or zero_stage is not None:
+        import os
 
-        resolved["deepspeed"].update(zero_stage=zero_stage, precision="bf16")
+        from launcher.ds_config import build_ds_config
+        from launcher.train_loop import skip_shm_comm_build
+
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
+        skip_shm_comm_build()  # as the workers do
+        resolved["deepspeed"].update(zero_stage=zero_stage or 0, precision="bf16" if gpu else "fp32")
         resolved["train"]["batch_size"] = batch_size
-        extra = {"bf16": True, "deepspeed": build_ds_config(resolved, world_size=1)}
+        extra = {"bf16": gpu, "deepspeed": build_ds_config(resolved, world_size=1)}
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(out, per_device_train_batch_size=batch_size, max_steps=steps, use_cpu=not gpu, **extra,
                                  report_to=[], save_strategy="no", logging_strategy="no", max_grad_norm=1.0,
@@ -192,6 +201,9 @@ def main() -> None:
     rows = {"plain torch loop (1 proc × 2 threads, batch 32)": plain_loop(args.plain_steps, 2)}
     try:
         rows["transformers Trainer (1 proc × 2 threads, batch 32)"] = hf_trainer(args.plain_steps, 2)
+        for stage in args.stages:
+            rows[f"Trainer + DeepSpeed ZeRO-{stage} (1 proc × 2 threads, batch 32)"] = hf_trainer(
+                args.plain_steps, 2, zero_stage=stage)
     except ImportError as exc:
         print(f"skipping the Trainer row ({exc}); accelerate comes with peft (make install)")
     with tempfile.TemporaryDirectory() as tmp:
