@@ -87,7 +87,10 @@ def locate_encoder(encoder: str, recipe_path: str) -> tuple[str, list[str]]:
                      " every node must be able to download it when the run starts"]
 
 
-def build_plan(recipe: Recipe, resolved: dict, recipe_path: str) -> Plan:
+def build_plan(recipe: Recipe, resolved: dict, recipe_path: str, estimate_memory: bool = False) -> Plan:
+    """`estimate_memory` (launch --check): preview `zero_stage: auto` for GPU workers with the model's
+    memory per ZeRO stage — it builds the model's shapes and imports DeepSpeed's estimators, ~12 s
+    that a launch need not pay (the workers estimate for themselves) and CPU workers need not at all."""
     missing = [Problem(f"{recipe_path} data.{split}", f"file not found: {resolved['data'][split]}",
                        "paths are relative to the recipe file's folder")
                for split in ("train", "validation", "test")
@@ -130,15 +133,26 @@ def build_plan(recipe: Recipe, resolved: dict, recipe_path: str) -> Plan:
                      " with RAY_ADDRESS=<head>:6379 launch --check)" for p in resource_problems(recipe, local, "this machine")]
     shown, zero_lines = resolved, []
     if recipe.deepspeed.zero_stage == "auto":
-        shown, zero_lines = auto_stage_preview(resolved, dataset.labels, local["GPU"])
+        shown, zero_lines = (auto_stage_preview(resolved, dataset.labels, local["GPU"])
+                             if estimate_memory and sc.use_gpu else auto_stage_note(resolved))
     return Plan(recipe, resolved, dataset, source, build_ds_config(shown, sc.workers), warnings, parent,
                 augmented, zero_lines)
 
 
+def auto_stage_note(resolved: dict) -> tuple[dict, list[str]]:
+    """`zero_stage: auto` at launch, without the estimate: CPU workers take stage 0; GPU workers
+    choose when they start (launcher.zero_auto)."""
+    if resolved["scaling"]["use_gpu"]:
+        return resolved, ["zero_stage auto: the workers choose from their GPU memory when they start"
+                          " (launch --check prints the estimate per stage)"]
+    shown = {**resolved, "deepspeed": {**resolved["deepspeed"], "zero_stage": 0}}
+    return shown, ["zero_stage auto → ZeRO-0 (CPU workers: no device memory to save)"]
+
+
 def auto_stage_preview(resolved: dict, labels: list[str], local_gpus: int) -> tuple[dict, list[str]]:
-    """What `zero_stage: auto` would pick, for --check. The workers decide for real from their own
-    devices (launcher.zero_auto); here CPU workers resolve to stage 0, and GPU workers are previewed
-    with this machine's GPU when it has one."""
+    """What `zero_stage: auto` would pick for GPU workers, for --check: the estimate per option, and
+    the choice for GPUs like this machine's when it has one. The workers decide for real from their
+    own devices (launcher.zero_auto)."""
     import torch
 
     from launcher import zero_auto
@@ -151,19 +165,17 @@ def auto_stage_preview(resolved: dict, labels: list[str], local_gpus: int) -> tu
     per_node = min(sc["workers"], local_gpus) if local_gpus else sc["workers"]
     table = zero_auto.estimates(total, largest, sc["workers"], per_node)
     lines = [f"model states ({total / 1e6:.1f}M parameters, {sc['workers']} workers): " + zero_auto.describe(table)]
-    device = host = None
-    if sc["use_gpu"]:
-        if not local_gpus:
-            return resolved, [*lines, "zero_stage auto: each launch picks from the workers' GPU memory"
-                              f" (the lowest option within {1 - zero_auto.ACTIVATION_MARGIN:.0%} of it)"]
-        import psutil
+    if not local_gpus:
+        return resolved, [*lines, "zero_stage auto: each launch picks from the workers' GPU memory"
+                          f" (the lowest option within {1 - zero_auto.ACTIVATION_MARGIN:.0%} of it)"]
+    import psutil
 
-        device, host = torch.cuda.get_device_properties(0).total_memory, psutil.virtual_memory().total
+    device, host = torch.cuda.get_device_properties(0).total_memory, psutil.virtual_memory().total
     try:
         shown, why = zero_auto.resolve(resolved, model, device, host, per_node)
     except ValueError as exc:
         return resolved, [*lines, str(exc)]
-    return shown, [*lines, why + (" — with GPUs like this machine's" if device else "")]
+    return shown, [*lines, why + " — with GPUs like this machine's"]
 
 
 def resolve_parent(init_from: str, storage: str, recipe_path: str) -> tuple[str, Path]:

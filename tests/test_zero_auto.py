@@ -77,8 +77,13 @@ def test_resolve_replaces_auto_and_says_why(tmp_path):
 
 
 def test_check_previews_auto():
-    res = cli("launch", "--check", "recipes/quickstart_ner.yaml", "deepspeed.zero_stage=auto", env={"COLUMNS": "400"})
+    # CPU workers: stage 0, said at once (no estimate needed, none of its imports paid)
+    res = cli("launch", "--check", "recipes/quickstart_ner.yaml", env={"COLUMNS": "400"})
     assert res.returncode == 0, res.stderr
-    assert re.search(r"zero_stage auto → ZeRO-0 \(2\d\.\dM parameters; CPU workers: no device memory", res.stdout)
+    assert "zero_stage auto → ZeRO-0 (CPU workers: no device memory to save)" in res.stdout
+    assert '"stage": 0' in res.stdout and "model states" not in res.stdout
+    # GPU workers: the estimate per option; with no GPU here, the choice is left to the workers
+    res = cli("launch", "--check", "recipes/quickstart_ner.yaml", "scaling.use_gpu=true", env={"COLUMNS": "400"})
+    assert res.returncode == 0, res.stderr
     assert re.search(r"model states \(2\d\.\dM parameters, 2 workers\): ZeRO-0 \d+ MiB/device; ZeRO-1", res.stdout)
-    assert '"stage": 0' in res.stdout
+    assert "each launch picks from the workers' GPU memory" in res.stdout
