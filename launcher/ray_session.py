@@ -34,11 +34,17 @@ def init_ray(env_vars: dict[str, str] | None = None, log_to_driver: bool = True)
     # when another launch on this machine runs its own. So this Ray's dashboard gets a port chosen here,
     # and every process of the job (and this driver) is told where it is.
     port = _free_loopback_port()
-    api = f"http://127.0.0.1:{port}"
-    runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = api
-    os.environ["RAY_API_SERVER_ADDRESS"] = api
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    # A Ray started here is this process's child and so is every worker: they inherit os.environ.
+    # Passing the variables as the job's runtime_env instead makes every actor's environment differ
+    # from the idle workers Ray prestarts, so none of them can be used: the progress board then
+    # waits for a fresh Python process (~3 s on 2 cores) before the trainer starts.
+    os.environ.update(runtime_env["env_vars"])
+    # Ray Train's preemption watcher (one more actor process per run) polls for nodes a cloud
+    # autoscaler is draining; a private one-node Ray has none.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             _node_ip_address="127.0.0.1", runtime_env=runtime_env, log_to_driver=log_to_driver, **kwargs)
+             _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, **kwargs)
     return f"local ray ({os.cpu_count()} CPUs, 127.0.0.1)"
 
 

@@ -1,0 +1,69 @@
+"""What the workers leave out of DeepSpeed to save time, checked to change nothing they compute: the
+single-rank gradient all-reduce (real DeepSpeed on CPU) and DeepSpeed's import of mlflow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, run_deepspeed_script
+
+SCRIPT = r"""
+from launcher.data import Example, collate, encode_ner
+from launcher.ds_config import build_ds_config
+from launcher.model import build_model, param_groups
+from launcher.recipe import resolve_encoder
+from launcher.regularize import TaskLoss
+from launcher.train_loop import skip_single_rank_allreduce, train_step
+from transformers import AutoTokenizer
+
+LABELS = ["O", "B-PER", "I-PER", "B-LOC"]
+tok = AutoTokenizer.from_pretrained(resolve_encoder(MODEL["encoder"]))
+ex = [Example(tokens=["Mara", "Okafor", "visited", "Aldmere"], tags=["B-PER", "I-PER", "O", "B-LOC"]),
+      Example(tokens=["It", "rained", "in", "Aldmere"], tags=["O", "O", "O", "B-LOC"])]
+batch = collate(encode_ner(tok, ex, {t: i for i, t in enumerate(LABELS)}, 32, 4), tok.pad_token_id, True)
+
+def trained(stage, skip):
+    torch.manual_seed(0)
+    model = build_model(MODEL, LABELS, dropout={"hidden": 0.0, "attention": 0.0})
+    cfg = build_ds_config({"deepspeed": {"zero_stage": stage, "offload_optimizer": "none", "offload_params": "none",
+                                         "precision": "fp32", "config": {}},
+                           "train": {"batch_size": 2, "grad_accum": 2}, "regularization": {"max_grad_norm": 1.0}}, 1)
+    opt = torch.optim.AdamW(param_groups(model, 0.01, 1e-3, 1e-2), lr=1e-3)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    if skip:
+        skip_single_rank_allreduce(engine, 1, stage)
+    loss_fn = TaskLoss(model, {"label_smoothing": 0.1})
+    for _ in range(6):  # 3 optimizer steps of 2 micro-batches: accumulation and clipping on the path
+        train_step(engine, loss_fn, dict(batch), torch.device("cpu"))
+    return engine.enable_backward_allreduce, {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+
+flag_kept, kept = trained(0, skip=False)
+flag_skipped, skipped = trained(0, skip=True)
+flag_stage1, _ = trained(1, skip=True)
+torch.manual_seed(0)
+initial = dict(build_model(MODEL, LABELS, dropout={"hidden": 0.0, "attention": 0.0}).named_parameters())
+print(json.dumps({"flags": [flag_kept, flag_skipped, flag_stage1],
+                  "max_diff": max(float((kept[n] - skipped[n]).abs().max()) for n in kept),
+                  "changed": sum(int(not torch.equal(kept[n], initial[n])) for n in kept), "total": len(kept)}))
+"""
+
+
+def test_one_rank_at_stage_0_skips_the_allreduce_and_trains_bit_for_bit_the_same():
+    out = run_deepspeed_script(SCRIPT)
+    # skipped only where it is the identity: one rank, stage 0 (ZeRO-1 builds its partitions on that path)
+    assert out["flags"] == [True, False, True]
+    assert out["max_diff"] == 0.0  # same updates to the last bit
+    assert out["changed"] >= out["total"] // 2  # and training did move the weights
+
+
+def test_deepspeed_imports_without_mlflow_and_mlflow_still_imports_after():
+    code = ("import json, sys\nfrom launcher.train_loop import import_deepspeed\nds = import_deepspeed()\n"
+            "before = 'mlflow' in sys.modules\nimport mlflow\n"
+            "print(json.dumps({'loaded_by_deepspeed': before, 'mlflow_after': mlflow.__name__, "
+            "'autotuner_sees_mlflow': sys.modules['deepspeed.autotuning.autotuner'].has_mlflow}))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out == {"loaded_by_deepspeed": False, "mlflow_after": "mlflow", "autotuner_sees_mlflow": False}
