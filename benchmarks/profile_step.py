@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.train_overhead import setup  # noqa: E402
+from benchmarks.train_overhead import plain_step, setup  # noqa: E402
 
 
 def batches_for(recipe, feats, batch_size: int, steps: int) -> list[list[int]]:
@@ -52,25 +52,9 @@ def profiled(step, n_warmup: int, n_steps: int):
 
 
 def plain(steps: int, warmup: int, threads: int):
-    import torch
-    import torch.nn.functional as F
-
-    from launcher.data import collate
-
     recipe, _, tok, feats, model, opt = setup(threads)
     order = batches_for(recipe, feats, recipe.train.batch_size, warmup + steps)
-
-    def step(i: int) -> None:
-        batch = collate([feats[j] for j in order[i]], tok.pad_token_id, model.uses_token_type_ids)
-        labels = batch.pop("labels")
-        logits = model(**batch)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-
-    return profiled(step, warmup, steps)
+    return profiled(lambda i: plain_step(model, opt, tok, feats, order[i]), warmup, steps)
 
 
 def zeroship(stage: int, steps: int, warmup: int, threads: int, keep_allreduce: bool = False):

@@ -50,30 +50,35 @@ def setup(threads: int):
     return recipe, resolved, tok, feats, model, opt
 
 
-def plain_loop(steps: int, threads: int) -> dict:
-    """A single-process PyTorch loop doing the launcher's work: same batches, AdamW, clipping."""
+def plain_step(model, opt, tok, feats, ids: list[int]) -> None:
+    """One step of a plain PyTorch loop doing the launcher's work: same batch, loss, AdamW, clipping."""
     import torch
     import torch.nn.functional as F
 
-    from launcher.data import collate, length_grouped_batches
+    from launcher.data import collate
+
+    batch = collate([feats[j] for j in ids], tok.pad_token_id, model.uses_token_type_ids)
+    labels = batch.pop("labels")
+    logits = model(**batch)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
+def plain_loop(steps: int, threads: int) -> dict:
+    """A single-process PyTorch loop over the launcher's length-grouped batches."""
+    from launcher.data import length_grouped_batches
 
     recipe, _, tok, feats, model, opt = setup(threads)
     batch_size = recipe.train.batch_size * recipe.scaling.workers
     batches = length_grouped_batches([len(f.input_ids) for f in feats], batch_size, recipe.train.seed, True)
-    times, samples = [], 0
+    times = []
     for i in range(steps):
-        ids = batches[i % len(batches)]
         start = time.perf_counter()
-        batch = collate([feats[j] for j in ids], tok.pad_token_id, model.uses_token_type_ids)
-        labels = batch.pop("labels")
-        logits = model(**batch)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        plain_step(model, opt, tok, feats, batches[i % len(batches)])
         times.append(time.perf_counter() - start)
-        samples += len(ids)
     times = times[3:]  # warm-up
     return {"step_s": statistics.median(times), "samples_per_s": batch_size / statistics.median(times)}
 

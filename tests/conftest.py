@@ -64,6 +64,19 @@ MODEL = {"encoder": "packaged:all-MiniLM-L6-v2", "task": "token_classification",
          "head": {"dim": 16, "layers": 1, "activation": "gelu", "dropout": 0.0, "layernorm": True}}
 """
 
+# A two-sentence NER batch for those scripts: LABELS, tok, ex and batch (labels still in it).
+TOY_BATCH = r"""
+from launcher.data import Example, collate, encode_ner
+from launcher.recipe import resolve_encoder
+from transformers import AutoTokenizer
+
+LABELS = ["O", "B-PER", "I-PER", "B-LOC"]
+tok = AutoTokenizer.from_pretrained(resolve_encoder(MODEL["encoder"]))
+ex = [Example(tokens=["Mara", "Okafor", "visited", "Aldmere"], tags=["B-PER", "I-PER", "O", "B-LOC"]),
+      Example(tokens=["It", "rained", "in", "Aldmere"], tags=["O", "O", "O", "B-LOC"])]
+batch = collate(encode_ner(tok, ex, {t: i for i, t in enumerate(LABELS)}, 32, 4), tok.pad_token_id, True)
+"""
+
 
 def run_deepspeed_script(body: str, *args: str) -> dict:
     import socket

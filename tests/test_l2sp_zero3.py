@@ -5,23 +5,15 @@ checked against an independent formula in test_regularize.py)."""
 from __future__ import annotations
 
 import pytest
-from conftest import run_deepspeed_script
+from conftest import TOY_BATCH, run_deepspeed_script
 
 pytestmark = pytest.mark.e2e
 
-SCRIPT = r"""
-from launcher.data import Example, collate, encode_ner
+SCRIPT = TOY_BATCH + r"""
 from launcher.ds_config import build_ds_config
 from launcher.model import build_model, param_groups
-from launcher.recipe import resolve_encoder
 from launcher.regularize import PartitionedL2SP, TaskLoss
-from transformers import AutoTokenizer
 
-LABELS = ["O", "B-PER", "I-PER", "B-LOC"]
-tok = AutoTokenizer.from_pretrained(resolve_encoder(MODEL["encoder"]))
-ex = [Example(tokens=["Mara", "Okafor", "visited", "Aldmere"], tags=["B-PER", "I-PER", "O", "B-LOC"]),
-      Example(tokens=["It", "rained", "in", "Aldmere"], tags=["O", "O", "O", "B-LOC"])]
-batch = collate(encode_ner(tok, ex, {t: i for i, t in enumerate(LABELS)}, 32, 4), tok.pad_token_id, True)
 labels = batch.pop("labels")
 alpha, z3_alpha, lr, steps = float(sys.argv[2]), float(sys.argv[3]), 0.05, 4
 

@@ -7,22 +7,13 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, run_deepspeed_script
+from conftest import ROOT, TOY_BATCH, run_deepspeed_script
 
-SCRIPT = r"""
-from launcher.data import Example, collate, encode_ner
+SCRIPT = TOY_BATCH + r"""
 from launcher.ds_config import build_ds_config
 from launcher.model import build_model, param_groups
-from launcher.recipe import resolve_encoder
 from launcher.regularize import TaskLoss
 from launcher.train_loop import skip_single_rank_allreduce, train_step
-from transformers import AutoTokenizer
-
-LABELS = ["O", "B-PER", "I-PER", "B-LOC"]
-tok = AutoTokenizer.from_pretrained(resolve_encoder(MODEL["encoder"]))
-ex = [Example(tokens=["Mara", "Okafor", "visited", "Aldmere"], tags=["B-PER", "I-PER", "O", "B-LOC"]),
-      Example(tokens=["It", "rained", "in", "Aldmere"], tags=["O", "O", "O", "B-LOC"])]
-batch = collate(encode_ner(tok, ex, {t: i for i, t in enumerate(LABELS)}, 32, 4), tok.pad_token_id, True)
 
 def trained(stage, skip):
     torch.manual_seed(0)
