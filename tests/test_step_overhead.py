@@ -15,11 +15,11 @@ from launcher.model import build_model, param_groups
 from launcher.regularize import TaskLoss
 from launcher.train_loop import skip_single_rank_allreduce, train_step
 
-def trained(stage, skip):
+def trained(stage, skip, precision="fp32"):
     torch.manual_seed(0)
     model = build_model(MODEL, LABELS, dropout={"hidden": 0.0, "attention": 0.0})
     cfg = build_ds_config({"deepspeed": {"zero_stage": stage, "offload_optimizer": "none", "offload_params": "none",
-                                         "precision": "fp32", "config": {}},
+                                         "precision": precision, "config": {}},
                            "train": {"batch_size": 2, "grad_accum": 2}, "regularization": {"max_grad_norm": 1.0}}, 1)
     opt = torch.optim.AdamW(param_groups(model, 0.01, 1e-3, 1e-2), lr=1e-3)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
@@ -28,15 +28,18 @@ def trained(stage, skip):
     loss_fn = TaskLoss(model, {"label_smoothing": 0.1})
     for _ in range(6):  # 3 optimizer steps of 2 micro-batches: accumulation and clipping on the path
         train_step(engine, loss_fn, dict(batch), torch.device("cpu"))
-    return engine.enable_backward_allreduce, {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    return engine.enable_backward_allreduce, {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
 
 flag_kept, kept = trained(0, skip=False)
 flag_skipped, skipped = trained(0, skip=True)
 flag_stage1, _ = trained(1, skip=True)
+_, bf16_kept = trained(0, skip=False, precision="bf16")  # DeepSpeed's bf16 optimizer reduces its own fp32 buffers
+_, bf16_skipped = trained(0, skip=True, precision="bf16")
 torch.manual_seed(0)
 initial = dict(build_model(MODEL, LABELS, dropout={"hidden": 0.0, "attention": 0.0}).named_parameters())
 print(json.dumps({"flags": [flag_kept, flag_skipped, flag_stage1],
                   "max_diff": max(float((kept[n] - skipped[n]).abs().max()) for n in kept),
+                  "bf16_max_diff": max(float((bf16_kept[n] - bf16_skipped[n]).abs().max()) for n in bf16_kept),
                   "changed": sum(int(not torch.equal(kept[n], initial[n])) for n in kept), "total": len(kept)}))
 """
 
@@ -45,7 +48,7 @@ def test_one_rank_at_stage_0_skips_the_allreduce_and_trains_bit_for_bit_the_same
     out = run_deepspeed_script(SCRIPT)
     # skipped only where it is the identity: one rank, stage 0 (ZeRO-1 builds its partitions on that path)
     assert out["flags"] == [True, False, True]
-    assert out["max_diff"] == 0.0  # same updates to the last bit
+    assert out["max_diff"] == 0.0 and out["bf16_max_diff"] == 0.0  # same updates to the last bit
     assert out["changed"] >= out["total"] // 2  # and training did move the weights
 
 
