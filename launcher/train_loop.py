@@ -88,15 +88,14 @@ def import_deepspeed():
     (the driver does, launcher.observe), and the block lasts only for this import."""
     import sys
 
-    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
-        import deepspeed
-
-        return deepspeed
-    sys.modules["mlflow"] = None  # type: ignore[assignment]  # makes `import mlflow` raise ImportError
+    block = "deepspeed" not in sys.modules and "mlflow" not in sys.modules
+    if block:
+        sys.modules["mlflow"] = None  # type: ignore[assignment]  # makes `import mlflow` raise ImportError
     try:
         import deepspeed
     finally:
-        del sys.modules["mlflow"]
+        if block:
+            del sys.modules["mlflow"]
     return deepspeed
 
 
@@ -114,8 +113,8 @@ def skip_shm_comm_build() -> None:
 def skip_single_rank_allreduce(engine, world: int, stage: int) -> None:
     """With one rank and no ZeRO partitioning, averaging gradients over the ranks is the identity,
     but DeepSpeed still flattens every gradient into buckets, "all-reduces" them and copies them back:
-    67 ms of `aten::cat` and 18 ms of copies per step on the quickstart model (benchmarks/
-    profile_step.py). ZeRO-1/2/3 optimizers build their fp32 partitions on that path, so only stage 0."""
+    60 ms of `aten::cat` and 12 ms of copies per step on the quickstart model (benchmarks/
+    profile_step.py, RESULTS.md). ZeRO-1/2/3 optimizers build their fp32 partitions on that path, so only stage 0."""
     if world == 1 and stage == 0:
         engine.enable_backward_allreduce = False
 
