@@ -13,10 +13,10 @@ import math
 import random
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from launcher.errors import DataError, Problem
+from launcher.sources import Source, expand, read_bytes
 
 MAX_PROBLEMS = 20  # report this many bad lines, then stop reading
 
@@ -34,9 +34,10 @@ class Example:
 
 @dataclass
 class Split:
-    path: str
+    path: str  # as the recipe names it: a file, a folder, a glob or a URI
     examples: list[Example]
     invalid_bio: int = 0  # sequences with an I- that does not continue its entity
+    files: list[Source] = field(default_factory=list)
 
 
 @dataclass
@@ -72,16 +73,16 @@ class _Collector:
 
 
 def _read_lines(path: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(Problem(path, "file not found" if not p.exists() else "not a file",
-                                "check the data paths in the recipe (relative to the recipe file)"))
-    raw = p.read_bytes()
+    return decode_lines(read_bytes(path), path)
+
+
+def decode_lines(raw: bytes, name: str) -> list[str]:
+    """A file's bytes as lines; `name` is what errors call the file."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(Problem(f"{path}:{line}", f"not UTF-8 (byte 0x{raw[exc.start]:02x})",
+        raise DataError(Problem(f"{name}:{line}", f"not UTF-8 (byte 0x{raw[exc.start]:02x})",
                                 "re-encode the file as UTF-8")) from None
     # A BOM is an encoding mark, not part of the first token. Lines end at \n only (with an optional \r):
     # str.splitlines() also breaks at U+2028, NEL and form feed, which would cut a token in two and
@@ -96,11 +97,14 @@ _COLUMN_SEP = re.compile(r"[ \t]+")  # CoNLL columns: ASCII blanks only, so a to
 
 
 def read_conll(path: str) -> list[Example]:
+    return parse_conll(_read_lines(path), path)
+
+
+def parse_conll(lines: list[str], path: str) -> list[Example]:
     """Columns separated by whitespace or tabs, token first, tag last; blank line between sentences."""
     out, tokens, tags, start = [], [], [], 1
     bad = _Collector(path)
     ncols = None
-    lines = _read_lines(path)
     for lineno, line in enumerate(lines + [""], start=1):
         if not line.strip(" \t"):
             if tokens:
@@ -134,10 +138,14 @@ def read_conll(path: str) -> list[Example]:
 
 
 def read_jsonl(path: str, task: str) -> list[Example]:
+    return parse_jsonl(_read_lines(path), path, task)
+
+
+def parse_jsonl(lines: list[str], path: str, task: str) -> list[Example]:
     out = []
     bad = _Collector(path)
     labels = _LabelKinds()
-    for lineno, line in enumerate(_read_lines(path), start=1):
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -202,7 +210,11 @@ class _LabelKinds:
 
 
 def read_csv(path: str, text_column: str, label_column: str, delimiter: str) -> list[Example]:
-    lines = _read_lines(path)
+    return parse_csv(_read_lines(path), path, text_column, label_column, delimiter)
+
+
+def parse_csv(lines: list[str], path: str, text_column: str, label_column: str, delimiter: str) -> list[Example]:
+    """Each file (each shard) starts with its own header row."""
     bad = _Collector(path)
     if not lines:
         raise DataError(Problem(path, "empty file", "the first row must be a header"))
@@ -265,6 +277,16 @@ def _check_bio_label(tag: str, where: str, bad: _Collector) -> None:
         bad.problems.append(Problem(where, f"tag {tag!r} is not BIO (O, B-TYPE, I-TYPE)"))
 
 
+def parse_file(name: str, data: dict, task: str) -> list[Example]:
+    """One file (or shard) of a split, in the recipe's format."""
+    lines = decode_lines(read_bytes(name), name)
+    if data["format"] == "conll":
+        return parse_conll(lines, name)
+    if data["format"] == "jsonl":
+        return parse_jsonl(lines, name, task)
+    return parse_csv(lines, name, data["text_column"], data["label_column"], data["delimiter"])
+
+
 def load_dataset(data: dict, task: str) -> Dataset:
     """Read every split named in the recipe's `data` section and settle the label set."""
     splits: dict[str, Split] = {}
@@ -272,16 +294,12 @@ def load_dataset(data: dict, task: str) -> Dataset:
         path = data.get(name)
         if not path:
             continue
-        if data["format"] == "conll":
-            examples = read_conll(path)
-        elif data["format"] == "jsonl":
-            examples = read_jsonl(path, task)
-        else:
-            examples = read_csv(path, data["text_column"], data["label_column"], data["delimiter"])
+        files = expand(path, f"data.{name}")
+        examples = [ex for f in files for ex in parse_file(f.name, data, task)]
         if not examples:
             raise DataError(Problem(path, f"the {name} split has no examples"))
         invalid = sum(count_invalid_bio(ex.tags) for ex in examples) if task == "token_classification" else 0
-        splits[name] = Split(path, examples, invalid)
+        splits[name] = Split(path, examples, invalid, files)
     labels = data.get("labels") or infer_labels(task, splits["train"].examples)
     closed = set(labels)
     bad = _Collector("")

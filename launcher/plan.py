@@ -18,9 +18,10 @@ from rich.table import Table
 from launcher.augment import augment
 from launcher.data import Dataset, load_dataset
 from launcher.ds_config import build_ds_config
-from launcher.errors import Problem, RecipeError
+from launcher.errors import DataError, Problem, RecipeError
 from launcher.observe import check_mlflow
 from launcher.recipe import PACKAGED_PREFIX, Recipe, resolve_encoder
+from launcher.sources import describe, expand
 from launcher.storage import check_storage
 
 
@@ -91,10 +92,13 @@ def build_plan(recipe: Recipe, resolved: dict, recipe_path: str, estimate_memory
     """`estimate_memory` (launch --check): preview `zero_stage: auto` for GPU workers with the model's
     memory per ZeRO stage — it builds the model's shapes and imports DeepSpeed's estimators, ~12 s
     that a launch need not pay (the workers estimate for themselves) and CPU workers need not at all."""
-    missing = [Problem(f"{recipe_path} data.{split}", f"file not found: {resolved['data'][split]}",
-                       "paths are relative to the recipe file's folder")
-               for split in ("train", "validation", "test")
-               if resolved["data"][split] and not Path(resolved["data"][split]).is_file()]
+    missing = []
+    for split in ("train", "validation", "test"):  # every split's missing files at once, before any parsing
+        if resolved["data"][split]:
+            try:
+                expand(resolved["data"][split], f"{recipe_path} data.{split}")
+            except DataError as exc:
+                missing += exc.problems
     if missing:
         raise RecipeError(missing)
     check_mlflow(recipe.run.mlflow_uri)
@@ -197,15 +201,6 @@ def resolve_parent(init_from: str, storage: str, recipe_path: str) -> tuple[str,
     return str(folder), folder
 
 
-def _size(path: str) -> str:
-    n = Path(path).stat().st_size
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 def print_plan(plan: Plan, console: Console) -> None:
     r = plan.recipe
     t = Table(title="zeroship plan", show_header=False, title_justify="left")
@@ -229,7 +224,7 @@ def print_plan(plan: Plan, console: Console) -> None:
     added = plan.augmentation.get("examples", 0)
     for name, split in plan.dataset.splits.items():
         extra = f" + {added} augmented" if name == "train" and added else ""
-        t.add_row(f"data.{name}", f"{split.path} ({_size(split.path)}, {len(split.examples) - (added if extra else 0)}"
+        t.add_row(f"data.{name}", f"{split.path} ({describe(split.files)}, {len(split.examples) - (added if extra else 0)}"
                   f" examples{extra})")
     if plan.augmentation:
         t.add_row("augmentation", f"{added} copies (seed {r.train.seed}); changed by: " + ", ".join(

@@ -571,7 +571,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     resolved = recipe.model_dump(mode="json")
     for split in ("train", "validation", "test"):
         value = resolved["data"][split]
-        if value is not None and not Path(value).is_absolute():
+        if value is not None and "://" not in value and not Path(value).is_absolute():
             resolved["data"][split] = str((base / value).resolve())
     encoder = resolved["model"]["encoder"]
     if not encoder.startswith(PACKAGED_PREFIX) and encoder.startswith((".", "/", "~")):

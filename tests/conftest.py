@@ -119,6 +119,26 @@ def tiny_ner_recipe(folder: Path, **sections) -> Path:
     return path
 
 
+def toy_ner_shards(folder: Path, fmt: str, shards: int, split: str = "train") -> Path:
+    """A toy NER split cut into `shards` files (`part-0000.conll`, … or `.jsonl`), sentences in
+    order, next to what shard writers leave around them: an empty `_SUCCESS` marker and a hidden
+    checksum file that is not UTF-8 (a reader that opened either would fail or change the data)."""
+    from launcher.data import read_conll
+
+    examples = read_conll(str(TOY_NER / f"{split}.conll"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        part = examples[s * len(examples) // shards:(s + 1) * len(examples) // shards]
+        if fmt == "conll":
+            text = "".join("".join(f"{t} {g}\n" for t, g in zip(ex.tokens, ex.tags)) + "\n" for ex in part)
+        else:
+            text = "".join(json.dumps({"tokens": ex.tokens, "tags": ex.tags}) + "\n" for ex in part)
+        (folder / f"part-{s:04d}.{fmt}").write_text(text)
+    (folder / "_SUCCESS").write_text("")
+    (folder / ".part-0000.crc").write_bytes(b"\xff\xfe\x00crc")
+    return folder
+
+
 def train_run(folder: Path, ray_dir: str, **sections) -> Path:
     """Train a tiny recipe through the real CLI; return its run directory."""
     recipe = tiny_ner_recipe(folder, **sections)
@@ -139,11 +159,14 @@ CLS_SECTIONS = dict(
 
 @pytest.fixture(scope="session")
 def ner_run(tmp_path_factory) -> Path:
-    """A tiny NER run (ZeRO-2, 2 workers, 2 epochs), shared by the training and export tests. It also
+    """A tiny NER run (ZeRO-2, 2 workers, 2 epochs) on the toy train split as a folder of 3 CoNLL
+    shards, shared by the training and export tests. It also
     logs to an MLflow file store (`<folder>/mlruns`), which test_mlflow.py reads back."""
     folder = tmp_path_factory.mktemp("ner")
     with tempfile.TemporaryDirectory(prefix="zs-", dir="/tmp") as ray_dir:
-        return train_run(folder, ray_dir, train={"epochs": 2}, run={"mlflow_uri": str(folder / "mlruns")})
+        shards = toy_ner_shards(folder / "train_shards", "conll", 3)  # a folder of shards, read in name order
+        return train_run(folder, ray_dir, data={"train": str(shards)}, train={"epochs": 2},
+                         run={"mlflow_uri": str(folder / "mlruns")})
 
 
 def free_port() -> int:

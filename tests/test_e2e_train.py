@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, ROOT, TOY_CLS, TOY_NER, cli, evaluate_best_in_fresh_process, tiny_ner_recipe
+from conftest import (
+    BIN,
+    ROOT,
+    TOY_CLS,
+    TOY_NER,
+    cli,
+    evaluate_best_in_fresh_process,
+    tiny_ner_recipe,
+    toy_ner_shards,
+)
 
 from launcher.startup import PHASES
 
@@ -246,10 +255,14 @@ def test_single_worker_run_stops_at_max_steps_and_listens_on_loopback_only(tmp_p
     meanwhile every socket its private Ray listens on (driver, GCS, raylet, dashboard, workers: all
     descendants of `launch`) is bound to loopback. One exception, outside our reach:
     torch.distributed's TCPStore (the rendezvous rank 0 hosts) binds every interface whatever host it
-    is given (`dist.TCPStore("127.0.0.1", ...)` listens on ::). One run checks both, to save a launch."""
+    is given (`dist.TCPStore("127.0.0.1", ...)` listens on ::). One run checks both, to save a launch,
+    and reads its train split from a glob of JSONL shards."""
     import psutil
 
+    shards = toy_ner_shards(tmp_path / "shards", "jsonl", 2)  # and the train split is a glob of JSONL shards
     recipe = tiny_ner_recipe(tmp_path, scaling={"workers": 1, "cpus_per_worker": 2}, deepspeed={"zero_stage": 0},
+                             data={"format": "jsonl", "train": str(shards / "part-*.jsonl"),
+                                   "validation": str(toy_ner_shards(tmp_path / "val", "jsonl", 1, "validation"))},
                              train={"epochs": 1, "batch_size": 32, "max_steps": 25, "schedule": "linear"})
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
     proc = subprocess.Popen([str(BIN / "launch"), str(recipe)], cwd=ROOT, stdout=subprocess.PIPE,

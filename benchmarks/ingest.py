@@ -1,0 +1,175 @@
+"""Ingest at scale: `launch` on 1×, 16× and 64× copies of CoNLL-2003 train (generated here, never
+committed) with `train.max_steps` small, so the figures are about reading, tokenizing and handing the
+data to the workers, not about training. Per copy: the peak RSS of the `launch` process (the driver),
+the peak RSS of each Ray Train worker and of any other Ray process (Ray Data's readers and
+tokenizers), and the seconds from `launch` to the first optimizer step (metrics.jsonl's start-up
+record, with its tokenization phase). RSS is sampled every 0.2 s with psutil.
+
+The model is the packaged MiniLM cut to one layer (`model.num_hidden_layers=1`): the encoder's size
+is not what this measures. A copy whose run would leave less than `--min-free-gb` of the machine's
+memory free is stopped, and the row says so.
+
+    .venv/bin/python benchmarks/ingest.py [--copies 1 16 64] [--workers 2] [--shards 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.conll import fetch  # noqa: E402
+from benchmarks.results import append_results  # noqa: E402
+
+
+def make_copies(folder: Path, copies: int, shards: int) -> Path:
+    """`copies` × CoNLL train: one file, or a folder of `shards` files of whole copies."""
+    train = (fetch() / "train.txt").read_bytes()
+    if shards == 1:
+        path = folder / f"train_x{copies}.txt"
+        with open(path, "wb") as fh:
+            for _ in range(copies):
+                fh.write(train + b"\n")
+        return path
+    out = folder / f"train_x{copies}"
+    out.mkdir()
+    for s in range(shards):
+        n = copies // shards + (s < copies % shards)
+        with open(out / f"part-{s:04d}.txt", "wb") as fh:
+            for _ in range(n):
+                fh.write(train + b"\n")
+    return out
+
+
+def recipe(folder: Path, train: Path, workers: int) -> Path:
+    path = folder / "ingest.yaml"
+    path.write_text(json.dumps({  # JSON is YAML
+        "model": {"encoder": "packaged:all-MiniLM-L6-v2", "task": "token_classification", "num_hidden_layers": 1,
+                  "head": {"dim": 64}},
+        "data": {"format": "conll", "train": str(train), "validation": str(fetch() / "valid.txt"),
+                 "max_length": 64, "stride": 16},
+        "train": {"epochs": 1, "max_steps": 3, "batch_size": 16, "lr": 1e-4, "eval_every": "epoch",
+                  "metric": "eval_f1"},
+        "deepspeed": {"zero_stage": 0, "precision": "fp32"},
+        "scaling": {"workers": workers, "cpus_per_worker": 1},
+        "run": {"storage": str(folder / "runs")},
+    }))
+    return path
+
+
+def _is_forked_child(p: psutil.Process) -> bool:
+    try:
+        return "RayTrainWorker" in " ".join(p.parent().cmdline())
+    except (psutil.Error, AttributeError):
+        return False
+
+
+class PeakRSS(threading.Thread):
+    """Peak resident memory of the driver, of each Ray Train worker and of the other Ray processes."""
+
+    def __init__(self, driver: int, min_free: float):
+        super().__init__(daemon=True)
+        self.driver, self.min_free = driver, min_free
+        self.peaks: dict[str, float] = {}
+        self.starved = False
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            for p in psutil.process_iter(["pid", "cmdline", "memory_info"]):
+                try:
+                    cmd = " ".join(p.info["cmdline"] or [])
+                    mb = p.info["memory_info"].rss / 2**20
+                except (psutil.Error, TypeError, AttributeError):
+                    continue
+                if p.info["pid"] == self.driver:
+                    key = "driver"
+                elif "RayTrainWorker" in cmd:
+                    if _is_forked_child(p):
+                        continue  # a helper the worker forked (it shares the worker's pages and its title)
+                    key = f"worker {p.info['pid']}"
+                elif cmd.startswith("ray::") and "IDLE" not in cmd:
+                    key = "ray other"  # the largest of them: Ray Data tasks/actors, controller, board
+                else:
+                    continue
+                self.peaks[key] = max(self.peaks.get(key, 0.0), mb)
+            if psutil.virtual_memory().available < self.min_free * 2**30:
+                self.starved = True
+                psutil.Process(self.driver).kill()
+                return
+            time.sleep(0.2)
+
+
+def measure(copies: int, workers: int, shards: int, min_free: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix="zeroship-ingest-") as tmp:
+        folder = Path(tmp)
+        train = make_copies(folder, copies, shards)
+        size = sum(f.stat().st_size for f in ([train] if train.is_file() else train.iterdir()))
+        start = time.time()
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "launch"), str(recipe(folder, train, workers))],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        watch = PeakRSS(proc.pid, min_free)
+        watch.start()
+        _, err = proc.communicate()
+        watch.done.set()
+        watch.join()
+        row = {"copies": copies, "mb": size / 2**20, "wall_s": time.time() - start, "peaks": watch.peaks}
+        if watch.starved:
+            return {**row, "failed": f"stopped: under {min_free} GiB of memory left"}
+        if proc.returncode != 0:
+            return {**row, "failed": f"launch exited {proc.returncode}: {err.strip().splitlines()[-1][:120]}"}
+        run = next((folder / "runs").glob("run-*"))
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        startup = next(r for r in records if r["kind"] == "startup")
+        return {**row, "first_step_s": startup["to_first_step_s"],
+                "tokenization_s": startup["seconds"].get("tokenization", 0.0),
+                "plan_s": startup["seconds"].get("launch_and_plan", 0.0)}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| copies | train MB | driver peak RSS (MB) | worker peak RSS (MB) | other Ray peak (MB) "
+             "| launch → first step (s) | of which plan (s) | tokenization (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        workers = sorted(v for k, v in r["peaks"].items() if k.startswith("worker"))
+        shown = " / ".join(f"{w:.0f}" for w in workers) or "–"
+        head = (f"| {r['copies']}× | {r['mb']:.0f} | {r['peaks'].get('driver', 0):.0f} | {shown} "
+                f"| {r['peaks'].get('ray other', 0):.0f} ")
+        if "failed" in r:
+            lines.append(head + f"| {r['failed']} (after {r['wall_s']:.0f} s) | | |")
+        else:
+            lines.append(head + f"| {r['first_step_s']:.1f} | {r['plan_s']:.1f} | {r['tokenization_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--copies", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--shards", type=int, default=1, help="write each corpus as a folder of this many files")
+    ap.add_argument("--min-free-gb", type=float, default=2.0)
+    ap.add_argument("--label", default="", help="a word for the results heading (e.g. before/after)")
+    args = ap.parse_args()
+    rows = []
+    for copies in args.copies:
+        rows.append(measure(copies, args.workers, args.shards, args.min_free_gb))
+        print(table(rows[-1:]), flush=True)
+    out = table(rows)
+    print(out)
+    name = "Ingest: driver and worker memory, time to first step, by corpus size" + (
+        f" ({args.label})" if args.label else "")
+    append_results(name, "benchmarks/ingest.py " + " ".join(sys.argv[1:]), out)
+
+
+if __name__ == "__main__":
+    main()
