@@ -86,7 +86,7 @@ def launch(argv: list[str] | None = None, prog: str = "launch") -> int:
         recipe, resolved = load_recipe(args.recipe, args.overrides)
         if args.runs:
             resolved["run"]["storage"] = args.runs
-        plan = build_plan(recipe, resolved, args.recipe, estimate_memory=args.check)
+        plan = build_plan(recipe, resolved, args.recipe, check=args.check)
         print_plan(plan, out)
         if args.check:
             if os.environ.get("RAY_ADDRESS"):  # on a cluster: joining starts nothing, and lets us check it

@@ -38,6 +38,15 @@ class Split:
     examples: list[Example]
     invalid_bio: int = 0  # sequences with an I- that does not continue its entity
     files: list[Source] = field(default_factory=list)
+    sampled_bytes: int | None = None  # `launch --check` on a big split: the bytes parsed (see read_sample)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def estimate(self, counted: int) -> int:
+        """A count made on the sample, scaled to the whole split by bytes."""
+        return round(counted * self.total_bytes / max(1, self.sampled_bytes or self.total_bytes))
 
 
 @dataclass
@@ -51,9 +60,12 @@ class Dataset:
         for name, split in self.splits.items():
             if split.invalid_bio:
                 out.append(
-                    f"{split.path}: {split.invalid_bio} sentence(s) with invalid BIO (I- without its B-);"
-                    " trained as given"
+                    f"{split.path}: {split.invalid_bio} sentence(s){' of the sample' if split.sampled_bytes else ''}"
+                    " with invalid BIO (I- without its B-); trained as given"
                 )
+            if split.sampled_bytes is not None:
+                out.append(f"data.{name}: checked on a sample ({split.sampled_bytes / 2**20:.1f} of "
+                           f"{split.total_bytes / 2**20:.0f} MB); the launch reads and checks every line")
         return out
 
 
@@ -279,7 +291,10 @@ def _check_bio_label(tag: str, where: str, bad: _Collector) -> None:
 
 def parse_file(name: str, data: dict, task: str) -> list[Example]:
     """One file (or shard) of a split, in the recipe's format."""
-    lines = decode_lines(read_bytes(name), name)
+    return parse_lines(decode_lines(read_bytes(name), name), name, data, task)
+
+
+def parse_lines(lines: list[str], name: str, data: dict, task: str) -> list[Example]:
     if data["format"] == "conll":
         return parse_conll(lines, name)
     if data["format"] == "jsonl":
@@ -287,20 +302,62 @@ def parse_file(name: str, data: dict, task: str) -> list[Example]:
     return parse_csv(lines, name, data["text_column"], data["label_column"], data["delimiter"])
 
 
-def load_dataset(data: dict, task: str) -> Dataset:
-    """Read every split named in the recipe's `data` section and settle the label set."""
+# `launch --check` parses a split whole up to this size; above it, SAMPLE_BYTES spread over SAMPLE_FILES
+# of its files (the head of each, cut at a record boundary), and the counts it prints are estimates.
+CHECK_FULL_BYTES = 16 * 2**20
+SAMPLE_BYTES = 8 * 2**20
+SAMPLE_FILES = 8
+
+
+def read_sample(files: list[Source], data: dict, task: str) -> tuple[list[Example], int]:
+    """Examples from the heads of up to SAMPLE_FILES files spread over the list, and the bytes read."""
+    k = min(len(files), SAMPLE_FILES)
+    picked = [files[round(i * (len(files) - 1) / max(1, k - 1))] for i in range(k)]
+    examples, covered = [], 0
+    for f in picked:
+        raw = read_bytes(f.name, limit=SAMPLE_BYTES // k)
+        if len(raw) < f.size:
+            raw = _whole_records(raw, data)
+        covered += len(raw)
+        examples += parse_lines(decode_lines(raw, f.name), f.name, data, task)
+    return examples, covered
+
+
+def _whole_records(raw: bytes, data: dict) -> bytes:
+    """The head of a file cut after its last complete record: a sentence (CoNLL, ends at a blank line),
+    a line (JSONL) or a row (CSV: a newline outside quotes)."""
+    if data["format"] == "conll":
+        cut = max(raw.rfind(b"\n\n"), raw.rfind(b"\n\r\n"))
+        return raw[:cut + 1] if cut >= 0 else b""
+    cut = raw.rfind(b"\n")
+    if data["format"] == "csv":
+        while cut >= 0 and raw.count(b'"', 0, cut) % 2:
+            cut = raw.rfind(b"\n", 0, cut)
+    return raw[:cut + 1] if cut >= 0 else b""
+
+
+def load_dataset(data: dict, task: str, sample: bool = False) -> Dataset:
+    """Read every split named in the recipe's `data` section and settle the label set.
+
+    `sample` (launch --check): a split over CHECK_FULL_BYTES is checked on a sample (read_sample); then the
+    label set comes from the sample unless the recipe gives it, and labels are checked against it only
+    where every line was read."""
     splits: dict[str, Split] = {}
     for name in ("train", "validation", "test"):
         path = data.get(name)
         if not path:
             continue
         files = expand(path, f"data.{name}")
-        examples = [ex for f in files for ex in parse_file(f.name, data, task)]
+        if sample and sum(f.size for f in files) > CHECK_FULL_BYTES:
+            examples, sampled = read_sample(files, data, task)
+        else:
+            examples, sampled = [ex for f in files for ex in parse_file(f.name, data, task)], None
         if not examples:
             raise DataError(Problem(path, f"the {name} split has no examples"))
         invalid = sum(count_invalid_bio(ex.tags) for ex in examples) if task == "token_classification" else 0
-        splits[name] = Split(path, examples, invalid, files)
+        splits[name] = Split(path, examples, invalid, files, sampled)
     labels = data.get("labels") or infer_labels(task, splits["train"].examples)
+    partial = splits["train"].sampled_bytes is not None and not data.get("labels")  # labels from a sample
     closed = set(labels)
     bad = _Collector("")
     if task == "token_classification":
@@ -309,6 +366,8 @@ def load_dataset(data: dict, task: str) -> Dataset:
         if "O" not in closed:
             bad.problems.append(Problem("data.labels", "the BIO label set must contain 'O'"))
     for name, split in splits.items():
+        if partial and name != "train":
+            continue  # a label the sample missed is not an error
         for ex in split.examples:
             values = ex.tags if task == "token_classification" else [ex.label]
             for i, value in enumerate(values):

@@ -88,10 +88,11 @@ def locate_encoder(encoder: str, recipe_path: str) -> tuple[str, list[str]]:
                      " every node must be able to download it when the run starts"]
 
 
-def build_plan(recipe: Recipe, resolved: dict, recipe_path: str, estimate_memory: bool = False) -> Plan:
-    """`estimate_memory` (launch --check): preview `zero_stage: auto` for GPU workers with the model's
-    memory per ZeRO stage — it builds the model's shapes and imports DeepSpeed's estimators, ~12 s
-    that a launch need not pay (the workers estimate for themselves) and CPU workers need not at all."""
+def build_plan(recipe: Recipe, resolved: dict, recipe_path: str, check: bool = False) -> Plan:
+    """`check` (launch --check) checks a big split on a sample of it (launcher.data.read_sample) and
+    previews `zero_stage: auto` for GPU workers with the model's memory per ZeRO stage — it builds the
+    model's shapes and imports DeepSpeed's estimators, ~12 s that a launch need not pay (the workers
+    estimate for themselves) and CPU workers need not at all."""
     missing = []
     for split in ("train", "validation", "test"):  # every split's missing files at once, before any parsing
         if resolved["data"][split]:
@@ -105,7 +106,7 @@ def build_plan(recipe: Recipe, resolved: dict, recipe_path: str, estimate_memory
     check_storage(resolved["run"]["storage"])
     source, warnings = locate_encoder(resolved["model"]["encoder"], recipe_path)
     check_encoder_positions(source, recipe.data.max_length, f"{recipe_path} data.max_length")
-    dataset = load_dataset(resolved["data"], recipe.model.task)
+    dataset = load_dataset(resolved["data"], recipe.model.task, sample=check)
     warnings += dataset.warnings()
     train = dataset.splits["train"]
     extra, augmented = augment(train.examples, recipe.model.task, resolved["data"]["augmentation"], recipe.train.seed)
@@ -138,7 +139,7 @@ def build_plan(recipe: Recipe, resolved: dict, recipe_path: str, estimate_memory
     shown, zero_lines = resolved, []
     if recipe.deepspeed.zero_stage == "auto":
         shown, zero_lines = (auto_stage_preview(resolved, dataset.labels, local["GPU"])
-                             if estimate_memory and sc.use_gpu else auto_stage_note(resolved))
+                             if check and sc.use_gpu else auto_stage_note(resolved))
     return Plan(recipe, resolved, dataset, source, build_ds_config(shown, sc.workers), warnings, parent,
                 augmented, zero_lines)
 
@@ -220,12 +221,17 @@ def print_plan(plan: Plan, console: Console) -> None:
         t.add_row("lora", f"r {lo.r}, alpha {lo.alpha:g}, dropout {lo.dropout:g} on {', '.join(lo.targets)}"
                   " (encoder frozen; adapters merged into best/)")
     labels = plan.dataset.labels
-    t.add_row("labels", f"{len(labels)}: {', '.join(labels[:12])}{' …' if len(labels) > 12 else ''}")
+    sampled = plan.dataset.splits["train"].sampled_bytes is not None and not r.data.labels
+    t.add_row("labels", f"{len(labels)}{' in the sample' if sampled else ''}: {', '.join(labels[:12])}"
+              f"{' …' if len(labels) > 12 else ''}")
     added = plan.augmentation.get("examples", 0)
     for name, split in plan.dataset.splits.items():
         extra = f" + {added} augmented" if name == "train" and added else ""
-        t.add_row(f"data.{name}", f"{split.path} ({describe(split.files)}, {len(split.examples) - (added if extra else 0)}"
-                  f" examples{extra})")
+        if extra and split.sampled_bytes is not None:
+            extra += " in the sample"
+        n = len(split.examples) - (added if extra else 0)
+        count = str(n) if split.sampled_bytes is None else f"≈ {split.estimate(n)}"
+        t.add_row(f"data.{name}", f"{split.path} ({describe(split.files)}, {count} examples{extra})")
     if plan.augmentation:
         t.add_row("augmentation", f"{added} copies (seed {r.train.seed}); changed by: " + ", ".join(
             f"{op} {n}" for op, n in plan.augmentation.items() if op != "examples"))

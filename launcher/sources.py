@@ -104,20 +104,21 @@ def _uri(scheme: str, spec: str, fs_path: str) -> str:
     return f"{scheme}://{authority}{fs_path if fs_path.startswith('/') else '/' + fs_path}"
 
 
-def read_bytes(source: str, field: str = "") -> bytes:
-    """A file's bytes, local or on a URI."""
+def read_bytes(source: str, field: str = "", limit: int | None = None) -> bytes:
+    """A file's bytes (its first `limit` bytes when given), local or on a URI."""
     if not is_uri(source):
         path = Path(source)
         if not path.is_file():
             raise DataError(Problem(source, "file not found" if not path.exists() else "not a file",
                                     "check the data paths in the recipe (relative to the recipe file)"))
-        return path.read_bytes()
+        with open(path, "rb") as fh:
+            return fh.read(-1 if limit is None else limit)
     import pyarrow
 
     fs, path = _filesystem(source, field or source)
     try:
         with fs.open_input_stream(path) as fh:
-            return fh.read()
+            return fh.read(limit)
     except (pyarrow.ArrowException, OSError) as exc:
         raise DataError(Problem(source, f"cannot read: {exc}", "check the URI and its credentials")) from None
 

@@ -131,3 +131,60 @@ def test_check_lists_every_missing_split_at_once_and_exits_2(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     err = " ".join(res.stderr.split())
     assert "data.train: no file matches" in err and "data.validation:" in err and "no data files there" in err
+
+
+# ------------------------------------------------------------------ launch --check on a big split
+def _big_split(folder: Path, shards: int = 6, copies: int = 60) -> Path:
+    """`shards` × `copies` × the toy train split (≈ 20 MB, over CHECK_FULL_BYTES); the middle shard ends
+    with a malformed line and a sentence tagged B-RARE, both past anything a sample reads."""
+    folder.mkdir()
+    one = (TOY_NER / "train.conll").read_bytes()
+    for s in range(shards):
+        tail = b"Odd B-RARE\n\nbroken_line_without_tag\n" if s == shards // 2 else b""
+        (folder / f"part-{s}.conll").write_bytes((one + b"\n") * copies + tail)
+    return folder
+
+
+def test_check_samples_a_big_split_and_estimates_its_size(tmp_path):
+    from launcher import data as data_mod
+
+    folder = _big_split(tmp_path / "big")
+    total = sum(f.stat().st_size for f in folder.iterdir())
+    assert total > data_mod.CHECK_FULL_BYTES
+    val = tmp_path / "val.conll"
+    val.write_text((TOY_NER / "validation.conll").read_text() + "\nRare B-RARE\n")
+    spec = _data(str(folder), validation=str(val))
+    ds = load_dataset(spec, "token_classification", sample=True)
+    train = ds.splits["train"]
+    assert train.sampled_bytes is not None and train.sampled_bytes <= data_mod.SAMPLE_BYTES
+    true_count = 6 * 60 * len(TOY) + 1
+    assert abs(train.estimate(len(train.examples)) - true_count) / true_count < 0.02
+    assert "B-RARE" not in ds.labels  # inferred from the sample, and validation's B-RARE is no error
+    assert any("checked on a sample" in w for w in ds.warnings())
+    assert ds.splits["validation"].sampled_bytes is None  # small splits are read whole
+    # the launch reads every line: the malformed one the sample skipped fails it, with its shard and line
+    with pytest.raises(DataError) as err:
+        load_dataset(spec, "token_classification")
+    lines = (folder / "part-3.conll").read_bytes().count(b"\n")
+    assert f"{folder / 'part-3.conll'}:{lines}: expected 'token ... tag'" in str(err.value)
+
+
+def test_a_sample_ends_at_a_whole_record():
+    from launcher.data import _whole_records
+
+    csv_head = b'text,label\n"one\ntwo",a\n"three\nfo'
+    assert _whole_records(csv_head, {"format": "csv"}) == b'text,label\n"one\ntwo",a\n'
+    conll_head = b"A O\nB O\n\nC O\nD"
+    assert _whole_records(conll_head, {"format": "conll"}) == b"A O\nB O\n"
+    assert _whole_records(b'{"a": 1}\n{"b"', {"format": "jsonl"}) == b'{"a": 1}\n'
+
+
+def test_check_on_a_big_split_prints_an_estimate(tmp_path):
+    _big_split(tmp_path / "big")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {encoder: packaged:all-MiniLM-L6-v2, task: token_classification}\n"
+                      f"data: {{format: conll, train: big, validation: '{TOY_NER / 'validation.conll'}'}}\n")
+    res = cli("launch", "--check", str(recipe), timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = " ".join(res.stdout.split())
+    assert "6 files" in out and "≈" in out and "checked on a sample" in out and "9 in the sample:" in out
