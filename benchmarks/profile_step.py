@@ -29,7 +29,7 @@ from benchmarks.train_overhead import plain_step, setup  # noqa: E402
 
 
 def batches_for(recipe, feats, batch_size: int, steps: int) -> list[list[int]]:
-    from launcher.data import length_grouped_batches
+    from launcher.features import length_grouped_batches
 
     batches = length_grouped_batches([len(f.input_ids) for f in feats], batch_size, recipe.train.seed, True)
     return [batches[i % len(batches)] for i in range(steps)]
@@ -68,8 +68,8 @@ def zeroship(stage: int, steps: int, warmup: int, threads: int, keep_allreduce: 
     deepspeed = import_deepspeed()
     skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend="gloo")
-    from launcher.data import collate
     from launcher.ds_config import build_ds_config
+    from launcher.features import collate
     from launcher.regularize import TaskLoss
     from launcher.train_loop import skip_single_rank_allreduce, train_step
 

@@ -34,7 +34,7 @@ def setup(threads: int):
     from transformers import AutoTokenizer
 
     from launcher.data import load_dataset
-    from launcher.evaluate import encode
+    from launcher.features import encode
     from launcher.model import build_model, param_groups
     from launcher.recipe import load_recipe, resolve_encoder
 
@@ -55,7 +55,7 @@ def plain_step(model, opt, tok, feats, ids: list[int]) -> None:
     import torch
     import torch.nn.functional as F
 
-    from launcher.data import collate
+    from launcher.features import collate
 
     batch = collate([feats[j] for j in ids], tok.pad_token_id, model.uses_token_type_ids)
     labels = batch.pop("labels")
@@ -69,7 +69,7 @@ def plain_step(model, opt, tok, feats, ids: list[int]) -> None:
 
 def plain_loop(steps: int, threads: int) -> dict:
     """A single-process PyTorch loop over the launcher's length-grouped batches."""
-    from launcher.data import length_grouped_batches
+    from launcher.features import length_grouped_batches
 
     recipe, _, tok, feats, model, opt = setup(threads)
     batch_size = recipe.train.batch_size * recipe.scaling.workers
@@ -91,7 +91,7 @@ def hf_trainer(steps: int, threads: int, gpu: bool = False, zero_stage: int | No
     import torch.nn.functional as F
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from launcher.data import collate
+    from launcher.features import collate
 
     recipe, resolved, tok, feats, model, opt = setup(threads)
 

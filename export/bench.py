@@ -18,7 +18,7 @@ from rich.table import Table
 
 from export.onnx import load_validation, ort_forward, resolve_run
 from export.runtime import VARIANT_FILES, batch_independent, make_session, read_manifest
-from launcher.data import collate
+from launcher.features import collate
 from launcher.model import load_model
 
 

@@ -33,9 +33,10 @@ from export.quantize import (
     sample_indices,
 )
 from export.runtime import VARIANT_FILES, make_session, manifest_problem, run_bound, sha256_file
-from launcher.data import Feature, length_grouped_batches, load_dataset
+from launcher.data import load_dataset
 from launcher.errors import ExportError, Problem
-from launcher.evaluate import encode, predict, score
+from launcher.evaluate import predict, score
+from launcher.features import Feature, encode, length_grouped_batches
 from launcher.model import ZeroshipModel, load_model
 from launcher.runs import Registry, Run
 
@@ -151,8 +152,8 @@ def check_parity(model: ZeroshipModel, session, names: list[str], val: Validatio
     """Max |Δ logits| and argmax agreement over real (unpadded) positions of validation batches; with
     `labelled_only`, over the positions that carry a label (NER: each word's first subtoken), the only
     ones whose argmax reaches an answer — the rest were never trained and hold near-ties."""
-    from launcher.data import collate
     from launcher.device import module_device, to_device
+    from launcher.features import collate
 
     forward = ort_forward(session, names, io_binding)
     device = module_device(model)

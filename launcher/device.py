@@ -3,7 +3,7 @@
 A Ray Train worker computes on `ray.train.torch.get_device()` (its GPU under `scaling.use_gpu`, which
 honours CUDA_VISIBLE_DEVICES and the local rank; the CPU otherwise); the driver, which evaluates the
 merged winner itself, uses its own GPU when it has one. Batches are built on the CPU by
-`launcher.data.collate` and moved with `to_device` right before the forward pass: training,
+`launcher.features.collate` and moved with `to_device` right before the forward pass: training,
 evaluation, warm start and export parity all go through it, and nothing else calls `.cuda()`.
 """
 

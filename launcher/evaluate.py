@@ -1,4 +1,5 @@
-"""Evaluation shared by the workers, the driver (merged checkpoint) and the exporter (parity).
+"""Evaluation shared by the workers, the driver (merged checkpoint) and the exporter (parity): runs a
+model over features (launcher.features) and scores the predictions.
 
 `predict` runs any forward function over batches of features and returns per-feature argmax
 predictions (and the summed loss); `score` turns those into the task metrics on whole examples,
@@ -10,16 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from launcher.data import Example, Feature, collate, encode_cls, encode_ner, merge_word_predictions
+from launcher.data import Example
+from launcher.features import Feature, collate, encode, length_grouped_batches, merge_word_predictions
 from launcher.metrics import cls_metrics, ner_metrics
-
-
-def encode(task: str, tokenizer, examples: list[Example], labels: list[str], max_length: int,
-           stride: int) -> list[Feature]:
-    label2id = {label: i for i, label in enumerate(labels)}
-    if task == "token_classification":
-        return encode_ner(tokenizer, examples, label2id, max_length, stride)
-    return encode_cls(tokenizer, examples, label2id, max_length)
 
 
 def predict(forward: Callable, features: list[Feature], batches: list[list[int]], real: list[bool],
@@ -86,7 +80,6 @@ def evaluate_model(model, tokenizer, task: str, labels: list[str], examples: lis
     """Single-process evaluation of a plain (non-DeepSpeed) model, as the driver and export use it,
     on the device the model is on. `forward` replaces the model's own (e.g. an onnxruntime session
     with the same signature, which takes CPU tensors)."""
-    from launcher.data import length_grouped_batches
     from launcher.device import module_device
 
     features = encode(task, tokenizer, examples, labels, max_length, stride)

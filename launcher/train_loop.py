@@ -145,10 +145,11 @@ def train_worker(config: dict[str, Any]) -> None:
 
     from launcher import zero_auto
     from launcher.checkpoint import save_stage0_fp32
-    from launcher.data import collate, examples_from_dicts, length_grouped_batches, shard_batches
+    from launcher.data import examples_from_dicts
     from launcher.device import worker_device
     from launcher.ds_config import build_ds_config
-    from launcher.evaluate import encode, predict, score
+    from launcher.evaluate import predict, score
+    from launcher.features import collate, encode, length_grouped_batches, shard_batches
     from launcher.model import apply_freeze, apply_lora, build_model, param_groups, warm_start
     from launcher.recipe import resolve_encoder
     from launcher.regularize import PartitionedL2SP, TaskLoss

@@ -66,7 +66,8 @@ MODEL = {"encoder": "packaged:all-MiniLM-L6-v2", "task": "token_classification",
 
 # A two-sentence NER batch for those scripts: LABELS, tok, ex and batch (labels still in it).
 TOY_BATCH = r"""
-from launcher.data import Example, collate, encode_ner
+from launcher.data import Example
+from launcher.features import collate, encode_ner
 from launcher.recipe import resolve_encoder
 from transformers import AutoTokenizer
 

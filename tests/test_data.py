@@ -5,18 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import TOY_CLS, TOY_NER
 
-from launcher.data import (
-    Example,
-    encode_ner,
-    length_grouped_batches,
-    load_dataset,
-    merge_word_predictions,
-    read_conll,
-    read_csv,
-    read_jsonl,
-    shard_batches,
-)
+from launcher.data import Example, load_dataset, read_conll, read_csv, read_jsonl
 from launcher.errors import DataError
+from launcher.features import encode_ner, length_grouped_batches, merge_word_predictions, shard_batches
 
 
 def _ner_data(**kw):

@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher.data import Example, collate, encode_ner, length_grouped_batches
+from launcher.data import Example
 from launcher.device import module_device, to_device
 from launcher.evaluate import evaluate_model, predict
+from launcher.features import collate, encode_ner, length_grouped_batches
 from launcher.model import build_model, param_groups
 from launcher.regularize import TaskLoss
 from launcher.train_loop import LossWindow, train_step

@@ -202,8 +202,8 @@ def test_lora_run_merges_its_adapters_into_best_and_exports(tmp_path, ray_tmp):
     from safetensors.torch import load_file
 
     from launcher.checkpoint import STATE_FILE, merged_state_dict
-    from launcher.data import collate, read_conll
-    from launcher.evaluate import encode
+    from launcher.data import read_conll
+    from launcher.features import collate, encode
     from launcher.model import apply_lora, build_model, load_model
 
     lora = {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["query", "key", "value", "dense"]}

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launcher.data import Example, collate, encode_ner
+from launcher.data import Example
+from launcher.features import collate, encode_ner
 from launcher.model import build_model
 from launcher.regularize import TaskLoss
 
