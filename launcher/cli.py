@@ -92,7 +92,7 @@ def launch(argv: list[str] | None = None, prog: str = "launch") -> int:
             if os.environ.get("RAY_ADDRESS"):  # on a cluster: joining starts nothing, and lets us check it
                 import ray
 
-                from launcher.driver import connect_ray
+                from launcher.cluster import connect_ray
 
                 where = connect_ray(recipe, resolved["run"]["storage"])
                 nodes = sum(1 for n in ray.nodes() if n.get("Alive"))

@@ -4,279 +4,34 @@ Flow: allocate `run-N` → write recipe.yaml → ray (cluster if one is there, e
 127.0.0.1) → TorchTrainer(train_worker) with a live progress display → pick the best checkpoint
 by the recipe's metric → merge its ZeRO shards into `best/` (written to a temp folder, renamed
 into place only once complete) → evaluate the merged model again → status `succeeded`.
+
+The parts live beside it: `cluster` (joining Ray, cluster checks), `trainer` (the TorchTrainer and what
+each worker receives), `console` (progress and result tables), `winner` (the merge into `best/`),
+`sweep` (trials and k-fold).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 import yaml
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
 from launcher import startup
-from launcher.checkpoint import merged_state_dict, read_state
-from launcher.data import examples_to_dicts
+from launcher.cluster import connect_ray
+from launcher.console import ProgressView, console, print_cv, print_results, print_trials, progress_board
 from launcher.errors import Problem, ZeroshipError
-from launcher.plan import Plan, resource_problems
+from launcher.plan import Plan
 from launcher.recipe import Recipe
-from launcher.runs import Registry, Run, atomic_write, atomic_write_json
-from launcher.signing import KEY_ENV, load_key
-from launcher.storage import is_uri
-from launcher.train_loop import train_worker
-
-console = Console()
-
-
-class ClusterError(ZeroshipError):
-    """The Ray cluster cannot run this recipe."""
-
-
-# ------------------------------------------------------------------ Ray
-def connect_ray(recipe: Recipe, storage: str | None = None, log_to_driver: bool = True) -> str:
-    """Join the cluster when one is there, else start a local Ray bound to loopback
-    (launcher.ray_session), then check it can run the recipe. Returns a short description."""
-    from launcher.ray_session import init_ray
-
-    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
-    if os.environ.get("ZEROSHIP_FAULT"):  # test-only fault hook (train_loop.FaultHook)
-        env["ZEROSHIP_FAULT"] = os.environ["ZEROSHIP_FAULT"]
-    env[KEY_ENV] = load_key().hex()  # workers sign their checkpoints with it (launcher.signing)
-    where = init_ray(env, log_to_driver)
-    if where == "existing ray session":
-        return where
-    _check_resources(recipe)
-    if storage and not is_uri(storage):  # a URI is reachable from every node by construction
-        check_shared_storage(Path(storage))
-    return where
-
-
-def check_shared_storage(root: Path, nodes: list[dict] | None = None, probe=None) -> int:
-    """On a cluster of more than one node every node must see run.storage: workers write their
-    checkpoint shards there and the driver merges them. A marker file written here is looked for by
-    a task pinned to each node; returns the number of nodes checked. `nodes` (ray.nodes() rows) and
-    `probe(node_ids, path, token) -> [seen]` are for tests (default: the cluster, a task per node)."""
-    import uuid
-
-    import ray
-
-    nodes = [n for n in (ray.nodes() if nodes is None else nodes) if n.get("Alive")]
-    if len(nodes) <= 1:
-        return len(nodes)
-    root.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex
-    marker = (root / f".zeroship-shared-check-{token}").resolve()
-    marker.write_text(token)
-    try:
-        results = (probe or _probe_on_node)([n["NodeID"] for n in nodes], str(marker), token)
-    finally:
-        marker.unlink(missing_ok=True)
-    blind = [n.get("NodeManagerAddress", n["NodeID"][:8]) for n, seen in zip(nodes, results) if not seen]
-    if blind:
-        raise ClusterError(Problem(
-            "run.storage", f"{root} is not shared: {len(blind)} of the cluster's {len(nodes)} nodes cannot see it "
-            f"({', '.join(blind[:4])}); workers on those nodes would write checkpoints the driver never sees",
-            "put runs on storage every node mounts (an NFS/EFS path such as /mnt/shared/zeroship/runs, see "
-            "cluster/aws-gpu.yaml) and set run.storage (or --runs) to it"))
-    return len(nodes)
-
-
-def _probe_on_node(node_ids: list[str], path: str, token: str) -> list[bool]:
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    @ray.remote(num_cpus=0)
-    def sees(path: str, token: str) -> bool:
-        try:
-            return Path(path).read_text() == token
-        except OSError:
-            return False
-
-    refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(path, token)
-            for node in node_ids]
-    return ray.get(refs, timeout=120)
-
-
-def _check_resources(recipe: Recipe) -> None:
-    import ray
-
-    problems = resource_problems(recipe, ray.cluster_resources(), "the cluster")
-    if problems:
-        raise ClusterError(problems)
-
-
-def progress_board():
-    """A tiny actor that workers push events to and the driver drains (works across nodes)."""
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class ProgressBoard:
-        def __init__(self) -> None:
-            self.events: list[dict] = []
-
-        def push(self, event: dict) -> None:
-            self.events.append(event)
-
-        def drain(self) -> list[dict]:
-            events, self.events = self.events, []
-            return events
-
-    return ProgressBoard.remote()
-
-
-# ------------------------------------------------------------------ progress display
-class ProgressView:
-    """Drains the board in a thread, appends evaluations to metrics.jsonl, and draws one live row per
-    trial (a single run is one row): parameters, step, loss, best metric so far."""
-
-    def __init__(self, board, run: Run, metric: str, mode: str):
-        self.board, self.run, self.metric, self.mode = board, run, metric, mode
-        self.evals: list[dict] = []
-        self.stop_reasons: dict[str, str] = {}
-        self.params: dict[str, dict] = {}
-        self.best: dict[str, float] = {}
-        self.totals: dict[str, int] = {}
-        self.tasks: dict[str, Any] = {}
-        self._stop = threading.Event()
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=20),
-                                 TextColumn("{task.fields[steps]}"), TextColumn("{task.fields[info]}"),
-                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                 console=console, transient=False)
-
-    @property
-    def stop_reason(self) -> str | None:
-        return self.stop_reasons.get("") or "; ".join(f"{t}: {r}" for t, r in self.stop_reasons.items()) or None
-
-    def expect_trials(self, trials: list[dict]) -> None:
-        for t in trials:
-            fold = {"fold": t["fold"]} if t.get("fold") is not None else {}
-            self.params[t["name"]] = {**t["params"], **fold}
-            self._task(t["name"], "pending")
-
-    def _task(self, trial: str, info: str = ""):
-        if trial not in self.tasks:
-            params = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.params.get(trial, {}).items())
-            desc = f"{trial} {params}" if trial else self.run.id
-            self.tasks[trial] = self.progress.add_task(desc, total=None, info=info, steps="")
-        return self.tasks[trial]
-
-    def _info(self, trial: str, extra: str = "") -> str:
-        best = f"best {self.metric}={self.best[trial]:.4f}" if trial in self.best else ""
-        return " ".join(x for x in (extra, best) if x)
-
-    def handle(self, event: dict) -> None:
-        kind, trial = event.pop("kind"), event.get("trial", "")
-        task = self._task(trial)
-        if kind == "start":
-            if event.get("resumed_from_step") is not None:
-                self.run.append_metrics({"kind": "resume", "trial": trial, "step": event["resumed_from_step"],
-                                         "time": time.time()})
-                self.progress.console.print(f"{trial or self.run.id}: workers restarted, resuming from the"
-                                            f" checkpoint at step {event['resumed_from_step']}")
-            if event.get("zero_auto") and event.get("resumed_from_step") is None:
-                self.progress.console.print(f"{trial or self.run.id}: {escape(event['zero_auto'])}", highlight=False)
-            self.totals[trial] = event["total_steps"]
-            self.progress.update(task, total=event["total_steps"], info=self._info(trial, "running"),
-                                 steps=f"step 0/{event['total_steps']}")
-        elif kind == "step":
-            if self.run.logger is not None:
-                self.run.logger.log(trial, event["step"], {"train_loss": event["loss"], "lr": event.get("lr")})
-            self.progress.update(task, completed=event["step"], steps=f"step {event['step']}/{self.totals.get(trial, '?')}",
-                                 info=self._info(trial, f"loss {event['loss']:.4f}"))
-        elif kind == "eval":
-            self.evals.append(event)
-            self.run.append_metrics({"kind": "eval", **event})
-            if self.run.logger is not None:
-                self.run.logger.log(trial, event["step"], event)
-            value = event[self.metric]
-            if trial not in self.best or (value > self.best[trial] if self.mode == "max" else value < self.best[trial]):
-                self.best[trial] = value
-            shown = " ".join(f"{k}={v:.4f}" for k, v in event.items() if k.startswith("eval_"))
-            self.progress.console.print(f"{trial + ' ' if trial else ''}epoch {event['epoch']} step {event['step']}:"
-                                        f" {shown}  ({event.get('train_samples_per_s', 0):.1f} samples/s)",
-                                        highlight=False)
-            self.progress.update(task, completed=event["step"], info=self._info(trial))
-        elif kind == "initial":  # a warm start's evaluation before training (not a checkpoint)
-            self.run.append_metrics({"kind": "initial", **event})
-            shown = " ".join(f"{k}={v:.4f}" for k, v in event.items() if k.startswith("eval_"))
-            self.progress.console.print(f"{trial + ' ' if trial else ''}before training: {shown}", highlight=False)
-        elif kind == "startup":
-            rec = startup.record(self.run.stamps, event)
-            self.run.append_metrics(rec)
-            self.progress.console.print(f"{trial or self.run.id}: {startup.summary(rec)}", highlight=False)
-        elif kind == "end":
-            self.stop_reasons[trial] = event.get("stop_reason")
-            self.progress.update(task, info=self._info(trial, "done"))
-
-    def drain(self) -> None:
-        import ray
-
-        for event in ray.get(self.board.drain.remote()):
-            self.handle(event)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(0.5):
-            try:
-                self.drain()
-            except Exception:  # the display must never take the run down
-                pass
-
-    def __enter__(self) -> ProgressView:
-        self.progress.start()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self.thread.join()
-        try:
-            self.drain()
-        finally:
-            self.progress.stop()
-
-
-# ------------------------------------------------------------------ fit
-def worker_config(recipe: Recipe, resolved: dict, plan: Plan, board, trial: str = "") -> dict:
-    """What every worker receives: the resolved recipe, labels, parsed examples, the progress board."""
-    data = {name: examples_to_dicts(split.examples) for name, split in plan.dataset.splits.items()
-            if name in ("train", "validation")}
-    return {"recipe": resolved, "labels": plan.dataset.labels, "data": data, "progress": board,
-            "metric": recipe.metric, "mode": recipe.mode, "trial": trial}
-
-
-def make_trainer(recipe: Recipe, config: dict, storage: str, name: str, callbacks: list | None = None):
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    sc = recipe.scaling
-    resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
-    return TorchTrainer(
-        train_worker,
-        train_loop_config=config,
-        # Ray Train picks the backend from use_gpu (NCCL on GPUs, gloo on CPUs); the timeout bounds
-        # every collective, so a rank that hangs fails the run instead of stalling it forever
-        torch_config=TorchConfig(timeout_s=sc.timeout_s),
-        scaling_config=ray.train.ScalingConfig(num_workers=sc.workers, use_gpu=sc.use_gpu,
-                                               resources_per_worker=resources,
-                                               placement_strategy=sc.placement_strategy),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=storage, callbacks=callbacks or [],
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=recipe.run.keep_best, checkpoint_score_attribute=recipe.metric,
-                checkpoint_score_order=recipe.mode),
-            failure_config=ray.train.FailureConfig(max_failures=recipe.run.max_failures)),
-    )
+from launcher.runs import Registry, Run, atomic_write
+from launcher.trainer import make_trainer, worker_config
+from launcher.winner import pick_winner, write_best
 
 
 def fit(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[Any, ProgressView]:
@@ -302,68 +57,6 @@ def fit_sweep(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[Any
     sign = 1 if recipe.mode == "max" else -1
     best = max(view.evals, key=lambda e: sign * e[recipe.metric])
     return find_checkpoint(run.ray_storage, best["trial"], best["step"]), best, view, trials
-
-
-# ------------------------------------------------------------------ winner → best/
-def pick_winner(result, metric: str, mode: str) -> tuple[Any, dict]:
-    candidates = [(ckpt, m) for ckpt, m in (result.best_checkpoints or []) if metric in m]
-    if not candidates:
-        raise RuntimeError("training finished without a reported checkpoint")
-    key = (lambda cm: cm[1][metric]) if mode == "max" else (lambda cm: -cm[1][metric])
-    return max(candidates, key=key)
-
-
-def write_best(run: Run, resolved: dict, labels: list[str], ckpt_dir: Path, winner: dict,
-               plan: Plan) -> dict:
-    """Merge the winning shards into best/ (fp32, whatever the training precision) and check the
-    merged model reproduces the metric, evaluating it on the driver's GPU when it has one."""
-    from transformers import AutoTokenizer
-
-    from launcher.device import driver_device
-    from launcher.evaluate import evaluate_model
-    from launcher.model import apply_lora, build_model, merge_lora, warm_start
-
-    if resolved["model"].get("init_from"):  # same shapes as the parent's encoder, this run's head
-        model = warm_start(resolved["model"]["init_from"], labels, resolved["model"]["head"],
-                           resolved["model"]["init_from_head"])
-    else:
-        model = build_model(resolved["model"], labels, pretrained=False)
-    if resolved["model"].get("lora"):
-        apply_lora(model, resolved["model"]["lora"])
-    with run.logs.quiet() if run.logs else contextlib.nullcontext():  # zero_to_fp32 prints to stdout
-        state = merged_state_dict(ckpt_dir)  # verifies the checkpoint's signatures first
-    ckpt_state = read_state(ckpt_dir)  # epoch, step, ZeRO stage, precision of the winning checkpoint
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    persistent = {n for n, _ in model.named_parameters()} | set(model.state_dict())
-    missing = [k for k in missing if k in persistent]
-    if missing or unexpected:
-        raise RuntimeError(f"merged checkpoint does not fit the model: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
-    model = merge_lora(model.eval()).to(driver_device())  # best/ holds a plain encoder: export needs no peft
-    tokenizer = AutoTokenizer.from_pretrained(plan.encoder_source)
-    dcfg = resolved["data"]
-    metrics, reports = {}, {}
-    for split in ("validation", "test"):
-        if split in plan.dataset.splits:
-            result = evaluate_model(model, tokenizer, model.task, labels, plan.dataset.splits[split].examples,
-                                    dcfg["max_length"], dcfg["stride"], with_report=True)
-            reports[split] = result.pop("report")
-            metrics[split] = result
-    metrics["reported"] = winner
-    tmp = run.dir / ".best.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp, tokenizer=tokenizer, extra={
-        "max_length": dcfg["max_length"], "stride": dcfg["stride"], "run": run.id,
-        "metric": resolved["train"]["metric"] or winner["metric"],
-        # the precision it was trained in; the weights in best/ are the fp32 masters
-        "training_precision": ckpt_state.get("precision", resolved["deepspeed"]["precision"]),
-        "zero_stage": ckpt_state["zero_stage"]})
-    atomic_write_json(tmp / "metrics.json", metrics)
-    atomic_write_json(tmp / "report.json", reports)
-    shutil.rmtree(run.best_dir, ignore_errors=True)
-    os.replace(tmp, run.best_dir)
-    run.push("best")  # before the status says succeeded, so a reader of the URI never sees half of it
-    return metrics
 
 
 # ------------------------------------------------------------------ launch
@@ -541,50 +234,3 @@ def fit_kfold(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[dic
         with find_checkpoint(run.ray_storage, best["trial"], best["step"]).as_directory() as folder:
             metrics = write_best(run, chosen, plan.dataset.labels, Path(folder), winner, plan)
     return winner, metrics, view, extra
-
-
-def print_cv(cv: list[dict], metric: str, k: int) -> None:
-    table = Table(title=f"{k}-fold cross-validation ({metric}, best evaluation of each fold)")
-    for col in ("point", "params", "folds", "mean ± std"):
-        table.add_column(col)
-    for e in cv:
-        table.add_row(str(e["point"]), escape(json.dumps(e["params"])), " ".join(f"{v:.4f}" for v in e["folds"]),
-                      f"{e['mean']:.4f} ± {e['std']:.4f}")
-    console.print(table)
-
-
-def print_trials(trials: list[dict], metric: str, winner: str) -> None:
-    table = Table(title="sweep trials")
-    for col in ("trial", "params", f"best {metric}", "state"):
-        table.add_column(col)
-    for t in trials:
-        state = {"failed": "[red]failed[/]", "pruned": "[yellow]pruned[/]"}.get(t["state"], t["state"])
-        best = f"{t['best']:.4f}" if t["best"] is not None else "-"
-        name = f"[bold]{t['name']}[/] ★" if t["name"] == winner else t["name"]
-        table.add_row(name, escape(json.dumps(t["params"])), best, state)
-    console.print(table)
-
-
-def print_results(run: Run, winner: dict, metrics: dict, stop_reason: str | None, wall: float) -> None:
-    trial = f"{winner['trial']}, " if winner.get("trial") else ""
-    table = Table(title=f"{run.id} results (winner: {trial}epoch {winner['epoch']}, step {winner['step']})")
-    table.add_column("split")
-    keys = [k for k in metrics.get("validation", {}) if k.startswith("eval_")]
-    for k in keys:
-        table.add_column(k.removeprefix("eval_"))
-    for split in ("validation", "test"):
-        if split in metrics:
-            table.add_row(split, *[f"{metrics[split][k]:.4f}" for k in keys])
-    console.print(table)
-    from launcher.report import print_report
-
-    reports = json.loads((run.best_dir / "report.json").read_text())
-    for split, report in reports.items():
-        print_report(report, f"{run.id} {split}: per-label report", console)
-    if stop_reason:
-        console.print(f"stopped: {stop_reason}; wall time {wall:.0f} s")
-    console.print(f"[bold green]{run.id} succeeded[/]: {winner['metric']}={winner['value']:.4f} → {run.best_dir}",
-                  highlight=False)
-    storage = run.remote.uri if run.remote else str(run.dir.parent)
-    console.print(f"export it: zeroship export onnx {run.id}" + (
-        f" --runs {storage}" if run.remote or run.dir.parent.resolve() != Path("runs").resolve() else ""))

@@ -9,7 +9,7 @@ covered by a valid HMAC; an unsigned, changed or added file is refused before an
 
 The key is 32 random bytes in `~/.config/zeroship/signing.key` (mode 0600; `$ZEROSHIP_KEY_FILE` moves it)
 on the machine whose driver launched the run, outside run storage; workers receive it in their environment
-(`ZEROSHIP_SIGNING_KEY`, set by `launcher.driver.connect_ray`), never in a file on storage.
+(`ZEROSHIP_SIGNING_KEY`, set by `launcher.cluster.connect_ray`), never in a file on storage.
 """
 
 from __future__ import annotations

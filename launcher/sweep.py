@@ -33,7 +33,7 @@ def sweep_trial(config: dict, shared: dict) -> None:
     """Tune function trainable: runs one trial's distributed training to completion."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from launcher.driver import make_trainer
+    from launcher.trainer import make_trainer
 
     trial = config["trial"]
     resolved = trial_recipe(shared["resolved"], trial["params"])
@@ -68,7 +68,7 @@ def run_sweep(recipe: Recipe, resolved: dict, plan, run: Run, view, board) -> li
     import ray.tune as tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from launcher.driver import worker_config
+    from launcher.trainer import worker_config
 
     points = sweep_points(recipe)
     k = recipe.sweep.kfold

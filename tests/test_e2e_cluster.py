@@ -130,7 +130,7 @@ def test_two_node_run_on_shared_storage(two_nodes, tmp_path):
 
 def test_storage_one_node_cannot_see_is_refused(tmp_path):
     """The refusal logic, with the cluster faked: node B's probe does not find the marker."""
-    from launcher.driver import ClusterError, check_shared_storage
+    from launcher.cluster import ClusterError, check_shared_storage
 
     nodes = [{"NodeID": "a" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.1"},
              {"NodeID": "b" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.2"},
