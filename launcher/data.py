@@ -347,9 +347,10 @@ def load_dataset(data: dict, task: str, sample: bool = False) -> Dataset:
         if not path:
             continue
         files = expand(path, f"data.{name}")
+        examples, sampled = [], None
         if sample and sum(f.size for f in files) > CHECK_FULL_BYTES:
             examples, sampled = read_sample(files, data, task)
-        else:
+        if not examples:  # read whole, also when no record ended inside the sampled heads (records over 1 MB)
             examples, sampled = [ex for f in files for ex in parse_file(f.name, data, task)], None
         if not examples:
             raise DataError(Problem(path, f"the {name} split has no examples"))

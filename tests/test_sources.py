@@ -3,6 +3,7 @@ one is reported."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -188,3 +189,16 @@ def test_check_on_a_big_split_prints_an_estimate(tmp_path):
     assert res.returncode == 0, res.stderr
     out = " ".join(res.stdout.split())
     assert "6 files" in out and "≈" in out and "checked on a sample" in out and "9 in the sample:" in out
+
+
+def test_check_reads_a_big_split_whole_when_no_record_ends_inside_the_sample(tmp_path):
+    """One JSONL record longer than the sampled head of its file: the sample holds no whole record, so
+    the check reads the split whole rather than calling it empty."""
+    from launcher import data as data_mod
+
+    big = tmp_path / "big.jsonl"
+    text = "word " * ((data_mod.CHECK_FULL_BYTES + 2**20) // 5)
+    big.write_text(json.dumps({"text": text, "label": "a"}) + "\n" + json.dumps({"text": "short", "label": "b"}) + "\n")
+    spec = {"format": "jsonl", "train": str(big), "validation": str(big), "test": None, "labels": None}
+    ds = load_dataset(spec, "sequence_classification", sample=True)
+    assert ds.splits["train"].sampled_bytes is None and len(ds.splits["train"].examples) == 2
