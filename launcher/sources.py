@@ -77,6 +77,9 @@ def _expand_uri(spec: str, field: str) -> list[Source]:
     pattern = None
     if any(c in path.rsplit("/", 1)[-1] for c in GLOB_CHARS):  # a glob in the last part: list its folder
         path, pattern = path.rsplit("/", 1)
+    if any(c in path for c in GLOB_CHARS):
+        raise DataError(Problem(field, f"{spec}: a URI takes a glob in its last part only",
+                                "name the folder, e.g. s3://bucket/ner/part-*.jsonl"))
     try:
         info = fs.get_file_info(path)
         if pattern is None and info.type == pyarrow.fs.FileType.File:

@@ -98,6 +98,7 @@ def test_a_bad_line_in_one_shard_is_reported_with_that_shard_and_line(tmp_path):
     ("missing.conll", "file not found"),
     ("file:///nonexistent-zeroship/x.conll", "not found"),
     ("file:///nonexistent-zeroship/*.conll", "not found"),
+    ("file:///tmp/*/x.conll", "a glob in its last part only"),
 ])
 def test_a_split_with_no_files_is_a_clear_error(tmp_path, spec, what):
     (tmp_path / "empty").mkdir()
