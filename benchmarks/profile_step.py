@@ -1,5 +1,5 @@
 """Where a training step's time goes: torch.profiler over the same optimizer steps of the plain
-PyTorch loop and of the launcher's own step (`launcher.train_loop.train_step` on the DeepSpeed engine
+PyTorch loop and of the launcher's own step (`launcher.engine.train_step` on the DeepSpeed engine
 `launch` builds, at a ZeRO stage), in one process with the same threads, model, batches and AdamW
 groups. Prints each side's top operators by self CPU time and the operators whose per-step time
 differs most, and appends them to RESULTS.md.
@@ -63,15 +63,15 @@ def zeroship(stage: int, steps: int, warmup: int, threads: int, keep_allreduce: 
                       MASTER_PORT=os.environ.get("MASTER_PORT", "29531"))
     import torch
 
-    from launcher.train_loop import import_deepspeed, skip_shm_comm_build
+    from launcher.engine import import_deepspeed, skip_shm_comm_build
 
     deepspeed = import_deepspeed()
     skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend="gloo")
     from launcher.ds_config import build_ds_config
+    from launcher.engine import skip_single_rank_allreduce, train_step
     from launcher.features import collate
     from launcher.regularize import TaskLoss
-    from launcher.train_loop import skip_single_rank_allreduce, train_step
 
     recipe, resolved, tok, feats, model, opt = setup(threads)
     resolved["deepspeed"].update(zero_stage=stage, precision="fp32")

@@ -113,7 +113,7 @@ def hf_trainer(steps: int, threads: int, gpu: bool = False, zero_stage: int | No
         import os
 
         from launcher.ds_config import build_ds_config
-        from launcher.train_loop import skip_shm_comm_build
+        from launcher.engine import skip_shm_comm_build
 
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))

@@ -24,7 +24,7 @@ def connect_ray(recipe: Recipe, storage: str | None = None, log_to_driver: bool 
     from launcher.ray_session import init_ray
 
     env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
-    if os.environ.get("ZEROSHIP_FAULT"):  # test-only fault hook (train_loop.FaultHook)
+    if os.environ.get("ZEROSHIP_FAULT"):  # test-only fault hook (launcher.loop_state.FaultHook)
         env["ZEROSHIP_FAULT"] = os.environ["ZEROSHIP_FAULT"]
     env[KEY_ENV] = load_key().hex()  # workers sign their checkpoints with it (launcher.signing)
     where = init_ray(env, log_to_driver)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from launcher.data import examples_to_dicts
 from launcher.plan import Plan
 from launcher.recipe import Recipe
-from launcher.train_loop import train_worker
+from launcher.worker import train_worker
 
 
 def worker_config(recipe: Recipe, resolved: dict, plan: Plan, board, trial: str = "") -> dict:

@@ -56,7 +56,7 @@ DEEPSPEED_PRELUDE = r"""
 import json, os, sys
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
 import deepspeed, torch
-from launcher.train_loop import skip_shm_comm_build
+from launcher.engine import skip_shm_comm_build
 skip_shm_comm_build()  # as the workers do
 deepspeed.init_distributed(dist_backend="gloo")
 torch.set_num_threads(1)

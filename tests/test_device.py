@@ -11,11 +11,12 @@ import torch
 
 from launcher.data import Example
 from launcher.device import module_device, to_device
+from launcher.engine import train_step
 from launcher.evaluate import evaluate_model, predict
 from launcher.features import collate, encode_ner, length_grouped_batches
+from launcher.loop_state import LossWindow
 from launcher.model import build_model, param_groups
 from launcher.regularize import TaskLoss
-from launcher.train_loop import LossWindow, train_step
 
 lazy = pytest.importorskip("torch._lazy", reason="this PyTorch build has no lazy device")
 

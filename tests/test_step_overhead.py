@@ -13,7 +13,7 @@ SCRIPT = TOY_BATCH + r"""
 from launcher.ds_config import build_ds_config
 from launcher.model import build_model, param_groups
 from launcher.regularize import TaskLoss
-from launcher.train_loop import skip_single_rank_allreduce, train_step
+from launcher.engine import skip_single_rank_allreduce, train_step
 
 def trained(stage, skip, precision="fp32"):
     torch.manual_seed(0)
@@ -53,7 +53,7 @@ def test_one_rank_at_stage_0_skips_the_allreduce_and_trains_bit_for_bit_the_same
 
 
 def test_deepspeed_imports_without_mlflow_and_mlflow_still_imports_after():
-    code = ("import json, sys\nfrom launcher.train_loop import import_deepspeed\nds = import_deepspeed()\n"
+    code = ("import json, sys\nfrom launcher.engine import import_deepspeed\nds = import_deepspeed()\n"
             "before = 'mlflow' in sys.modules\nimport mlflow\n"
             "print(json.dumps({'loaded_by_deepspeed': before, 'mlflow_after': mlflow.__name__, "
             "'autotuner_sees_mlflow': sys.modules['deepspeed.autotuning.autotuner'].has_mlflow}))")
