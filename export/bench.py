@@ -37,7 +37,7 @@ def run_bench(run_id: str, runs_dir: str | Path, threads: int = 2, repeats: int 
 
     torch.set_num_threads(threads)
     run = resolve_run(run_id, runs_dir)
-    bundle = run.dir / "onnx"
+    bundle = run.bundle_dir
     manifest = read_manifest(bundle)
     model, meta = load_model(run.best_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(run.best_dir))

@@ -55,15 +55,6 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
-def bundle_path(text: str, runs: str) -> Path:
-    path = Path(text)
-    if path.is_dir():
-        return path
-    from launcher.runs import Registry
-
-    return Registry(runs).get(text).dir / "onnx"
-
-
 def main(argv: list[str] | None = None, prog: str = "export") -> int:
     args = build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
 
@@ -102,8 +93,9 @@ def cmd_onnx(args) -> int:
 
 def cmd_predict(args) -> int:
     from export.runtime import Predictor
+    from launcher.runs import bundle_folder
 
-    predictor = Predictor.load(bundle_path(args.bundle, args.runs), variant=args.variant, device=args.device)
+    predictor = Predictor.load(bundle_folder(args.bundle, args.runs), variant=args.variant, device=args.device)
     out.print(f"[dim]{predictor.bundle} ({predictor.variant})[/]")
     for text, result in zip(args.texts, predictor.predict(list(args.texts))):
         out.print(f"[bold]{escape(text)}[/]", highlight=False)

@@ -48,7 +48,7 @@ def evaluate(args) -> int:
     examples = load_dataset(data, meta["task"]).splits["validation"].examples
     forward, engine = None, "pytorch"
     if args.onnx:
-        bundle = run.dir / "onnx"
+        bundle = run.bundle_dir
         try:
             manifest = read_manifest(bundle)
         except BundleError as exc:

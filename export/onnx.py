@@ -305,7 +305,7 @@ def export_run(run_id: str, runs_dir: str | Path, opts: ExportOptions) -> tuple[
     log = opts.log
     run = resolve_run(run_id, runs_dir)
     # abspath, not resolve: ".." is folded without following a link that `out` itself may be
-    out = Path(os.path.abspath(opts.out)) if opts.out else run.dir / "onnx"
+    out = Path(os.path.abspath(opts.out)) if opts.out else run.bundle_dir
     check_out(out)
     model, meta = load_model(run.best_dir, attn="eager")
     tokenizer = AutoTokenizer.from_pretrained(str(run.best_dir))

@@ -35,9 +35,9 @@ def serve_command(argv: list[str]) -> int:
     def go() -> int:
         from pydantic import ValidationError
 
-        from export.cli import bundle_path
         from export.runtime import BundleError, pick_variant, providers_for, read_manifest
         from export.serve import ServeOptions, config_yaml, run_forever
+        from launcher.runs import bundle_folder
 
         if not 0 < args.port < 65536:
             raise ZeroshipError(Problem("--port", f"must be 1-65535, got {args.port}"))
@@ -47,7 +47,7 @@ def serve_command(argv: list[str]) -> int:
             if not (sep and lo.isascii() and lo.isdigit() and hi.isascii() and hi.isdigit()):
                 raise ZeroshipError(Problem("--autoscale", f"expected MIN:MAX, got {args.autoscale!r}", "e.g. 1:4"))
             autoscale = (int(lo), int(hi))
-        bundle = bundle_path(args.bundle, args.runs)
+        bundle = bundle_folder(args.bundle, args.runs)
         try:
             manifest = read_manifest(bundle)
             pick_variant(manifest, args.variant, providers_for("cpu"))

@@ -81,6 +81,11 @@ class Run:
         return self.remote.child_uri(f"{self.id}/ray") if self.remote else str((self.dir / "ray").resolve())
 
     @property
+    def bundle_dir(self) -> Path:
+        """Where `export onnx` writes this run's bundle by default."""
+        return self.dir / "onnx"
+
+    @property
     def location(self) -> str:
         return self.remote.child_uri(self.id) if self.remote else str(self.dir)
 
@@ -237,3 +242,9 @@ class Registry:
             if (path / "status.json").is_file():
                 out.append(Run(f"run-{n}", path, remote=self.remote))
         return out
+
+
+def bundle_folder(text: str, runs: str) -> Path:
+    """A bundle folder given as a path, or the bundle of the run id `text` under `runs`."""
+    path = Path(text)
+    return path if path.is_dir() else Registry(runs).get(text).bundle_dir
