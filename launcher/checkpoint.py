@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the driver imports this module; torch loads only where weights are merged
+    import torch
 
 CKPT_TAG = "zero"
 STATE_FILE = "zeroship_state.json"
