@@ -247,4 +247,8 @@ class Registry:
 def bundle_folder(text: str, runs: str) -> Path:
     """A bundle folder given as a path, or the bundle of the run id `text` under `runs`."""
     path = Path(text)
-    return path if path.is_dir() else Registry(runs).get(text).bundle_dir
+    try:
+        is_dir = path.is_dir()
+    except (OSError, ValueError):  # a name too long for the file system, or with a NUL byte: no folder
+        is_dir = False
+    return path if is_dir else Registry(runs).get(text).bundle_dir

@@ -117,3 +117,14 @@ def test_bad_storage_uris_are_refused(storage, message):
         check_storage(storage)
     check_storage("s3://bucket/prefix")  # known schemes pass without touching the network
     check_storage("/mnt/shared/runs")
+
+
+@pytest.mark.parametrize("text", ["a" * 5000, "run-1\x00", "/" + "b" * 300])
+def test_a_bundle_name_the_file_system_cannot_hold_is_a_bad_run_id_not_a_traceback(tmp_path, text):
+    from launcher.runs import bundle_folder
+
+    with pytest.raises(RunError, match="not a run id"):
+        bundle_folder(text, str(tmp_path / "runs"))
+    if len(text) == 5000:  # and through the command line: exit 2, the same message
+        res = cli("zeroship", "export", "predict", text, "hello", "--runs", str(tmp_path / "runs"))
+        assert res.returncode == 2 and "Traceback" not in res.stderr and "not a run id" in res.stdout + res.stderr
