@@ -8,6 +8,7 @@ Exit codes: 0 ok, 2 user error (bad recipe, data, arguments, run id), 1 unexpect
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -36,6 +37,14 @@ def run_cli(fn: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         return 130
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:  # only a path the user typed can be too long: theirs to fix
+            raise
+        name = str(exc.filename or "")
+        console.print(f"[bold red]error:[/] a path is longer than the file system allows: "
+                      f"{escape(name[:60])}{'…' if len(name) > 60 else ''} ({len(name)} characters; "
+                      "fix: give a shorter path)", highlight=False, soft_wrap=True)
+        return 2
 
 
 def bounded(kind: type, low: float, high: float):

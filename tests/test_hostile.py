@@ -92,6 +92,18 @@ def test_data_path_that_is_not_a_file_exits_2(tmp_path, kind):
     assert str(target) in res.stderr
 
 
+@pytest.mark.parametrize("where", ["recipe", "runs", "data"])
+def test_a_path_too_long_for_the_file_system_exits_2(tmp_path, where):
+    """ENAMETOOLONG (a name over 255 bytes, a path over 4096) is the user's path, not a bug."""
+    long = str(tmp_path / ("n" * 300))
+    args = {"recipe": ["launch", "--check", long],
+            "runs": ["zeroship", "runs", "--runs", long],
+            "data": ["launch", "--check", str(_recipe_with_data(tmp_path, "jsonl", long + ".jsonl"))]}[where]
+    res = cli(*args, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "longer than the file system allows" in res.stderr and "give a shorter path" in res.stderr
+
+
 def test_hostile_jsonl_through_the_cli_exits_2_with_file_and_line(tmp_path):
     data = tmp_path / "t.jsonl"
     data.write_text('{"text": "ok", "label": "a"}\n{"text": "deep", "label": ' + "[" * 50_000 + "]" * 50_000 + "}\n")
