@@ -1,6 +1,6 @@
 """The function Ray Train runs in every worker. It only times the imports and hands over to
 `launcher.train_loop.TrainingRun`; it is a module of its own so that the driver, which passes it to the
-TorchTrainer, never imports torch.
+TorchTrainer, does not import transformers or DeepSpeed through it (torch it gets from Ray Train anyway).
 """
 
 from __future__ import annotations
