@@ -45,7 +45,7 @@ def evaluate(args) -> int:
     tokenizer = AutoTokenizer.from_pretrained(str(run.best_dir))
     data = dict(yaml.safe_load((run.dir / "recipe.yaml").read_text())["data"])
     data.update(train=args.data, validation=args.data, test=None, labels=meta["labels"])  # closed label set
-    examples = load_dataset(data, meta["task"]).splits["validation"].examples
+    examples = load_dataset(data, meta["task"], sample="train").splits["validation"].examples  # read once whole
     forward, engine = None, "pytorch"
     if args.onnx:
         bundle = run.bundle_dir

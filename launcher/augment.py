@@ -9,6 +9,10 @@ Classification: random word swap and word deletion.
 Each training example gets `copies` augmented copies; every enabled operation acts on a copy with its
 own per-token (per-mention) probability, and a copy identical to its original is dropped. Sentences
 with invalid BIO are left alone. The counts say how many copies each operation changed.
+
+Each copy draws from its own generator, seeded by train.seed, the example's `where` and the copy number:
+the same copies come out whether the driver augments a list (`augment`, the plan's preview) or Ray Data
+tasks augment the stream (launcher.ingest), in any number of blocks or workers.
 """
 
 from __future__ import annotations
@@ -45,9 +49,8 @@ def _case(word: str, rng: random.Random) -> str:
 class Augmenter:
     """Built from the training examples (for the mention and O-word pools), then applied to each."""
 
-    def __init__(self, cfg: dict, train: list[Example], task: str, seed: int):
+    def __init__(self, cfg: dict, train: list[Example], task: str):
         self.cfg, self.task = cfg, task
-        self.rng = random.Random(seed)
         self.mentions: dict[str, list[list[str]]] = {}
         self.o_words: list[str] = []
         if task == "token_classification":
@@ -56,8 +59,20 @@ class Augmenter:
                     self.mentions.setdefault(kind, []).append(ex.tokens[s:e])
                 self.o_words += [w for w, t in zip(ex.tokens, ex.tags) if t == "O"]
 
-    def ner(self, ex: Example) -> tuple[Example, list[str]]:
-        rng, cfg = self.rng, self.cfg
+    def copies(self, ex: Example, seed: int) -> list[tuple[Example, list[str]]]:
+        """The example's changed copies, each with the operations that changed it."""
+        if self.task == "token_classification" and not valid_bio(ex.tags):
+            return []
+        out = []
+        for copy in range(self.cfg["copies"]):
+            rng = random.Random(f"{seed}:{ex.where}:{copy}")  # str seeds hash the same in every process
+            new, used = self.ner(ex, rng) if self.task == "token_classification" else self.cls(ex, rng)
+            if used:
+                out.append((new, used))
+        return out
+
+    def ner(self, ex: Example, rng: random.Random) -> tuple[Example, list[str]]:
+        cfg = self.cfg
         tokens, tags, used = list(ex.tokens), list(ex.tags), []
         if cfg["mention_replacement"]:
             new_tokens, new_tags, pos, changed = [], [], 0, False
@@ -95,8 +110,8 @@ class Augmenter:
                 used.append("case")
         return Example(tokens=tokens, tags=tags, where=f"{ex.where} (augmented)"), used
 
-    def cls(self, ex: Example) -> tuple[Example, list[str]]:
-        rng, cfg = self.rng, self.cfg
+    def cls(self, ex: Example, rng: random.Random) -> tuple[Example, list[str]]:
+        cfg = self.cfg
         words, used = ex.text.split(), []
         if cfg["word_swap"] and len(words) > 1:
             before = list(words)
@@ -119,14 +134,10 @@ def augment(train: list[Example], task: str, cfg: dict, seed: int) -> tuple[list
     ops = NER_OPS if task == "token_classification" else CLS_OPS
     if not any(cfg.get(op) for op in ops):
         return [], {}
-    aug = Augmenter(cfg, train, task, seed)
+    aug = Augmenter(cfg, train, task)
     out, counts = [], Counter()
     for ex in train:
-        if task == "token_classification" and not valid_bio(ex.tags):
-            continue
-        for _ in range(cfg["copies"]):
-            new, used = aug.ner(ex) if task == "token_classification" else aug.cls(ex)
-            if used:
-                out.append(new)
-                counts.update(used)
+        for new, used in aug.copies(ex, seed):
+            out.append(new)
+            counts.update(used)
     return out, {"examples": len(out), **{op: counts[op] for op in ops if cfg.get(op)}}

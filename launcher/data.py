@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import random
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -278,9 +277,13 @@ def count_invalid_bio(tags: list[str]) -> bool:
 
 def infer_labels(task: str, examples: list[Example]) -> list[str]:
     if task == "token_classification":
-        seen = {t for ex in examples for t in ex.tags}
-        return ["O"] + sorted(seen - {"O"})
-    return sorted({ex.label for ex in examples})
+        return label_order(task, {t for ex in examples for t in ex.tags})
+    return label_order(task, {ex.label for ex in examples})
+
+
+def label_order(task: str, seen: set[str]) -> list[str]:
+    """The label set in its id order: NER puts O first."""
+    return ["O"] + sorted(seen - {"O"}) if task == "token_classification" else sorted(seen)
 
 
 def _check_bio_label(tag: str, where: str, bad: _Collector) -> None:
@@ -305,16 +308,19 @@ def parse_lines(lines: list[str], name: str, data: dict, task: str) -> list[Exam
 # of its files (the head of each, cut at a record boundary), and the counts it prints are estimates.
 CHECK_FULL_BYTES = 16 * 2**20
 SAMPLE_BYTES = 8 * 2**20
+# A launch plans from at most this much of the train split (its sample: labels, counts, augmentation
+# pools); Ray Data tasks read and check all of it (launcher.ingest), so the driver's memory stays flat.
+LAUNCH_TRAIN_BYTES = 2**20
 SAMPLE_FILES = 8
 
 
-def read_sample(files: list[Source], data: dict, task: str) -> tuple[list[Example], int]:
+def read_sample(files: list[Source], data: dict, task: str, budget: int = SAMPLE_BYTES) -> tuple[list[Example], int]:
     """Examples from the heads of up to SAMPLE_FILES files spread over the list, and the bytes read."""
     k = min(len(files), SAMPLE_FILES)
     picked = [files[round(i * (len(files) - 1) / max(1, k - 1))] for i in range(k)]
     examples, covered = [], 0
     for f in picked:
-        raw = read_bytes(f.name, limit=SAMPLE_BYTES // k)
+        raw = read_bytes(f.name, limit=budget // k)
         if len(raw) < f.size:
             raw = _whole_records(raw, data)
         covered += len(raw)
@@ -335,12 +341,13 @@ def _whole_records(raw: bytes, data: dict) -> bytes:
     return raw[:cut + 1] if cut >= 0 else b""
 
 
-def load_dataset(data: dict, task: str, sample: bool = False) -> Dataset:
+def load_dataset(data: dict, task: str, sample: bool | str = False) -> Dataset:
     """Read every split named in the recipe's `data` section and settle the label set.
 
-    `sample` (launch --check): a split over CHECK_FULL_BYTES is checked on a sample (read_sample); then the
-    label set comes from the sample unless the recipe gives it, and labels are checked against it only
-    where every line was read."""
+    `sample`: a split over CHECK_FULL_BYTES is read as a sample (read_sample) for `launch --check` (True);
+    for a launch ("train") a train split over LAUNCH_TRAIN_BYTES is read as a sample of that size (Ray
+    Data tasks check all of it once Ray is up, launcher.ingest.check_train). Then the label set comes from the sample unless the recipe gives it,
+    and labels are checked against it only where every line was read."""
     splits: dict[str, Split] = {}
     for name in ("train", "validation", "test"):
         path = data.get(name)
@@ -348,8 +355,9 @@ def load_dataset(data: dict, task: str, sample: bool = False) -> Dataset:
             continue
         files = expand(path, f"data.{name}")
         examples, sampled = [], None
-        if sample and sum(f.size for f in files) > CHECK_FULL_BYTES:
-            examples, sampled = read_sample(files, data, task)
+        budget = CHECK_FULL_BYTES if sample is True else LAUNCH_TRAIN_BYTES
+        if sample in (True, name) and sum(f.size for f in files) > budget:
+            examples, sampled = read_sample(files, data, task, SAMPLE_BYTES if sample is True else budget)
         if not examples:  # read whole, also when no record ended inside the sampled heads (records over 1 MB)
             examples, sampled = [ex for f in files for ex in parse_file(f.name, data, task)], None
         if not examples:
@@ -358,6 +366,12 @@ def load_dataset(data: dict, task: str, sample: bool = False) -> Dataset:
         splits[name] = Split(path, examples, invalid, files, sampled)
     labels = data.get("labels") or infer_labels(task, splits["train"].examples)
     partial = splits["train"].sampled_bytes is not None and not data.get("labels")  # labels from a sample
+    check_labels(splits, labels, data, task, skip=[name for name in splits if partial and name != "train"])
+    return Dataset(task, list(labels), splits)
+
+
+def check_labels(splits: dict[str, Split], labels: list[str], data: dict, task: str, skip: list[str]) -> None:
+    """The label set is BIO (NER) and every label of the splits' examples (but `skip`'s) is in it."""
     closed = set(labels)
     bad = _Collector("")
     if task == "token_classification":
@@ -366,14 +380,14 @@ def load_dataset(data: dict, task: str, sample: bool = False) -> Dataset:
         if "O" not in closed:
             bad.problems.append(Problem("data.labels", "the BIO label set must contain 'O'"))
     for name, split in splits.items():
-        if partial and name != "train":
+        if name in skip:
             continue  # a label the sample missed is not an error
         for ex in split.examples:
             values = ex.tags if task == "token_classification" else [ex.label]
             for i, value in enumerate(values):
                 if value not in closed:
                     origin = "data.labels in the recipe" if data.get("labels") else "the train split"
-                    line = _token_line(ex, i) if data["format"] == "conll" else ex.where
+                    line = token_line(ex, i) if data["format"] == "conll" else ex.where
                     bad.problems.append(Problem(line, f"label {value!r} is not in {origin}",
                                                 f"known labels: {', '.join(labels[:12])}"))
                     break
@@ -382,42 +396,9 @@ def load_dataset(data: dict, task: str, sample: bool = False) -> Dataset:
     if task == "sequence_classification" and len(labels) < 2:
         bad.problems.append(Problem(splits["train"].path, f"only one label ({labels}) in train"))
     bad.raise_if_any()
-    return Dataset(task, list(labels), splits)
 
 
-def _token_line(ex: Example, i: int) -> str:
+def token_line(ex: Example, i: int) -> str:
     """A CoNLL sentence starts at a line and has one token per line, so token i is i lines below."""
     path, _, line = ex.where.rpartition(":")
     return f"{path}:{int(line) + i}"
-
-
-def examples_to_dicts(examples: list[Example]) -> list[dict]:
-    return [{k: v for k, v in ex.__dict__.items() if v is not None} for ex in examples]
-
-
-def examples_from_dicts(rows: list[dict]) -> list[Example]:
-    return [Example(**row) for row in rows]
-
-
-def kfold_indices(examples: list[Example], task: str, k: int, seed: int) -> list[list[int]]:
-    """K disjoint validation folds covering every example, seeded. Classification folds are
-    stratified (each label dealt round-robin across folds); NER folds split by sentence."""
-    if len(examples) < k:
-        raise DataError(Problem("sweep.kfold", f"{k} folds need at least {k} training examples, have {len(examples)}"))
-    rng = random.Random(seed)
-    if task == "sequence_classification":
-        by_label: dict[str, list[int]] = {}
-        for i, ex in enumerate(examples):
-            by_label.setdefault(ex.label, []).append(i)
-        order = []
-        for label in sorted(by_label):
-            group = by_label[label]
-            rng.shuffle(group)
-            order += group
-    else:
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-    folds: list[list[int]] = [[] for _ in range(k)]
-    for n, i in enumerate(order):
-        folds[n % k].append(i)
-    return [sorted(f) for f in folds]

@@ -27,16 +27,19 @@ from launcher import startup
 from launcher.cluster import connect_ray
 from launcher.console import ProgressView, console, print_cv, print_results, print_trials, progress_board
 from launcher.errors import Problem, ZeroshipError
+from launcher.ingest import check_train
 from launcher.plan import Plan
 from launcher.recipe import Recipe
 from launcher.runs import Registry, Run, atomic_write
-from launcher.trainer import make_trainer, worker_config
+from launcher.trainer import make_trainer, record_data, run_datasets, worker_config
 from launcher.winner import pick_winner, write_best
 
 
 def fit(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[Any, ProgressView]:
     board = progress_board()
-    trainer = make_trainer(recipe, worker_config(recipe, resolved, plan, board), run.ray_storage, "train")
+    datasets, counts = run_datasets(recipe, resolved, plan, run)
+    trainer = make_trainer(recipe, worker_config(recipe, resolved, plan, board, counts), run.ray_storage, "train",
+                           datasets)
     with ProgressView(board, run, recipe.metric, recipe.mode) as view:
         result = trainer.fit()
     return result, view
@@ -103,10 +106,13 @@ def execute(run: Run, recipe: Recipe, resolved: dict, plan: Plan, verbose: bool 
         with run.logs.quiet():  # MLflow announces the experiments it creates
             run.logger = RunLogger(run.dir, run.id, resolved)
         where = connect_ray(recipe, storage=None if run.remote else str(run.dir.parent), log_to_driver=verbose)
+        import ray.data  # noqa: F401  (importing it gives Ray Data's logger a console handler: reroute takes it)
+
         run.logs.reroute()  # ray.init may configure Ray's loggers again
         run.stamps["ray"] = time.time()
         console.print(f"ray: {where}")
         run.update(state="running", error=None)
+        check_train(plan.dataset, resolved["data"], recipe.model.task)  # a big train split: every line, in Ray Data
         extra: dict[str, Any] = {}
         if recipe.sweep is not None and recipe.sweep.kfold:
             winner, metrics, view, extra = fit_kfold(recipe, resolved, plan, run)
@@ -126,6 +132,7 @@ def execute(run: Run, recipe: Recipe, resolved: dict, plan: Plan, verbose: bool 
                       "metric": recipe.metric, "value": reported[recipe.metric]}
             with ckpt.as_directory() as folder:
                 metrics = write_best(run, resolved, plan.dataset.labels, Path(folder), winner, plan)
+        record_data(run)
         wall = time.time() - started
         _close_logger(run, "succeeded")
         run.push("trials", "tensorboard")
@@ -216,7 +223,9 @@ def fit_kfold(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[dic
     if recipe.sweep.kfold_refit:
         board = progress_board()
         child = Recipe.model_validate(chosen)
-        trainer = make_trainer(child, worker_config(child, chosen, plan, board, trial="refit"), run.ray_storage, "refit")
+        datasets, counts = run_datasets(child, chosen, plan, run)
+        trainer = make_trainer(child, worker_config(child, chosen, plan, board, counts, trial="refit"),
+                               run.ray_storage, "refit", datasets)
         view.progress.console.print(f"refit on all training data: {json.dumps(top['params'])}", highlight=False)
         with ProgressView(board, run, recipe.metric, recipe.mode) as refit_view:
             result = trainer.fit()

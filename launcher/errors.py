@@ -33,6 +33,9 @@ class ZeroshipError(Exception):
         self.title = title or type(self).__doc__.strip().splitlines()[0]
         super().__init__(self.render())
 
+    def __reduce__(self):  # pickled across Ray processes with its problems, not as one string
+        return type(self), (self.problems, self.title)
+
     def render(self) -> str:
         lines = [self.title]
         lines += [f"  - {p}" for p in self.problems]

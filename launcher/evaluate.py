@@ -62,6 +62,12 @@ def score(task: str, labels: list[str], examples: list[Example], features: list[
           preds: dict[int, list[int] | int], loss_sum: float, count: int,
           with_report: bool = False) -> dict[str, Any]:
     gold, pred = gold_and_pred(task, labels, examples, features, preds)
+    return metrics_of(task, labels, gold, pred, loss_sum, count, with_report)
+
+
+def metrics_of(task: str, labels: list[str], gold: list, pred: list, loss_sum: float, count: int,
+               with_report: bool = False) -> dict[str, Any]:
+    """The task metrics of gold/predicted pairs (any order: a worker's gathered shards)."""
     if task == "token_classification":
         metrics: dict[str, Any] = ner_metrics(gold, pred)
     else:

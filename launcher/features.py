@@ -2,8 +2,8 @@
 
 Tokenization and label alignment (`encode`: first subtoken of each word carries its label, long
 sentences become overlapping windows), stitching window predictions back into words
-(`merge_word_predictions`), and batching (length-grouped, sharded equally over ranks, dynamically
-padded by `collate`). Workers, the driver's evaluation and the exporter all use these.
+(`merge_word_predictions`), and batching (length-grouped, dynamically padded by `collate`). Ray Data's
+tokenization tasks (launcher.ingest), the driver's evaluation and the exporter all use these.
 """
 
 from __future__ import annotations
@@ -26,6 +26,23 @@ class Feature:
     starts: list[bool] | None = None  # NER: True where a subtoken is its word's first (label carrier)
 
 
+def backend(tokenizer, max_length: int, stride: int):
+    """The Rust `tokenizers.Tokenizer` under a Hugging Face fast tokenizer (or that Tokenizer itself),
+    copied and set to cut at `max_length` with `stride` tokens of overlap. Encoding goes through it alone,
+    so a process can tokenize without importing transformers (and torch): Ray Data's tasks load the
+    model folder's tokenizer.json directly (launcher.ingest)."""
+    import tokenizers
+
+    base = tokenizer if isinstance(tokenizer, tokenizers.Tokenizer) else tokenizer.backend_tokenizer
+    trunc = base.truncation or {}
+    if base.padding is None and trunc.get("max_length") == max_length and trunc.get("stride") == stride:
+        return base  # already set (a Ray Data task's cached tokenizer, launcher.ingest): no copy per batch
+    tok = tokenizers.Tokenizer.from_str(base.to_str())  # a copy: the caller's settings stay as they were
+    tok.no_padding()
+    tok.enable_truncation(max_length, stride=stride)
+    return tok
+
+
 def encode_ner(tokenizer, examples: list[Example], label2id: dict[str, int], max_length: int,
                stride: int) -> list[Feature]:
     """Tokenize pre-split words; label the first subtoken of each word, -100 elsewhere.
@@ -34,34 +51,27 @@ def encode_ner(tokenizer, examples: list[Example], label2id: dict[str, int], max
     every window is trained on and `merge_word_predictions` stitches them back for evaluation.
     """
     feats: list[Feature] = []
-    batch = tokenizer([ex.tokens for ex in examples], is_split_into_words=True, truncation=True,
-                      max_length=max_length, stride=stride, return_overflowing_tokens=True,
-                      return_offsets_mapping=True)
-    mapping = batch["overflow_to_sample_mapping"]
-    for w in range(len(batch["input_ids"])):
-        ex_i = mapping[w]
-        word_ids = batch.word_ids(w)
+    tok = backend(tokenizer, max_length, stride)
+    for ex_i, first in enumerate(tok.encode_batch([ex.tokens for ex in examples], is_pretokenized=True)):
         tags = examples[ex_i].tags
-        # Offsets are within each word, so a word's first subtoken starts at 0. (A window can begin
-        # mid-word; its leading continuation pieces must not carry the word's label.)
-        starts = [wid is not None and off[0] == 0 and (i == 0 or word_ids[i - 1] != wid)
-                  for i, (wid, off) in enumerate(zip(word_ids, batch["offset_mapping"][w]))]
-        labels = [label2id[tags[wid]] if start and tags is not None else -100
-                  for wid, start in zip(word_ids, starts)]
-        feats.append(Feature(batch["input_ids"][w], batch["attention_mask"][w],
-                             batch["token_type_ids"][w] if "token_type_ids" in batch else None,
-                             labels, ex_i, word_ids, starts))
+        for enc in [first, *first.overflowing]:  # the sentence's windows, in order
+            word_ids = enc.word_ids
+            # Offsets are within each word, so a word's first subtoken starts at 0. (A window can begin
+            # mid-word; its leading continuation pieces must not carry the word's label.)
+            starts = [wid is not None and off[0] == 0 and (i == 0 or word_ids[i - 1] != wid)
+                      for i, (wid, off) in enumerate(zip(word_ids, enc.offsets))]
+            labels = [label2id[tags[wid]] if start and tags is not None else -100
+                      for wid, start in zip(word_ids, starts)]
+            feats.append(Feature(list(enc.ids), list(enc.attention_mask), list(enc.type_ids), labels, ex_i,
+                                 list(word_ids), starts))
     return feats
 
 
 def encode_cls(tokenizer, examples: list[Example], label2id: dict[str, int], max_length: int) -> list[Feature]:
-    batch = tokenizer([ex.text for ex in examples], truncation=True, max_length=max_length)
-    return [
-        Feature(batch["input_ids"][i], batch["attention_mask"][i],
-                batch["token_type_ids"][i] if "token_type_ids" in batch else None,
-                label2id[ex.label] if ex.label is not None else -100, i)
-        for i, ex in enumerate(examples)
-    ]
+    encodings = backend(tokenizer, max_length, 0).encode_batch([ex.text for ex in examples])
+    return [Feature(list(enc.ids), list(enc.attention_mask), list(enc.type_ids),
+                    label2id[ex.label] if ex.label is not None else -100, i)
+            for i, (enc, ex) in enumerate(zip(encodings, examples))]
 
 
 def merge_word_predictions(features: list[Feature], window_preds: list[list[int]],
@@ -94,21 +104,6 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, shuff
     if shuffle:
         rng.shuffle(batches)
     return batches
-
-
-def shard_batches(batches: list[list[int]], rank: int, world: int) -> tuple[list[list[int]], list[bool]]:
-    """Round-robin batches over ranks, padded so every rank runs the same number of steps.
-
-    Collective ops (ZeRO gathers, gradient all-reduce) hang if ranks disagree on the step count.
-    Padding batches repeat earlier ones; the flag marks them so evaluation can drop their output.
-    """
-    n = len(batches)
-    total = -(-n // world) * world if n else world
-    mine, real = [], []
-    for i in range(rank, total, world):
-        mine.append(batches[i % n] if n else [])
-        real.append(i < n)
-    return mine, real
 
 
 def collate(features: list[Feature], pad_id: int, with_type_ids: bool) -> dict[str, Any]:

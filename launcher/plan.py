@@ -38,14 +38,17 @@ class Plan:
     zero_auto: list[str] = field(default_factory=list)  # zero_stage auto: the estimate and the choice
 
 
+DATA_CPUS = 1  # what a run leaves free beside its workers for Ray Data's reading and tokenization
+
+
 def resource_problems(recipe: Recipe, have: dict, where: str) -> list[Problem]:
-    """What the recipe's workers need and `have` (Ray resources: CPU, GPU) lacks."""
+    """What the recipe's workers (and Ray Data beside them) need and `have` (Ray resources) lacks."""
     sc = recipe.scaling
-    need_cpu = sc.workers * sc.cpus_per_worker
+    need_cpu = sc.workers * sc.cpus_per_worker + DATA_CPUS
     problems = []
     if need_cpu > have.get("CPU", 0):
-        problems.append(Problem("scaling", f"{sc.workers} workers × {sc.cpus_per_worker:g} CPU = {need_cpu:g}"
-                                f" CPUs, but {where} has {have.get('CPU', 0):g}",
+        problems.append(Problem("scaling", f"{sc.workers} workers × {sc.cpus_per_worker:g} CPU + {DATA_CPUS} for"
+                                f" reading data = {need_cpu:g} CPUs, but {where} has {have.get('CPU', 0):g}",
                                 "lower scaling.workers or scaling.cpus_per_worker, or use a bigger cluster"))
     if sc.use_gpu and sc.workers * sc.gpus_per_worker > have.get("GPU", 0):
         problems.append(Problem("scaling", f"{sc.workers} workers × {sc.gpus_per_worker:g} GPU, but {where}"
@@ -106,11 +109,12 @@ def build_plan(recipe: Recipe, resolved: dict, recipe_path: str, check: bool = F
     check_storage(resolved["run"]["storage"])
     source, warnings = locate_encoder(resolved["model"]["encoder"], recipe_path)
     check_encoder_positions(source, recipe.data.max_length, f"{recipe_path} data.max_length")
-    dataset = load_dataset(resolved["data"], recipe.model.task, sample=check)
+    # a launch plans from a sample of a big train split; Ray Data tasks check all of it once Ray is up
+    dataset = load_dataset(resolved["data"], recipe.model.task, sample=True if check else "train")
     warnings += dataset.warnings()
     train = dataset.splits["train"]
-    extra, augmented = augment(train.examples, recipe.model.task, resolved["data"]["augmentation"], recipe.train.seed)
-    train.examples = train.examples + extra
+    # a preview: the workers' stream makes the same copies (launcher.ingest.AugmentRows)
+    _, augmented = augment(train.examples, recipe.model.task, resolved["data"]["augmentation"], recipe.train.seed)
     parent = None
     if recipe.model.init_from:
         parent, parent_dir = resolve_parent(recipe.model.init_from, resolved["run"]["storage"], recipe_path)
@@ -123,7 +127,7 @@ def build_plan(recipe: Recipe, resolved: dict, recipe_path: str, check: bool = F
         resolved["model"]["init_from"] = str(parent_dir.resolve())  # workers read it from here
         source = str(parent_dir.resolve())  # the parent's tokenizer
     sc = recipe.scaling
-    local = {"CPU": os.cpu_count() or 1, "GPU": 0}
+    local = {"CPU": (os.cpu_count() or 1) + DATA_CPUS, "GPU": 0}  # as launcher.ray_session starts it
     if sc.use_gpu:
         try:
             import torch
@@ -229,7 +233,7 @@ def print_plan(plan: Plan, console: Console) -> None:
         extra = f" + {added} augmented" if name == "train" and added else ""
         if extra and split.sampled_bytes is not None:
             extra += " in the sample"
-        n = len(split.examples) - (added if extra else 0)
+        n = len(split.examples)
         count = str(n) if split.sampled_bytes is None else f"≈ {split.estimate(n)}"
         t.add_row(f"data.{name}", f"{split.path} ({describe(split.files)}, {count} examples{extra})")
     if plan.augmentation:

@@ -43,7 +43,10 @@ def init_ray(env_vars: dict[str, str] | None = None, log_to_driver: bool = True)
     # Ray Train's preemption watcher (one more actor process per run) polls for nodes a cloud
     # autoscaler is draining; a private one-node Ray has none.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+    # One logical CPU more than the machine has: Ray Train keeps the workers' CPUs out of Ray Data's
+    # budget, and the data tasks (launcher.ingest, a quarter CPU each) need some to run at all.
+    ray.init(num_cpus=(os.cpu_count() or 1) + 1,  # = + plan.DATA_CPUS (not imported: serve loads no launcher.plan)
+             include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
              _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, **kwargs)
     return f"local ray ({os.cpu_count()} CPUs, 127.0.0.1)"
 

@@ -22,7 +22,7 @@ import shutil
 import warnings
 from pathlib import Path
 
-LIBRARY_LOGGERS = ("ray", "DeepSpeed", "deepspeed", "transformers", "mlflow", "py.warnings", "filelock")
+LIBRARY_LOGGERS = ("ray", "ray.data", "DeepSpeed", "deepspeed", "transformers", "mlflow", "py.warnings", "filelock")
 
 
 class RunLogs:
@@ -37,6 +37,7 @@ class RunLogs:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._handler = logging.FileHandler(self.driver_log, encoding="utf-8")
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self._handler.setLevel(logging.INFO)  # Ray Data's logger passes DEBUG records on
         logging.captureWarnings(True)
         import ray  # noqa: F401  (Ray sets its loggers' handlers up on import: take them over after that)
 

@@ -74,6 +74,7 @@ class Run:
     logs: Any = field(default=None, compare=False, repr=False)  # launcher.run_logs.RunLogs while training
     remote: RemoteStore | None = field(default=None, compare=False, repr=False)  # storage on a URI
     stamps: dict = field(default_factory=dict, compare=False, repr=False)  # the driver's launcher.startup stamps
+    data_counts: Any = field(default=None, compare=False, repr=False)  # Ray Data's counting pass (an ObjectRef)
 
     @property
     def ray_storage(self) -> str:

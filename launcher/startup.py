@@ -1,7 +1,7 @@
 """Where the time before the first optimizer step goes.
 
 The driver stamps when the `launch` process started, when its plan was ready (recipe and data
-checked) and when Ray was up; rank 0 stamps when its training function began, when its imports, its
+checked), when Ray was up and when Ray Data had the splits tokenized; rank 0 stamps when its training function began, when its imports, its
 tokenized data, its model and its DeepSpeed engine were ready, and when the first optimizer step
 ended. `record` turns the stamps into one `kind: startup` record (the first line of metrics.jsonl)
 with a duration per phase. Stamps are wall-clock (`time.time()`), so on a multi-node cluster the
@@ -16,9 +16,10 @@ import time
 PHASES = (
     ("launch_and_plan", "process", "plan"),  # Python imports, recipe and data validation
     ("ray_start", "plan", "ray"),  # a local Ray, or connecting to a cluster
-    ("worker_group_start", "ray", "worker"),  # placement group, worker processes, torch.distributed
+    ("ray_data", "ray", "datasets"),  # read, check, augment, tokenize in Ray Data tasks (launcher.ingest)
+    ("worker_group_start", "datasets", "worker"),  # placement group, worker processes, torch.distributed
     ("worker_imports", "worker", "imports"),  # torch, transformers, deepspeed in the worker
-    ("tokenization", "imports", "data"),  # tokenizer load, encoding both splits
+    ("data_shards", "imports", "data"),  # the tokenizer, this rank's dataset shards
     ("model_load", "data", "model"),  # the pretrained encoder and the head
     ("deepspeed_initialize", "model", "engine"),  # engine, optimizer, ZeRO partitioning; resume load
     ("first_step", "engine", "first_step"),  # the first optimizer step (and a warm start's first eval)

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from launcher.checkpoint import STATE_FILE
+from launcher.plan import DATA_CPUS
 from launcher.recipe import Recipe, set_dotted, sweep_points
 from launcher.runs import Run, atomic_write
 
@@ -39,12 +40,13 @@ def sweep_trial(config: dict, shared: dict) -> None:
     resolved = trial_recipe(shared["resolved"], trial["params"])
     recipe = Recipe.model_validate(resolved)
     worker_cfg = dict(shared["worker_config"], recipe=resolved, trial=trial["name"])
+    datasets = shared["datasets"]
     if trial.get("fold") is not None:  # k-fold: validate on this fold, train on the others
-        rows = shared["worker_config"]["data"]["train"]
-        held_out = set(shared["folds"][trial["fold"]])
-        worker_cfg["data"] = {"train": [r for i, r in enumerate(rows) if i not in held_out],
-                              "validation": [rows[i] for i in sorted(held_out)]}
-    trainer = make_trainer(recipe, worker_cfg, shared["storage"], trial["name"],
+        from launcher.ingest import fold_datasets
+
+        datasets, counts = fold_datasets(datasets["train"], shared["kfold"], trial["fold"])
+        worker_cfg["counts"] = counts
+    trainer = make_trainer(recipe, worker_cfg, shared["storage"], trial["name"], datasets,
                            callbacks=[TuneReportCallback()])
     trainer.fit()
 
@@ -56,7 +58,7 @@ def max_concurrent(recipe: Recipe) -> int:
     if recipe.sweep.max_concurrent:
         return recipe.sweep.max_concurrent
     sc = recipe.scaling
-    cpus = ray.cluster_resources().get("CPU", 1)
+    cpus = ray.cluster_resources().get("CPU", 1) - DATA_CPUS
     fit = int(cpus // (sc.workers * sc.cpus_per_worker))
     if sc.use_gpu:
         fit = min(fit, int(ray.cluster_resources().get("GPU", 0) // (sc.workers * sc.gpus_per_worker)))
@@ -72,25 +74,33 @@ def run_sweep(recipe: Recipe, resolved: dict, plan, run: Run, view, board) -> li
 
     points = sweep_points(recipe)
     k = recipe.sweep.kfold
-    folds = None
     if k:
-        from launcher.data import kfold_indices
-
-        folds = kfold_indices(plan.dataset.splits["train"].examples, recipe.model.task, k, recipe.train.seed)
         trials = [{"name": f"trial-{j * k + f}", "params": p, "point": j, "fold": f}
                   for j, p in enumerate(points) for f in range(k)]
     else:
         trials = [{"name": f"trial-{i}", "params": p, "point": i, "fold": None} for i, p in enumerate(points)]
     (run.dir / "trials").mkdir(exist_ok=True)
-    if folds is not None:  # which training examples each fold validates on (indices into data.train)
-        atomic_write(run.dir / "trials" / "folds.json",
-                     json.dumps({"k": k, "seed": recipe.train.seed, "folds": folds}) + "\n")
+    if k:  # how the folds were made and how many training examples each holds out
+        from launcher.ingest import fold_sizes
+
+        sizes = fold_sizes(resolved["data"], recipe.model.task, k)
+        if not min(sizes):
+            from launcher.errors import DataError, Problem
+
+            raise DataError(Problem("sweep.kfold", f"{k} folds of {sum(sizes)} training examples leave a fold with"
+                                    f" none to validate on (held out per fold: {sizes})", "lower sweep.kfold"))
+        atomic_write(run.dir / "trials" / "folds.json", json.dumps(
+            {"k": k, "fold_of_example": "blake2b (8-byte digest) of its where (file:line), big-endian, mod k",
+             "held_out": sizes}) + "\n")
     for t in trials:  # each trial's resolved recipe, as it will run
         atomic_write(run.dir / "trials" / f"{t['name']}.yaml",
                      yaml.safe_dump(trial_recipe(resolved, t["params"]), sort_keys=False))
     view.expect_trials(trials)
-    shared = {"resolved": resolved, "worker_config": worker_config(recipe, resolved, plan, board),
-              "storage": run.ray_storage, "folds": folds}
+    from launcher.trainer import run_datasets
+
+    datasets, counts = run_datasets(recipe, resolved, plan, run)
+    shared = {"resolved": resolved, "worker_config": worker_config(recipe, resolved, plan, board, counts),
+              "storage": run.ray_storage, "datasets": datasets, "kfold": k}
     scheduler = None
     if recipe.sweep.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=recipe.metric, mode=recipe.mode,

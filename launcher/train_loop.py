@@ -27,7 +27,6 @@ from transformers import AutoTokenizer
 
 from launcher import zero_auto
 from launcher.checkpoint import CKPT_TAG, STATE_FILE, save_stage0_fp32
-from launcher.data import examples_from_dicts
 from launcher.device import worker_device
 from launcher.ds_config import build_ds_config
 from launcher.engine import (
@@ -38,13 +37,14 @@ from launcher.engine import (
     skip_single_rank_allreduce,
     train_step,
 )
-from launcher.evaluate import predict, score
-from launcher.features import collate, encode, length_grouped_batches, shard_batches
+from launcher.evaluate import gold_and_pred, metrics_of, predict
+from launcher.features import collate, length_grouped_batches
 from launcher.loop_state import Board, EarlyStopping, MetricsWindow, ResumeState, step_hook
 from launcher.model import apply_freeze, apply_lora, build_model, param_groups, warm_start
 from launcher.recipe import resolve_encoder
 from launcher.regularize import PartitionedL2SP, TaskLoss
 from launcher.signing import sign_checkpoint, verify_checkpoint, worker_key
+from launcher.stream import Shards, batches_in_epoch, lockstep, stand_in
 
 
 class TrainingRun:
@@ -87,28 +87,19 @@ class TrainingRun:
         self.stamps["engine"] = time.time()
 
     def setup_data(self) -> None:
-        """Tokenize both splits; this rank's validation batches; the schedule's step counts."""
+        """This rank's shards (launcher.stream) and the schedule's step counts: every rank gets the same
+        number of training windows (`streaming_split(equal=True)`), so the same number of batches."""
         tc = self.tcfg
         self.tokenizer = AutoTokenizer.from_pretrained(self.mcfg.get("init_from") or resolve_encoder(self.mcfg["encoder"]))
-        self.train_ex = examples_from_dicts(self.config["data"]["train"])
-        self.val_ex = examples_from_dicts(self.config["data"]["validation"])
-        enc = dict(task=self.task, tokenizer=self.tokenizer, labels=self.labels,
-                   max_length=self.dcfg["max_length"], stride=self.dcfg["stride"])
-        self.train_feats = encode(examples=self.train_ex, **enc)
-        self.val_feats = encode(examples=self.val_ex, **enc)
-        self.val_batches, self.val_real = shard_batches(
-            length_grouped_batches([len(f.input_ids) for f in self.val_feats], tc["batch_size"], 0, shuffle=False),
-            self.rank, self.world)
-        steps_per_epoch = max(1, len(self.epoch_batches(0)) // tc["grad_accum"])
+        self.data = Shards(self.task, self.labels, tc["batch_size"], tc["seed"])
+        if ray.train.get_checkpoint() is None:  # a fresh start's first epoch (a resume's is in its checkpoint)
+            self.data.prefetch(self.resume.next_epoch)
+        counts = ray.get(self.config["counts"])  # Ray Data's counting pass, started by the driver
+        rows = counts["train"]["windows"] // self.world
+        steps_per_epoch = max(1, batches_in_epoch(rows, tc["batch_size"]) // tc["grad_accum"])
         self.micro_per_epoch = steps_per_epoch * tc["grad_accum"]  # whole optimizer steps only
         self.total_steps = tc.get("max_steps") or steps_per_epoch * tc["epochs"]  # max_steps overrides epochs
         self.last_epoch = -(-self.total_steps // steps_per_epoch)
-
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This rank's micro-batches of an epoch: length-grouped, shuffled by seed and epoch."""
-        lengths = [len(f.input_ids) for f in self.train_feats]
-        batches = length_grouped_batches(lengths, self.tcfg["batch_size"], self.tcfg["seed"] + epoch, shuffle=True)
-        return shard_batches(batches, self.rank, self.world)[0]
 
     def build_model(self):
         mcfg, rcfg = self.mcfg, self.rcfg
@@ -161,7 +152,7 @@ class TrainingRun:
     # ---------------------------------------------------------------- train
     def train(self) -> None:
         self.board.push({"kind": "start", "total_steps": self.total_steps, "world": self.world,
-                         "examples": len(self.train_ex), "resumed_from_step": self.step if self.resumed else None,
+                         "resumed_from_step": self.step if self.resumed else None,
                          "zero_auto": self.zero_choice})
         self.initial = None
         if self.mcfg.get("init_from") and not self.resumed:  # where the parent leaves off, before any step
@@ -183,12 +174,12 @@ class TrainingRun:
         accum, eval_every = self.tcfg["grad_accum"], self.tcfg["eval_every"]
         self.engine.train()
         step_started = time.perf_counter()
-        for micro, batch_ids in enumerate(self.epoch_batches(epoch)):
-            if micro >= self.micro_per_epoch or self.step >= self.total_steps:
-                break  # keep every rank and epoch at the same number of optimizer steps
-            if self.resume.consumed(epoch, micro):
-                continue
-            terms = self.train_micro_batch(batch_ids)
+        for micro, feats in enumerate(self.data.epoch(epoch)):
+            if micro >= self.micro_per_epoch or self.resume.consumed(epoch, micro):
+                continue  # read to the end: every rank's stream finishes the epoch together
+            if self.step >= self.total_steps:
+                break
+            terms = self.train_micro_batch(feats)
             if (micro + 1) % accum:
                 continue  # DeepSpeed accumulates; an optimizer step happens every grad_accum micro-batches
             self.after_step(epoch, terms, time.perf_counter() - step_started)
@@ -205,8 +196,7 @@ class TrainingRun:
                 return self.early.reason(self.metric)
         return None
 
-    def train_micro_batch(self, batch_ids: list[int]) -> dict[str, Any]:
-        feats = [self.train_feats[i] for i in batch_ids]
+    def train_micro_batch(self, feats: list) -> dict[str, Any]:
         batch = collate(feats, self.tokenizer.pad_token_id, self.with_type_ids)
         terms = train_step(self.engine, self.task_loss, batch, self.device, self.l2_sp_z3)
         self.window.add_batch(len(feats), sum(len(f.input_ids) for f in feats), terms)  # host-side counts
@@ -230,18 +220,21 @@ class TrainingRun:
 
     # ---------------------------------------------------------------- evaluate + checkpoint
     def evaluate(self) -> dict[str, float]:
-        """Every rank predicts its validation batches; the predictions are gathered and scored."""
+        """Every rank predicts its validation shard (whole sentences); the scored pairs are gathered."""
         self.engine.eval()
-        preds, loss_sum, count = predict(self.engine, self.val_feats, self.val_batches, self.val_real,
-                                         self.tokenizer.pad_token_id, self.with_type_ids, self.device)
+        examples, feats = self.data.validation_examples()
+        batches = length_grouped_batches([len(f.input_ids) for f in feats], self.tcfg["batch_size"], 0, shuffle=False)
+        batches, real = lockstep(batches, self.device)
+        run_on = feats or [stand_in(self.task, self.tokenizer)]  # a rank whose shard is empty still runs
+        preds, loss_sum, count = predict(self.engine, run_on, batches, real, self.tokenizer.pad_token_id,
+                                         self.with_type_ids, self.device)
+        gold, pred = gold_and_pred(self.task, self.labels, examples, feats, preds)
         gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, (preds, loss_sum, count))
+        dist.all_gather_object(gathered, (gold, pred, loss_sum, count))
         self.engine.train()
-        all_preds: dict = {}
-        for p, _, _ in gathered:
-            all_preds.update(p)
-        return score(self.task, self.labels, self.val_ex, self.val_feats, all_preds,
-                     sum(g[1] for g in gathered), sum(g[2] for g in gathered))
+        return metrics_of(self.task, self.labels, [g for part in gathered for g in part[0]],
+                          [p for part in gathered for p in part[1]], sum(part[2] for part in gathered),
+                          sum(part[3] for part in gathered))
 
     def evaluate_and_save(self, epoch: int, next_pos: tuple[int, int]) -> bool:
         """Evaluate, save and report; True when early stopping says stop (rank 0 decides, every rank

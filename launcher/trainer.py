@@ -3,21 +3,70 @@
 
 from __future__ import annotations
 
-from launcher.data import examples_to_dicts
+from typing import Any
+
 from launcher.plan import Plan
 from launcher.recipe import Recipe
 from launcher.worker import train_worker
 
 
-def worker_config(recipe: Recipe, resolved: dict, plan: Plan, board, trial: str = "") -> dict:
-    """What every worker receives: the resolved recipe, labels, parsed examples, the progress board."""
-    data = {name: examples_to_dicts(split.examples) for name, split in plan.dataset.splits.items()
-            if name in ("train", "validation")}
-    return {"recipe": resolved, "labels": plan.dataset.labels, "data": data, "progress": board,
+def run_datasets(recipe: Recipe, resolved: dict, plan: Plan, run) -> tuple[dict, Any]:
+    """The run's splits as lazy Ray Datasets and the reference to their counting pass
+    (launcher.ingest.build_datasets); `record_data` reports the counts once training is done."""
+    import time
+
+    from launcher.ingest import build_datasets
+
+    datasets, counts = build_datasets(resolved, recipe.model.task, plan.dataset.labels, plan.encoder_source,
+                                      plan.dataset.splits["train"].examples)
+    run.data_counts = counts
+    run.stamps.setdefault("datasets", time.time())  # the start-up record's ray_data phase (launcher.startup)
+    return datasets, counts
+
+
+def record_data(run) -> None:
+    """What Ray Data's counting pass found, on the console and in status.json (`data`)."""
+    import ray
+
+    from launcher.console import console
+
+    made = ray.get(run.data_counts, timeout=600)  # the workers waited for it already
+    console.print("data (Ray Data): " + ", ".join(f"{name} {c['examples']} examples → {c['windows']} windows"
+                                                  for name, c in made.items()), highlight=False)
+    run.update(data=made)
+
+
+def worker_config(recipe: Recipe, resolved: dict, plan: Plan, board, counts: Any, trial: str = "") -> dict:
+    """What every worker receives: the resolved recipe, labels, a reference to the data's counts (the
+    data itself comes as Ray Datasets, `make_trainer`), the progress board."""
+    return {"recipe": resolved, "labels": plan.dataset.labels, "counts": counts, "progress": board,
             "metric": recipe.metric, "mode": recipe.mode, "trial": trial}
 
 
-def make_trainer(recipe: Recipe, config: dict, storage: str, name: str, callbacks: list | None = None):
+def shard_config():
+    """Ray Train's DataConfig, but validation split unevenly: `equal=True` (the default, right for
+    training: the same number of batches on every rank) would drop validation rows. Order is kept, so
+    a rank's shard is the same in every attempt (a resume replays its epoch exactly)."""
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    class ShardConfig(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            # Ray Train (V2) asks for one dataset at a time
+            train = {name: ds for name, ds in datasets.items() if name != "validation"}
+            out = super().configure(train, world_size, worker_handles, worker_node_ids, **kwargs)
+            if "validation" in datasets:
+                val = datasets["validation"].copy(datasets["validation"])
+                val.context.execution_options = self._resolve_execution_options("validation")
+                for i, split in enumerate(val.streaming_split(world_size, equal=False)):
+                    out[i]["validation"] = split
+            return out
+
+    return ShardConfig(execution_options=ExecutionOptions(preserve_order=True))
+
+
+def make_trainer(recipe: Recipe, config: dict, storage: str, name: str, datasets: dict,
+                 callbacks: list | None = None):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -26,6 +75,7 @@ def make_trainer(recipe: Recipe, config: dict, storage: str, name: str, callback
     return TorchTrainer(
         train_worker,
         train_loop_config=config,
+        datasets=datasets, dataset_config=shard_config(),
         # Ray Train picks the backend from use_gpu (NCCL on GPUs, gloo on CPUs); the timeout bounds
         # every collective, so a rank that hangs fails the run instead of stalling it forever
         torch_config=TorchConfig(timeout_s=sc.timeout_s),

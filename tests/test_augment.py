@@ -127,13 +127,24 @@ def test_recipe_refuses_ops_of_the_other_task_and_kfold(tmp_path):
         load_recipe(ROOT / "recipes/quickstart_ner.yaml", ["data.augmentation.case=0.1", "sweep={kfold: 3}"])
 
 
-def test_plan_augments_the_training_split_only():
+def test_plan_previews_the_copies_the_stream_makes():
+    """The plan counts the copies (driver, a list); Ray Data tasks make them (launcher.ingest.AugmentRows,
+    row by row, in any blocks): each copy is seeded by its example, so both make the same copies."""
+    from launcher.ingest import AugmentRows
     from launcher.plan import build_plan
     from launcher.recipe import load_recipe
 
     path = ROOT / "recipes/quickstart_ner.yaml"
-    recipe, resolved = load_recipe(path, ["data.augmentation.case=0.3"])
+    recipe, resolved = load_recipe(path, ["data.augmentation.case=0.3", "data.augmentation.mention_replacement=0.3"])
     plan = build_plan(recipe, resolved, str(path))
-    n = plan.augmentation["examples"]
-    assert n > 0 and len(plan.dataset.splits["train"].examples) == len(TRAIN) + n
-    assert len(plan.dataset.splits["validation"].examples) == len(read_conll(str(TOY_NER / "validation.conll")))
+    train = plan.dataset.splits["train"].examples
+    preview, counts = augment(train, "token_classification", resolved["data"]["augmentation"], recipe.train.seed)
+    assert plan.augmentation == counts and counts["examples"] > 0
+    assert len(train) == len(TRAIN)  # the plan keeps the originals; the copies are made in the stream
+    rows = AugmentRows(resolved["data"]["augmentation"], train, "token_classification", recipe.train.seed)
+    streamed = []
+    for ex in reversed(train):  # another order (another block layout): the same copies
+        out = rows({"tokens": ex.tokens, "tags": ex.tags, "where": ex.where})
+        assert out[0]["where"] == ex.where  # the original first
+        streamed += [(r["where"], r["tokens"], r["tags"]) for r in out[1:]]
+    assert sorted(streamed) == sorted((e.where, e.tokens, e.tags) for e in preview)

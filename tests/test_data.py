@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
-from conftest import TOY_CLS, TOY_NER
+from conftest import ROOT, TOY_CLS, TOY_NER
 
 from launcher.data import Example, load_dataset, read_conll, read_csv, read_jsonl
 from launcher.errors import DataError
-from launcher.features import encode_ner, length_grouped_batches, merge_word_predictions, shard_batches
+from launcher.features import encode_ner, length_grouped_batches, merge_word_predictions
 
 
 def _ner_data(**kw):
@@ -116,17 +120,39 @@ def test_long_sentence_windows_cover_every_word_and_merge_back(tokenizer):
     assert merged[0] == [1 if t == "B-X" else 0 for t in tags]
 
 
-def test_batches_are_length_grouped_and_shards_equal():
+def test_batches_are_length_grouped():
     lengths = [5, 50, 6, 49, 7, 48, 8, 47, 9, 46, 10]
     batches = length_grouped_batches(lengths, 2, seed=1, shuffle=True)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     spread = max(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches)
     assert spread <= 10  # similar lengths together
     assert length_grouped_batches(lengths, 2, 1, True) == batches  # seeded
-    shards = [shard_batches(batches, r, 4) for r in range(4)]
-    assert len({len(s[0]) for s in shards}) == 1  # every rank runs the same number of steps
-    real = [b for s in shards for b, ok in zip(*s) if ok]
-    assert sorted(map(tuple, real)) == sorted(map(tuple, batches))  # each real batch exactly once
+
+
+def test_encoding_through_tokenizers_alone_equals_transformers(tokenizer):
+    """Ray Data's tasks encode with the model folder's tokenizer.json (`tokenizers`, no transformers):
+    the same windows, ids and labels as the transformers tokenizer's own overflow API gives."""
+    import tokenizers
+
+    from launcher.features import encode_cls
+    from launcher.recipe import resolve_encoder
+
+    raw = tokenizers.Tokenizer.from_file(str(Path(resolve_encoder("packaged:all-MiniLM-L6-v2")) / "tokenizer.json"))
+    settings = raw.truncation
+    examples = read_conll(str(TOY_NER / "validation.conll"))[:40]
+    examples.append(Example(tokens=[f"Aldmere{i}" for i in range(60)], tags=["B-LOC"] * 60))  # several windows
+    label2id = {t: i for i, t in enumerate(sorted({t for ex in examples for t in ex.tags}))}
+    ours, direct = encode_ner(tokenizer, examples, label2id, 24, 6), encode_ner(raw, examples, label2id, 24, 6)
+    assert ours == direct and len(ours) > len(examples)
+    hf = tokenizer([ex.tokens for ex in examples], is_split_into_words=True, truncation=True, max_length=24,
+                   stride=6, return_overflowing_tokens=True)
+    assert [f.input_ids for f in ours] == hf["input_ids"]
+    assert [f.example for f in ours] == hf["overflow_to_sample_mapping"]
+    assert [f.word_ids for f in ours] == [hf.word_ids(i) for i in range(len(ours))]
+    texts = [Example(text=" ".join(ex.tokens), label="x") for ex in examples]
+    assert [f.input_ids for f in encode_cls(raw, texts, {"x": 0}, 16)] == tokenizer(
+        [ex.text for ex in texts], truncation=True, max_length=16)["input_ids"]
+    assert raw.truncation == settings  # the caller's tokenizer is left as it was
 
 
 def test_window_starting_mid_word_does_not_label_continuation(tokenizer):
@@ -139,14 +165,19 @@ def test_window_starting_mid_word_does_not_label_continuation(tokenizer):
                 assert not tok.startswith("##"), (tok, wid)
 
 
-def test_kfold_folds_are_disjoint_covering_seeded_and_stratified():
-    from launcher.data import kfold_indices
+def test_kfold_fold_of_an_example_is_its_where_hashed_the_same_in_every_process():
+    import subprocess
+    import sys
 
-    examples = [Example(text=f"t{i}", label="a" if i % 4 else "b") for i in range(40)]  # 30 a, 10 b
-    folds = kfold_indices(examples, "sequence_classification", 5, seed=3)
-    assert sorted(i for f in folds for i in f) == list(range(40))
-    assert all(sum(examples[i].label == "b" for i in f) == 2 for f in folds)  # stratified: 10 b over 5 folds
-    assert kfold_indices(examples, "sequence_classification", 5, seed=3) == folds
-    assert kfold_indices(examples, "sequence_classification", 5, seed=4) != folds
-    with pytest.raises(DataError, match="at least 50"):
-        kfold_indices(examples, "token_classification", 50, seed=0)
+    from launcher.ingest import fold_of
+
+    wheres = [f"shards/part-{i % 7:04d}.conll:{i * 3 + 1}" for i in range(2000)]
+    folds = [fold_of(w, 5) for w in wheres]
+    sizes = [folds.count(f) for f in range(5)]
+    assert min(sizes) > 300 and max(sizes) < 500, sizes  # spread evenly (a hash, not a counter)
+    # Python's own str hash is salted per process: a worker or a resumed run must agree with this one
+    code = "import sys, json; from launcher.ingest import fold_of; print(json.dumps([fold_of(w, 5) for w in json.load(sys.stdin)]))"
+    for salt in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], input=json.dumps(wheres), capture_output=True, text=True,
+                             env={**os.environ, "PYTHONHASHSEED": salt}, cwd=ROOT, check=True).stdout
+        assert json.loads(out) == folds

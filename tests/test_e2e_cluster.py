@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, ROOT, cli, free_port, stop_process_group, tiny_ner_recipe
+from conftest import BIN, ROOT, cli, free_port, stop_process_group, tiny_ner_recipe, toy_ner_shards
 
 pytestmark = pytest.mark.e2e
 
@@ -207,18 +207,23 @@ def test_ray_job_submit_and_its_exit_code(tmp_path, ray_tmp):
 def test_run_and_export_through_a_storage_uri(tmp_path, ray_tmp):
     """run.storage as a URI (file:// here; s3:// and gs:// go through the same pyarrow calls): Ray's
     checkpoints, status, best/ and TensorBoard land at the URI; an export on a machine whose cache
-    never saw the run pulls it from there and pushes the bundle back."""
+    never saw the run pulls it from there and pushes the bundle back. The training data is a URI too:
+    a glob of JSONL shards, which Ray Data's tasks read through pyarrow."""
     from export.runtime import Predictor
 
     bucket = tmp_path / "bucket"
     uri = f"file://{bucket}/runs"
-    recipe = tiny_ner_recipe(tmp_path, run={"storage": uri})
+    toy_ner_shards(bucket / "train", "jsonl", 3)
+    toy_ner_shards(bucket / "validation", "jsonl", 1, split="validation")
+    recipe = tiny_ner_recipe(tmp_path, run={"storage": uri}, data={
+        "format": "jsonl", "train": f"file://{bucket}/train/part-*.jsonl", "validation": f"file://{bucket}/validation"})
     res = cli("launch", str(recipe), env={"ZEROSHIP_RAY_TMPDIR": ray_tmp, "ZEROSHIP_CACHE": str(tmp_path / "c1")})
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
     assert f"--runs {uri}" in " ".join(out.split())
     remote = bucket / "runs" / "run-1"
-    assert json.loads((remote / "status.json").read_text())["state"] == "succeeded"
+    status = json.loads((remote / "status.json").read_text())
+    assert status["state"] == "succeeded" and status["data"]["train"]["examples"] == 600  # every shard, once
     assert {"model.safetensors", "model.json", "metrics.json", "tokenizer.json"} <= {
         p.name for p in (remote / "best").iterdir()}
     assert list((remote / "ray" / "train").glob("checkpoint_*")), "Ray Train did not write to the URI"

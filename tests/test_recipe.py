@@ -163,5 +163,6 @@ def test_check_warns_when_this_machine_cannot_place_the_workers():
     res = cli("launch", "--check", "recipes/quickstart_ner.yaml", "scaling.workers=64", env={"COLUMNS": "400"})
     assert res.returncode == 0, res.stderr
     out = res.stdout + res.stderr
-    assert "a launch on this machine would refuse: 64 workers × 1 CPU = 64 CPUs, but this machine has" in out
+    assert ("a launch on this machine would refuse: 64 workers × 1 CPU + 1 for reading data = 65 CPUs, but this"
+            " machine has") in out
     assert "RAY_ADDRESS=<head>:6379 launch --check" in out

@@ -6,7 +6,7 @@ from conftest import run_deepspeed_script
 
 from launcher.startup import PHASES, record, summary
 
-DRIVER = {"process": 100.0, "plan": 104.0, "ray": 110.0}
+DRIVER = {"process": 100.0, "plan": 104.0, "ray": 110.0, "datasets": 113.0}
 WORKER = {"worker": 125.0, "imports": 131.0, "data": 132.5, "model": 135.0, "engine": 140.0, "first_step": 141.0}
 
 
@@ -14,11 +14,11 @@ def test_phases_tile_the_time_to_the_first_step():
     rec = record(DRIVER, {"stamps": WORKER, "trial": "t1", "resumed_from_step": None})
     assert rec["kind"] == "startup" and rec["trial"] == "t1" and rec["from"] == "process"
     assert rec["to_first_step_s"] == 41.0
-    assert rec["seconds"] == {"launch_and_plan": 4.0, "ray_start": 6.0, "worker_group_start": 15.0,
-                              "worker_imports": 6.0, "tokenization": 1.5, "model_load": 2.5,
+    assert rec["seconds"] == {"launch_and_plan": 4.0, "ray_start": 6.0, "ray_data": 3.0, "worker_group_start": 12.0,
+                              "worker_imports": 6.0, "data_shards": 1.5, "model_load": 2.5,
                               "deepspeed_initialize": 5.0, "first_step": 1.0}
     assert list(rec["seconds"]) == [name for name, _, _ in PHASES]
-    assert summary(rec).startswith("first optimizer step 41.0 s after launch (worker group start 15.0, ray start 6.0")
+    assert summary(rec).startswith("first optimizer step 41.0 s after launch (worker group start 12.0, ray start 6.0")
 
 
 def test_after_a_worker_restart_only_the_workers_phases_count():
