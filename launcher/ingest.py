@@ -1,8 +1,9 @@
 """Corpora through Ray Data: each split is read and parsed by Ray Data tasks (the same parsers as
 launcher.data, one file or shard per task: a bad line is still `shard:line`), augmented (train; each copy
-seeded by its example) and tokenized (launcher.features, one tokenizer per task process), then kept
-tokenized in Ray's object store (`materialize`) for the workers to stream their shards from
-(launcher.stream). A train split bigger than what the driver plans from is checked here in one pass whose
+seeded by its example) and tokenized (launcher.features, one tokenizer per task process) as the
+workers stream their shards (launcher.stream): lazily, in every epoch and every evaluation, so nothing
+of the corpus is kept anywhere between passes (the price: tokenization runs once per epoch, on CPUs
+beside the workers, overlapped with their steps; a counting pass before the first step). A train split bigger than what the driver plans from is checked here in one pass whose
 summary rows are all the driver receives (counts, labels seen, the first unknown label with its line).
 The driver never holds the training corpus.
 

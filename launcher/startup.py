@@ -16,7 +16,7 @@ import time
 PHASES = (
     ("launch_and_plan", "process", "plan"),  # Python imports, recipe and data validation
     ("ray_start", "plan", "ray"),  # a local Ray, or connecting to a cluster
-    ("ray_data", "ray", "datasets"),  # read, check, augment, tokenize in Ray Data tasks (launcher.ingest)
+    ("ray_data", "ray", "datasets"),  # a big train split's check pass, the lazy pipeline built (launcher.ingest)
     ("worker_group_start", "datasets", "worker"),  # placement group, worker processes, torch.distributed
     ("worker_imports", "worker", "imports"),  # torch, transformers, deepspeed in the worker
     ("data_shards", "imports", "data"),  # the tokenizer, this rank's dataset shards
