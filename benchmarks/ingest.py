@@ -3,8 +3,9 @@ committed) with `train.max_steps` small, so the figures are about reading, token
 data to the workers, not about training. Per copy: the peak RSS of the `launch` process (the driver),
 the peak RSS of each Ray Train worker and of any other Ray process (Ray Data's readers and
 tokenizers), and the seconds from `launch` to the first optimizer step (metrics.jsonl's start-up
-record, with the workers' tokenization phase; since issue 14 the tokenization is Ray Data's pass before
-the workers start, timed in status.json's `data.seconds`). RSS is sampled every 0.2 s with psutil.
+record: before issue 14 with the workers' tokenization phase; since then with the `ray_data` phase, the
+check pass of a big train split before the trainer starts, and the workers' `data_shards` phase, which
+includes waiting for Ray Data's counting pass). RSS is sampled every 0.2 s with psutil.
 
 The model is the packaged MiniLM cut to one layer (`model.num_hidden_layers=1`): the encoder's size
 is not what this measures. A copy whose run would leave less than `--min-free-gb` of the machine's
@@ -132,15 +133,14 @@ def measure(copies: int, workers: int, shards: int, min_free: float) -> dict:
         run = next((folder / "runs").glob("run-*"))
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         startup = next(r for r in records if r["kind"] == "startup")
-        data = json.loads((run / "status.json").read_text()).get("data", {})  # Ray Data's pass (after: issue 14)
-        return {**row, "first_step_s": startup["to_first_step_s"], "ray_data_s": data.get("seconds"),
+        return {**row, "first_step_s": startup["to_first_step_s"], "ray_data_s": startup["seconds"].get("ray_data"),
                 "tokenization_s": startup["seconds"].get("tokenization", startup["seconds"].get("data_shards", 0.0)),
                 "plan_s": startup["seconds"].get("launch_and_plan", 0.0)}
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| copies | train MB | driver peak RSS (MB) | worker peak RSS (MB) | other Ray peak (MB) "
-             "| launch → first step (s) | of which plan (s) | Ray Data read + tokenize (s) | worker data phase (s) |",
+             "| launch → first step (s) | of which plan (s) | Ray Data check pass (s) | worker data phase (s) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         workers = sorted(v for k, v in r["peaks"].items() if k.startswith("worker"))

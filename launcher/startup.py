@@ -19,7 +19,7 @@ PHASES = (
     ("ray_data", "ray", "datasets"),  # a big train split's check pass, the lazy pipeline built (launcher.ingest)
     ("worker_group_start", "datasets", "worker"),  # placement group, worker processes, torch.distributed
     ("worker_imports", "worker", "imports"),  # torch, transformers, deepspeed in the worker
-    ("data_shards", "imports", "data"),  # the tokenizer, this rank's dataset shards
+    ("data_shards", "imports", "data"),  # the tokenizer, this rank's shards, the wait for the counting pass
     ("model_load", "data", "model"),  # the pretrained encoder and the head
     ("deepspeed_initialize", "model", "engine"),  # engine, optimizer, ZeRO partitioning; resume load
     ("first_step", "engine", "first_step"),  # the first optimizer step (and a warm start's first eval)
