@@ -598,6 +598,12 @@ def sweep_points(recipe: Recipe, seed: int | None = None) -> list[dict[str, Any]
     ]
 
 
+def tokenizer_source(model: dict) -> str:
+    """The folder (or hub name) whose tokenizer a run's data is tokenized with and its workers load: a
+    warm start's parent (the plan points model.init_from at its best/), else the encoder."""
+    return model.get("init_from") or resolve_encoder(model["encoder"])
+
+
 def resolve_encoder(encoder: str) -> str:
     """Turn `packaged:NAME` into the installed package's model folder; other values pass through."""
     if not encoder.startswith(PACKAGED_PREFIX):

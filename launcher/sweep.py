@@ -39,8 +39,8 @@ def sweep_trial(config: dict, shared: dict) -> None:
     trial = config["trial"]
     resolved = trial_recipe(shared["resolved"], trial["params"])
     recipe = Recipe.model_validate(resolved)
-    worker_cfg = dict(shared["worker_config"], recipe=resolved, trial=trial["name"])
-    datasets = shared["datasets"]
+    datasets, counts = shared["datasets"][trial["data"]]  # this trial's data variant (run_sweep)
+    worker_cfg = dict(shared["worker_config"], recipe=resolved, trial=trial["name"], counts=counts)
     if trial.get("fold") is not None:  # k-fold: validate on this fold, train on the others
         from launcher.ingest import fold_datasets
 
@@ -96,10 +96,17 @@ def run_sweep(recipe: Recipe, resolved: dict, plan, run: Run, view, board) -> li
         atomic_write(run.dir / "trials" / f"{t['name']}.yaml",
                      yaml.safe_dump(trial_recipe(resolved, t["params"]), sort_keys=False))
     view.expect_trials(trials)
-    from launcher.trainer import run_datasets
+    from launcher.trainer import data_key, run_datasets
 
-    datasets, counts = run_datasets(recipe, resolved, plan, run)
-    shared = {"resolved": resolved, "worker_config": worker_config(recipe, resolved, plan, board, counts),
+    keys: list[str] = []  # one data variant per data_key: a sweep over data.max_length tokenizes per value
+    datasets = []
+    for t in trials:
+        point = trial_recipe(resolved, t["params"])
+        if data_key(point) not in keys:
+            keys.append(data_key(point))
+            datasets.append(run_datasets(Recipe.model_validate(point), point, plan, run))
+        t["data"] = keys.index(data_key(point))
+    shared = {"resolved": resolved, "worker_config": worker_config(recipe, resolved, plan, board, None),
               "storage": run.ray_storage, "datasets": datasets, "kfold": k}
     scheduler = None
     if recipe.sweep.scheduler == "asha":

@@ -41,7 +41,7 @@ from launcher.evaluate import gold_and_pred, metrics_of, predict
 from launcher.features import collate, length_grouped_batches
 from launcher.loop_state import Board, EarlyStopping, MetricsWindow, ResumeState, step_hook
 from launcher.model import apply_freeze, apply_lora, build_model, param_groups, warm_start
-from launcher.recipe import resolve_encoder
+from launcher.recipe import tokenizer_source
 from launcher.regularize import PartitionedL2SP, TaskLoss
 from launcher.signing import sign_checkpoint, verify_checkpoint, worker_key
 from launcher.stream import Shards, batches_in_epoch, lockstep, stand_in
@@ -90,7 +90,7 @@ class TrainingRun:
         """This rank's shards (launcher.stream) and the schedule's step counts: every rank gets the same
         number of training windows (`streaming_split(equal=True)`), so the same number of batches."""
         tc = self.tcfg
-        self.tokenizer = AutoTokenizer.from_pretrained(self.mcfg.get("init_from") or resolve_encoder(self.mcfg["encoder"]))
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(self.mcfg))
         self.data = Shards(self.task, self.labels, tc["batch_size"], tc["seed"])
         if ray.train.get_checkpoint() is None:  # a fresh start's first epoch (a resume's is in its checkpoint)
             self.data.prefetch(self.resume.next_epoch)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from launcher.plan import Plan
-from launcher.recipe import Recipe
+from launcher.recipe import Recipe, tokenizer_source
 from launcher.worker import train_worker
 
 
@@ -17,11 +17,21 @@ def run_datasets(recipe: Recipe, resolved: dict, plan: Plan, run) -> tuple[dict,
 
     from launcher.ingest import build_datasets
 
-    datasets, counts = build_datasets(resolved, recipe.model.task, plan.dataset.labels, plan.encoder_source,
-                                      plan.dataset.splits["train"].examples)
-    run.data_counts = counts
+    datasets, counts = build_datasets(resolved, recipe.model.task, plan.dataset.labels,
+                                      tokenizer_source(resolved["model"]), plan.dataset.splits["train"].examples)
+    if run.data_counts is None:  # a sweep's first variant (data_key) is the one status.json reports
+        run.data_counts = counts
     run.stamps.setdefault("datasets", time.time())  # the start-up record's ray_data phase (launcher.startup)
     return datasets, counts
+
+
+def data_key(resolved: dict) -> str:
+    """What a run's tokenized data depends on beyond the files: a sweep whose points change one of these
+    (data.max_length, data.stride, model.encoder) gets datasets per value; all others share one."""
+    import json
+
+    return json.dumps([tokenizer_source(resolved["model"]), resolved["data"]["max_length"],
+                       resolved["data"]["stride"]])
 
 
 def record_data(run) -> None:

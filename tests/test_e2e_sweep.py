@@ -64,7 +64,7 @@ def test_kfold_with_grid_scores_points_by_fold_mean_and_refits(tmp_path, ray_tmp
     n = len(read_conll(str(small)))
     recipe = tiny_ner_recipe(
         tmp_path, data={"train": str(small)}, scaling={"workers": 1}, train={"epochs": 1, "metric": "eval_loss"},
-        sweep={"kfold": 2, "parameters": {"train.lr": [2e-5, 4e-4]}})
+        sweep={"kfold": 2, "parameters": {"data.max_length": [48, 16]}})
     res = cli("launch", str(recipe), env={"ZEROSHIP_RAY_TMPDIR": ray_tmp})
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     run = tmp_path / "runs" / "run-1"
@@ -80,6 +80,13 @@ def test_kfold_with_grid_scores_points_by_fold_mean_and_refits(tmp_path, ray_tmp
     best = {}
     for e in evals:
         best[e["trial"]] = min(best.get(e["trial"], float("inf")), e["eval_loss"])
+    # each point trains on data tokenized at its own max_length: at 16 (windows of 14 subtokens, stride 8)
+    # the long sentences become several windows, so the same folds take more steps than at 48
+    steps = {}
+    for e in evals:
+        steps[e["trial"]] = max(steps.get(e["trial"], 0), e["step"])
+    for fold in range(2):
+        assert steps[f"trial-{2 + fold}"] > steps[f"trial-{fold}"], steps
     for point in status["cross_validation"]:
         names = [t["name"] for t in status["trials"] if t["point"] == point["point"]]
         values = [best[name] for name in sorted(names, key=lambda x: int(x.split("-")[1]))]
