@@ -90,14 +90,15 @@ def test_mlflow_uri_without_mlflow_is_refused_at_check(monkeypatch):
 # ------------------------------------------------------------------ simulated multi-node cluster
 @pytest.fixture
 def two_nodes(ray_tmp, monkeypatch):
-    """Two Ray nodes on this machine (1 CPU each), all on loopback, with their own temp dir."""
+    """Two Ray nodes on this machine, all on loopback, with their own temp dir: a CPU per node for a
+    worker, and one more on the head for Ray Data's tasks (a run leaves one beside its workers)."""
     from ray.cluster_utils import Cluster
 
     for key, value in {**LOOPBACK_ENV, "RAY_TMPDIR": ray_tmp}.items():
         monkeypatch.setenv(key, value)
     os.makedirs(os.path.join(ray_tmp, "ray"), exist_ok=True)
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "node_ip_address": "127.0.0.1", "temp_dir": ray_tmp, "include_dashboard": True,
+        "num_cpus": 2, "node_ip_address": "127.0.0.1", "temp_dir": ray_tmp, "include_dashboard": True,
         "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})
     cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     cluster.wait_for_nodes()
@@ -108,7 +109,7 @@ def two_nodes(ray_tmp, monkeypatch):
 
 
 def test_two_node_run_on_shared_storage(two_nodes, tmp_path):
-    """One worker per node (2 workers, 1 CPU per node), ZeRO-2; the shards of both meet in best/."""
+    """One worker per node (2 workers, SPREAD), ZeRO-2; the shards of both meet in best/."""
     recipe = tiny_ner_recipe(tmp_path, scaling={"workers": 2, "placement_strategy": "SPREAD"})
     started = time.time()
     res = cli("launch", str(recipe), env={"RAY_ADDRESS": two_nodes.address})
@@ -161,7 +162,7 @@ def test_ray_job_submit_and_its_exit_code(tmp_path, ray_tmp):
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
          "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
          "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
-         "--temp-dir", ray_tmp, "--num-cpus", "2", "--include-dashboard", "true"],
+         "--temp-dir", ray_tmp, "--num-cpus", "3", "--include-dashboard", "true"],  # 2 workers + data
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dash}"
