@@ -34,7 +34,9 @@ up() {
   echo "export $client_env" >"$state/client.env"
   # every port chosen free, so this cluster never collides with another Ray on the machine
   local gcs dash client agent; gcs=$(free_port); dash=$(free_port); client=$(free_port); agent=$(free_port)
-  setsid "$ray" start --head --block --node-ip-address 127.0.0.1 --port "$gcs" \
+  # one logical CPU more than the machine has, as launch's private Ray: a run keeps one beside its
+  # workers for Ray Data's tasks, so the quickstart's 2 workers also run on a 2-core machine
+  setsid "$ray" start --head --block --node-ip-address 127.0.0.1 --port "$gcs" --num-cpus "$(( $(nproc) + 1 ))" \
     --dashboard-host 127.0.0.1 --dashboard-port "$dash" --ray-client-server-port "$client" \
     --dashboard-agent-listen-port "$agent" --temp-dir "$state/tmp" \
     >"$state/head.log" 2>&1 &

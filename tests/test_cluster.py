@@ -74,6 +74,24 @@ def test_ray_up_cluster_runs_with_token_auth():
     assert config["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
 
 
+def test_large_recipe_fits_the_shipped_gpu_cluster_with_cpus_left_for_ray_data():
+    """launch's own resource check, against what the RayJob's pods give Ray: the recipe's workers and
+    the CPU Ray Data needs beside them (launcher.plan.DATA_CPUS) must fit."""
+    from launcher.plan import resource_problems
+    from launcher.recipe import load_recipe
+
+    cluster = yaml.safe_load((ROOT / "cluster/kuberay-rayjob.yaml").read_text())["spec"]["rayClusterSpec"]
+    have = {"CPU": float(cluster["headGroupSpec"]["rayStartParams"]["num-cpus"]), "GPU": 0.0}
+    for group in cluster["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        have["CPU"] += group["replicas"] * float(limits["cpu"])
+        have["GPU"] += group["replicas"] * float(limits["nvidia.com/gpu"])
+    recipe, _ = load_recipe(ROOT / "recipes/large_ner.yaml", [])
+    assert resource_problems(recipe, have, "the RayJob's cluster") == []
+    greedy, _ = load_recipe(ROOT / "recipes/large_ner.yaml", ["scaling.cpus_per_worker=8"])  # every CPU
+    assert "for reading data" in str(resource_problems(greedy, have, "the RayJob's cluster"))
+
+
 def test_large_recipe_uses_the_shared_mount():
     recipe = yaml.safe_load((ROOT / "recipes/large_ner.yaml").read_text())
     assert recipe["run"]["storage"].startswith("/mnt/shared/")
