@@ -63,8 +63,8 @@ def test_kfold_with_grid_scores_points_by_fold_mean_and_refits(tmp_path, ray_tmp
     small.write_text("\n\n".join(sentences) + "\n")
     n = len(read_conll(str(small)))
     recipe = tiny_ner_recipe(
-        tmp_path, data={"train": str(small)}, scaling={"workers": 1}, train={"epochs": 1, "metric": "eval_loss"},
-        sweep={"kfold": 2, "parameters": {"data.max_length": [48, 16]}})
+        tmp_path, data={"train": str(small), "stride": 4}, scaling={"workers": 1},
+        train={"epochs": 1, "metric": "eval_loss"}, sweep={"kfold": 2, "parameters": {"data.max_length": [48, 12]}})
     res = cli("launch", str(recipe), env={"ZEROSHIP_RAY_TMPDIR": ray_tmp})
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     run = tmp_path / "runs" / "run-1"
@@ -80,8 +80,8 @@ def test_kfold_with_grid_scores_points_by_fold_mean_and_refits(tmp_path, ray_tmp
     best = {}
     for e in evals:
         best[e["trial"]] = min(best.get(e["trial"], float("inf")), e["eval_loss"])
-    # each point trains on data tokenized at its own max_length: at 16 (windows of 14 subtokens, stride 8)
-    # the long sentences become several windows, so the same folds take more steps than at 48
+    # each point trains on data tokenized at its own max_length: at 12 (windows of 10 subtokens, stride 4)
+    # these 150 sentences make about twice as many windows as at 48, so the same folds take more steps
     steps = {}
     for e in evals:
         steps[e["trial"]] = max(steps.get(e["trial"], 0), e["step"])
