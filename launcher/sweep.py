@@ -92,20 +92,19 @@ def run_sweep(recipe: Recipe, resolved: dict, plan, run: Run, view, board) -> li
         atomic_write(run.dir / "trials" / "folds.json", json.dumps(
             {"k": k, "fold_of_example": "blake2b (8-byte digest) of its where (file:line), big-endian, mod k",
              "held_out": sizes}) + "\n")
-    for t in trials:  # each trial's resolved recipe, as it will run
-        atomic_write(run.dir / "trials" / f"{t['name']}.yaml",
-                     yaml.safe_dump(trial_recipe(resolved, t["params"]), sort_keys=False))
-    view.expect_trials(trials)
     from launcher.trainer import data_key, run_datasets
 
-    keys: list[str] = []  # one data variant per data_key: a sweep over data.max_length tokenizes per value
+    variants: dict[str, int] = {}  # data_key → index in datasets: a sweep over data.max_length tokenizes per value
     datasets = []
-    for t in trials:
+    for t in trials:  # each trial's resolved recipe, as it will run, and the data variant it trains on
         point = trial_recipe(resolved, t["params"])
-        if data_key(point) not in keys:
-            keys.append(data_key(point))
+        atomic_write(run.dir / "trials" / f"{t['name']}.yaml", yaml.safe_dump(point, sort_keys=False))
+        key = data_key(point)
+        if key not in variants:
+            variants[key] = len(datasets)
             datasets.append(run_datasets(Recipe.model_validate(point), point, plan, run))
-        t["data"] = keys.index(data_key(point))
+        t["data"] = variants[key]
+    view.expect_trials(trials)
     shared = {"resolved": resolved, "worker_config": worker_config(recipe, resolved, plan, board, None),
               "storage": run.ray_storage, "datasets": datasets, "kfold": k}
     scheduler = None
