@@ -66,6 +66,9 @@ def merged_state_dict(ckpt_dir: Path, key: bytes | None = None) -> dict[str, tor
         from safetensors.torch import load_file
 
         return load_file(str(ckpt_dir / FP32_FILE))
+    from launcher.engine import import_deepspeed
+
+    import_deepspeed()  # without mlflow: 4.4 → 1.7 s of the driver's merge after training (and of export)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=CKPT_TAG)

@@ -12,9 +12,11 @@ each worker receives), `console` (progress and result tables), `winner` (the mer
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -29,6 +31,7 @@ from launcher.console import ProgressView, console, print_cv, print_results, pri
 from launcher.errors import Problem, ZeroshipError
 from launcher.ingest import check_train
 from launcher.plan import Plan
+from launcher.ray_session import started_here
 from launcher.recipe import Recipe
 from launcher.runs import Registry, Run, atomic_write
 from launcher.trainer import make_trainer, record_data, run_datasets, worker_config
@@ -39,7 +42,7 @@ def fit(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[Any, Prog
     board = progress_board()
     datasets, counts = run_datasets(recipe, resolved, plan, run)
     trainer = make_trainer(recipe, worker_config(recipe, resolved, plan, board, counts), run.ray_storage, "train",
-                           datasets)
+                           datasets, private_ray=started_here())
     with ProgressView(board, run, recipe.metric, recipe.mode) as view:
         result = trainer.fit()
     return result, view
@@ -103,9 +106,11 @@ def execute(run: Run, recipe: Recipe, resolved: dict, plan: Plan, verbose: bool 
     run.logs.start()
     console.print(f"logs: {run.logs.dir}" + ("" if verbose else "  (launch -v streams them here)"), highlight=False)
     try:
+        imports = _import_in_background()
         with run.logs.quiet():  # MLflow announces the experiments it creates
             run.logger = RunLogger(run.dir, run.id, resolved)
         where = connect_ray(recipe, storage=None if run.remote else str(run.dir.parent), log_to_driver=verbose)
+        imports.join()
         import ray.data  # noqa: F401  (importing it gives Ray Data's logger a console handler: reroute takes it)
 
         run.logs.reroute()  # ray.init may configure Ray's loggers again
@@ -163,6 +168,21 @@ def execute(run: Run, recipe: Recipe, resolved: dict, plan: Plan, verbose: bool 
         print_trials(extra["trials"], recipe.metric, winner["trial"])
     print_results(run, winner, metrics, view.stop_reason, wall)
     return 0
+
+
+def _import_in_background() -> threading.Thread:
+    """Import what the trainer needs next (torch, through Ray Train's TorchTrainer, and Ray Data) in a
+    thread, while `ray.init` waits for Ray's processes to come up: 3-6 s off the start-up on 2 cores
+    (the imports take ~6 s alone and `ray.init` leaves a third of the cores idle). A failed import
+    is left for the main thread to raise where it imports the same module."""
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            import ray.data  # noqa: F401
+            import ray.train.torch  # noqa: F401
+
+    thread = threading.Thread(target=run, name="zeroship-imports", daemon=True)
+    thread.start()
+    return thread
 
 
 # what gloo and NCCL say when a collective outlives the process group's timeout
@@ -225,7 +245,7 @@ def fit_kfold(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[dic
         child = Recipe.model_validate(chosen)
         datasets, counts = run_datasets(child, chosen, plan, run)
         trainer = make_trainer(child, worker_config(child, chosen, plan, board, counts, trial="refit"),
-                               run.ray_storage, "refit", datasets)
+                               run.ray_storage, "refit", datasets, private_ray=started_here())
         view.progress.console.print(f"refit on all training data: {json.dumps(top['params'])}", highlight=False)
         with ProgressView(board, run, recipe.metric, recipe.mode) as refit_view:
             result = trainer.fit()

@@ -75,14 +75,34 @@ def shard_config():
     return ShardConfig(execution_options=ExecutionOptions(preserve_order=True))
 
 
+def trainer_class(private_ray: bool):
+    """Ray Train's TorchTrainer; on a private Ray (launcher.ray_session.started_here) without the
+    placement-group cleaner Ray Train adds to every run. The cleaner is a detached actor that frees a
+    run's placement group when the controller dies while the cluster lives on; a private Ray dies
+    with the driver, placement groups and all. It would cost a Python process per run, and with no
+    dashboard to answer its State API queries it logs a warning every second."""
+    from ray.train.torch import TorchTrainer
+
+    if not private_ray:
+        return TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class PrivateRayTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [cb for cb in super()._create_default_callbacks()
+                    if not isinstance(cb, PlacementGroupCleanerCallback)]
+
+    return PrivateRayTrainer
+
+
 def make_trainer(recipe: Recipe, config: dict, storage: str, name: str, datasets: dict,
-                 callbacks: list | None = None):
+                 callbacks: list | None = None, private_ray: bool = False):
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     sc = recipe.scaling
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
-    return TorchTrainer(
+    return trainer_class(private_ray)(
         train_worker,
         train_loop_config=config,
         datasets=datasets, dataset_config=shard_config(),

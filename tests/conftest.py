@@ -100,12 +100,17 @@ def ray_tmp():
 
 
 def tiny_ner_recipe(folder: Path, **sections) -> Path:
-    """A quick NER recipe on the shipped toy data with a 2-layer MiniLM; sections override keys."""
+    """A quick NER recipe on the shipped toy data with a 2-layer MiniLM; sections override keys.
+
+    Its word embeddings are frozen (`model.freeze: embeddings`): 11.7M of the tiny model's 15.5M
+    parameters, whose AdamW update and gradient all-reduce were 0.65 s of each 1.09 s step on 2 cores
+    (train_step_s 1.09 → 0.42 s, one launch 13 s shorter). The runs that stand for the default path
+    (`ner_run`, `cls_run`) and LoRA train them (`freeze: none`)."""
     import yaml
 
     recipe = {
         "model": {"encoder": "packaged:all-MiniLM-L6-v2", "task": "token_classification",
-                  "num_hidden_layers": 2, "head": {"dim": 64, "layers": 1}},
+                  "num_hidden_layers": 2, "head": {"dim": 64, "layers": 1}, "freeze": "embeddings"},
         "data": {"format": "conll", "train": str(TOY_NER / "train.conll"),
                  "validation": str(TOY_NER / "validation.conll"), "max_length": 48, "stride": 8},
         "train": {"epochs": 1, "lr": 2e-4, "head_lr": 2e-3, "batch_size": 16, "seed": 7},
@@ -151,7 +156,7 @@ def train_run(folder: Path, ray_dir: str, **sections) -> Path:
 
 
 CLS_SECTIONS = dict(
-    model={"task": "sequence_classification", "pooling": "mean"},
+    model={"task": "sequence_classification", "pooling": "mean", "freeze": "none"},
     data={"format": "csv", "train": str(TOY_CLS / "train.csv"), "validation": str(TOY_CLS / "validation.csv"),
           "test": str(TOY_CLS / "test.csv")},
     train={"epochs": 2, "lr": 3e-4},
@@ -167,7 +172,7 @@ def ner_run(tmp_path_factory) -> Path:
     with tempfile.TemporaryDirectory(prefix="zs-", dir="/tmp") as ray_dir:
         shards = toy_ner_shards(folder / "train_shards", "conll", 3)  # a folder of shards, read in name order
         return train_run(folder, ray_dir, data={"train": str(shards)}, train={"epochs": 2},
-                         run={"mlflow_uri": str(folder / "mlruns")})
+                         run={"mlflow_uri": str(folder / "mlruns")}, model={"freeze": "none"})
 
 
 def free_port() -> int:

@@ -49,7 +49,7 @@ def test_two_launches_at_once_each_use_only_their_own_ray(tmp_path):
         folder = tmp_path / name
         folder.mkdir()
         recipe = tiny_ner_recipe(folder, scaling={"workers": 1}, deepspeed={"zero_stage": 0},
-                                 model={"num_hidden_layers": 1})
+                                 model={"num_hidden_layers": 1}, train={"max_steps": 8})  # not about training
         ray_tmp = f"/tmp/zs-{name}{os.getpid()}"
         env = {**os.environ, "ZEROSHIP_RAY_TMPDIR": ray_tmp}
         args = [str(BIN / "launch"), str(recipe)] + (["-v"] if name == "b" else [])

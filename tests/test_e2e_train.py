@@ -207,7 +207,7 @@ def test_lora_run_merges_its_adapters_into_best_and_exports(tmp_path, ray_tmp):
     from launcher.model import apply_lora, build_model, load_model
 
     lora = {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["query", "key", "value", "dense"]}
-    run = train_run(tmp_path, ray_tmp, model={"lora": lora}, train={"epochs": 2, "lr": 2e-3})
+    run = train_run(tmp_path, ray_tmp, model={"lora": lora, "freeze": "none"}, train={"epochs": 2, "lr": 2e-3})
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "succeeded"
     merged, meta = load_model(run / "best")
