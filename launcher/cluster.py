@@ -27,7 +27,8 @@ def connect_ray(recipe: Recipe, storage: str | None = None, log_to_driver: bool 
     if os.environ.get("ZEROSHIP_FAULT"):  # test-only fault hook (launcher.loop_state.FaultHook)
         env["ZEROSHIP_FAULT"] = os.environ["ZEROSHIP_FAULT"]
     env[KEY_ENV] = load_key().hex()  # workers sign their checkpoints with it (launcher.signing)
-    where = init_ray(env, log_to_driver)
+    # a sweep's Ray gets the dashboard that Ray Train's placement-group cleaner needs (launcher.trainer)
+    where = init_ray(env, log_to_driver, dashboard=recipe.sweep is not None)
     if where == "existing ray session":
         return where
     _check_resources(recipe)

@@ -31,7 +31,7 @@ from launcher.console import ProgressView, console, print_cv, print_results, pri
 from launcher.errors import Problem, ZeroshipError
 from launcher.ingest import check_train
 from launcher.plan import Plan
-from launcher.ray_session import started_here
+from launcher.ray_session import lean
 from launcher.recipe import Recipe
 from launcher.runs import Registry, Run, atomic_write
 from launcher.trainer import make_trainer, record_data, run_datasets, worker_config
@@ -42,7 +42,7 @@ def fit(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[Any, Prog
     board = progress_board()
     datasets, counts = run_datasets(recipe, resolved, plan, run)
     trainer = make_trainer(recipe, worker_config(recipe, resolved, plan, board, counts), run.ray_storage, "train",
-                           datasets, private_ray=started_here())
+                           datasets, lean=lean())
     with ProgressView(board, run, recipe.metric, recipe.mode) as view:
         result = trainer.fit()
     return result, view
@@ -245,7 +245,7 @@ def fit_kfold(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[dic
         child = Recipe.model_validate(chosen)
         datasets, counts = run_datasets(child, chosen, plan, run)
         trainer = make_trainer(child, worker_config(child, chosen, plan, board, counts, trial="refit"),
-                               run.ray_storage, "refit", datasets, private_ray=started_here())
+                               run.ray_storage, "refit", datasets, lean=lean())
         view.progress.console.print(f"refit on all training data: {json.dumps(top['params'])}", highlight=False)
         with ProgressView(board, run, recipe.metric, recipe.mode) as refit_view:
             result = trainer.fit()

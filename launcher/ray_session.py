@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-_STARTED_HERE = False  # init_ray started a private Ray (not a cluster's)
+_LEAN = False  # init_ray started a private Ray without a dashboard (see lean)
 
 
-def init_ray(env_vars: dict[str, str] | None = None, log_to_driver: bool = True) -> str:
+def init_ray(env_vars: dict[str, str] | None = None, log_to_driver: bool = True, dashboard: bool = False) -> str:
     """`ray.init` against RAY_ADDRESS when set (as under `ray job submit`), else a local Ray whose
     listeners bind 127.0.0.1 (ZEROSHIP_RAY_TMPDIR picks its temp folder). Returns where it is.
-    `log_to_driver`: stream the workers' stdout/stderr to this process's console (else only Ray's files)."""
+    `log_to_driver`: stream the workers' stdout/stderr to this process's console (else only Ray's files).
+    `dashboard`: give the local Ray its dashboard, for Ray Train's placement-group cleaner (a sweep's)."""
     import ray
 
     if ray.is_initialized():
@@ -29,6 +30,14 @@ def init_ray(env_vars: dict[str, str] | None = None, log_to_driver: bool = True)
     # the CLI entry points set it (launcher.cli.process_defaults).
     if os.environ.get("ZEROSHIP_RAY_TMPDIR"):
         kwargs["_temp_dir"] = os.environ["ZEROSHIP_RAY_TMPDIR"]
+    if dashboard:
+        # It serves the State API that Ray Train's placement-group cleaner polls; without an explicit
+        # address the cleaner looks for "the" local Ray, and fails with "Found multiple active Ray
+        # instances" when another launch on this machine runs its own. So the dashboard gets a port
+        # chosen here, and every process of the job (and this driver) is told where it is.
+        port = _free_loopback_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
     # A Ray started here is this process's child and so is every worker: they inherit os.environ.
     # Passing the variables as the job's runtime_env instead makes every actor's environment differ
     # from the idle workers Ray prestarts, so none of them can be used: the progress board then
@@ -37,18 +46,26 @@ def init_ray(env_vars: dict[str, str] | None = None, log_to_driver: bool = True)
     # Ray Train's preemption watcher (one more actor process per run) polls for nodes a cloud
     # autoscaler is draining; a private one-node Ray has none.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # No dashboard: nothing here uses it (no job API, and Ray Train's placement-group cleaner, the one
-    # State API client, is left out of a private Ray's runs: launcher.trainer). Its head modules are
-    # ~19 CPU-s of each launch and `ray.init` waits ~5 s for it (measured on 2 cores: benchmarks/RESULTS.md).
     # One logical CPU more than the machine has: Ray Train keeps the workers' CPUs out of Ray Data's
     # budget, and the data tasks (launcher.ingest, a quarter CPU each) need some to run at all.
     ray.init(num_cpus=(os.cpu_count() or 1) + 1,  # = + plan.DATA_CPUS (not imported: serve loads no launcher.plan)
-             include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, **kwargs)
-    global _STARTED_HERE
-    _STARTED_HERE = True
+             include_dashboard=dashboard, _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, **kwargs)
+    global _LEAN
+    _LEAN = not dashboard
     return f"local ray ({os.cpu_count()} CPUs, 127.0.0.1)"
 
 
-def started_here() -> bool:
-    """Whether this process started the Ray it is connected to (a private one, gone when it exits)."""
-    return _STARTED_HERE
+def lean() -> bool:
+    """Whether this process started the Ray it is on without a dashboard: a private Ray, gone when
+    the process exits, for runs that need neither the dashboard nor Ray Train's placement-group
+    cleaner (launcher.trainer.trainer_class). Without the dashboard ~19 CPU-s and ~5 s of
+    `ray.init` less per launch on 2 cores (benchmarks/RESULTS.md)."""
+    return _LEAN
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

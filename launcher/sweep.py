@@ -47,7 +47,7 @@ def sweep_trial(config: dict, shared: dict) -> None:
         datasets, counts = fold_datasets(datasets["train"], shared["kfold"], trial["fold"])
         worker_cfg["counts"] = counts
     trainer = make_trainer(recipe, worker_cfg, shared["storage"], trial["name"], datasets,
-                           callbacks=[TuneReportCallback()], private_ray=shared["private_ray"])
+                           callbacks=[TuneReportCallback()], lean=shared["lean"])
     trainer.fit()
 
 
@@ -70,7 +70,7 @@ def run_sweep(recipe: Recipe, resolved: dict, plan, run: Run, view, board) -> li
     import ray.tune as tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from launcher.ray_session import started_here
+    from launcher.ray_session import lean
     from launcher.trainer import worker_config
 
     points = sweep_points(recipe)
@@ -108,7 +108,7 @@ def run_sweep(recipe: Recipe, resolved: dict, plan, run: Run, view, board) -> li
     view.expect_trials(trials)
     shared = {"resolved": resolved, "worker_config": worker_config(recipe, resolved, plan, board, None),
               "storage": run.ray_storage, "datasets": datasets, "kfold": k,
-              "private_ray": started_here()}  # trials run in Tune's processes, which did not start it
+              "lean": lean()}  # False: a sweep's Ray has its dashboard (launcher.cluster.connect_ray)
     scheduler = None
     if recipe.sweep.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=recipe.metric, mode=recipe.mode,

@@ -75,15 +75,19 @@ def shard_config():
     return ShardConfig(execution_options=ExecutionOptions(preserve_order=True))
 
 
-def trainer_class(private_ray: bool):
-    """Ray Train's TorchTrainer; on a private Ray (launcher.ray_session.started_here) without the
-    placement-group cleaner Ray Train adds to every run. The cleaner is a detached actor that frees a
-    run's placement group when the controller dies while the cluster lives on; a private Ray dies
-    with the driver, placement groups and all. It would cost a Python process per run, and with no
-    dashboard to answer its State API queries it logs a warning every second."""
+def trainer_class(lean: bool):
+    """Ray Train's TorchTrainer; on a lean private Ray (launcher.ray_session.lean: one run, no
+    dashboard) without the placement-group cleaner Ray Train adds to every run. The cleaner is a
+    detached actor that frees a run's placement group when its controller dies while Ray lives on.
+    A single run's controller dies only with the driver, and a private Ray with it, placement
+    groups and all; so there it would only cost a Python process, and with no dashboard to answer
+    its State API queries log a warning every second. A sweep keeps it (and the dashboard): Tune
+    stops a pruned trial by killing its actor, controller included, and the trial's leaked
+    placement group would hold its worker's CPU until the launch ends (measured: an ASHA sweep on
+    2 cores then starved Ray Data of its CPU and hung)."""
     from ray.train.torch import TorchTrainer
 
-    if not private_ray:
+    if not lean:
         return TorchTrainer
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
@@ -96,13 +100,13 @@ def trainer_class(private_ray: bool):
 
 
 def make_trainer(recipe: Recipe, config: dict, storage: str, name: str, datasets: dict,
-                 callbacks: list | None = None, private_ray: bool = False):
+                 callbacks: list | None = None, lean: bool = False):
     import ray.train
     from ray.train.torch import TorchConfig
 
     sc = recipe.scaling
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
-    return trainer_class(private_ray)(
+    return trainer_class(lean)(
         train_worker,
         train_loop_config=config,
         datasets=datasets, dataset_config=shard_config(),

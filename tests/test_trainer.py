@@ -1,13 +1,13 @@
-"""What `launcher.trainer` hands Ray Train: on a private Ray, every default callback but the
-placement-group cleaner; on a cluster, all of them."""
+"""What `launcher.trainer` hands Ray Train: on a lean private Ray (one run, no dashboard) every default
+callback but the placement-group cleaner; on a cluster or a sweep's Ray, all of them."""
 
 from __future__ import annotations
 
 import pytest
 
 
-@pytest.mark.parametrize("private_ray", [False, True])
-def test_private_ray_runs_leave_out_only_the_placement_group_cleaner(private_ray):
+@pytest.mark.parametrize("lean", [False, True])
+def test_lean_runs_leave_out_only_the_placement_group_cleaner(lean):
     # the callback is imported from where launcher.trainer takes it: a Ray upgrade that moves it fails here
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -16,11 +16,11 @@ def test_private_ray_runs_leave_out_only_the_placement_group_cleaner(private_ray
     from launcher.trainer import trainer_class
 
     scaling = ray.train.ScalingConfig(num_workers=1)
-    ours = trainer_class(private_ray)(lambda config: None, scaling_config=scaling)
+    ours = trainer_class(lean)(lambda config: None, scaling_config=scaling)
     assert isinstance(ours, TorchTrainer)
     names = [type(cb).__name__ for cb in ours._create_default_callbacks()]
     rays = [type(cb).__name__ for cb in TorchTrainer(lambda config: None, scaling_config=scaling)
             ._create_default_callbacks()]
     assert "PlacementGroupCleanerCallback" in rays and "BackendSetupCallback" in rays
-    expected = [n for n in rays if not (private_ray and n == PlacementGroupCleanerCallback.__name__)]
+    expected = [n for n in rays if not (lean and n == PlacementGroupCleanerCallback.__name__)]
     assert names == expected
