@@ -245,7 +245,7 @@ def fit_kfold(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[dic
         child = Recipe.model_validate(chosen)
         datasets, counts = run_datasets(child, chosen, plan, run)
         trainer = make_trainer(child, worker_config(child, chosen, plan, board, counts, trial="refit"),
-                               run.ray_storage, "refit", datasets, lean=lean())
+                               run.ray_storage, "refit", datasets)  # a sweep's Ray: never lean
         view.progress.console.print(f"refit on all training data: {json.dumps(top['params'])}", highlight=False)
         with ProgressView(board, run, recipe.metric, recipe.mode) as refit_view:
             result = trainer.fit()

@@ -47,7 +47,7 @@ def sweep_trial(config: dict, shared: dict) -> None:
         datasets, counts = fold_datasets(datasets["train"], shared["kfold"], trial["fold"])
         worker_cfg["counts"] = counts
     trainer = make_trainer(recipe, worker_cfg, shared["storage"], trial["name"], datasets,
-                           callbacks=[TuneReportCallback()], lean=shared["lean"])
+                           callbacks=[TuneReportCallback()])  # never lean: a sweep keeps the cleaner
     trainer.fit()
 
 
@@ -70,7 +70,6 @@ def run_sweep(recipe: Recipe, resolved: dict, plan, run: Run, view, board) -> li
     import ray.tune as tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from launcher.ray_session import lean
     from launcher.trainer import worker_config
 
     points = sweep_points(recipe)
@@ -107,8 +106,7 @@ def run_sweep(recipe: Recipe, resolved: dict, plan, run: Run, view, board) -> li
         t["data"] = variants[key]
     view.expect_trials(trials)
     shared = {"resolved": resolved, "worker_config": worker_config(recipe, resolved, plan, board, None),
-              "storage": run.ray_storage, "datasets": datasets, "kfold": k,
-              "lean": lean()}  # False: a sweep's Ray has its dashboard (launcher.cluster.connect_ray)
+              "storage": run.ray_storage, "datasets": datasets, "kfold": k}
     scheduler = None
     if recipe.sweep.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=recipe.metric, mode=recipe.mode,

@@ -91,12 +91,12 @@ def trainer_class(lean: bool):
         return TorchTrainer
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    class PrivateRayTrainer(TorchTrainer):
+    class LeanTrainer(TorchTrainer):
         def _create_default_callbacks(self):
             return [cb for cb in super()._create_default_callbacks()
                     if not isinstance(cb, PlacementGroupCleanerCallback)]
 
-    return PrivateRayTrainer
+    return LeanTrainer
 
 
 def make_trainer(recipe: Recipe, config: dict, storage: str, name: str, datasets: dict,
