@@ -98,12 +98,13 @@ def load_validation(run: Run, meta: dict, tokenizer, max_length: int, batch_size
     data = dict(recipe["data"], labels=meta["labels"], test=None)
     ds = load_dataset(data, meta["task"], sample="train")  # train only for its format: at most its first MB
     examples = ds.splits["validation"].examples
-    feats = encode(meta["task"], tokenizer, examples, meta["labels"], max_length, meta["stride"])
+    casing = bool(meta.get("casing"))
+    feats = encode(meta["task"], tokenizer, examples, meta["labels"], max_length, meta["stride"], casing)
     batches = length_grouped_batches([len(f.input_ids) for f in feats], batch_size, 0, shuffle=False)
     train = ds.splits["train"].examples
     seed = int(recipe.get("train", {}).get("seed", 0))
     picked = [train[i] for i in sample_indices(len(train), CALIBRATION_WINDOWS, seed)]
-    calibration = encode(meta["task"], tokenizer, picked, meta["labels"], max_length, meta["stride"])
+    calibration = encode(meta["task"], tokenizer, picked, meta["labels"], max_length, meta["stride"], casing)
     return Validation(examples, feats, batches, meta.get("metric") or "eval_f1", calibration[:CALIBRATION_WINDOWS])
 
 
@@ -382,6 +383,7 @@ def export_run(run_id: str, runs_dir: str | Path, opts: ExportOptions) -> tuple[
             "max_length": max_length,
             "stride": meta["stride"],
             "pad_token_id": pad_id,
+            "casing": model.casing,  # token_type_ids carry casing classes (launcher.casing)
             "opset": opts.opset,
             "inputs": {n: ["batch", "sequence"] for n in names},
             "outputs": {OUTPUT: ["batch", "sequence", "labels"] if model.task == "token_classification"

@@ -23,6 +23,8 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from launcher.casing import casing_ids
+
 CUDA_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 VARIANT_FILES = {"fp32": "model.onnx", "optimized": "model_optimized.onnx", "int8": "model_int8.onnx",
                  "fp16": "model_fp16.onnx"}
@@ -114,6 +116,8 @@ def manifest_problem(manifest: Any) -> str:
         return "variants must be a mapping of variant → {file, ...}"
     if any(not isinstance(v.get("batch_independent", True), bool) for v in variants.values()):
         return "variants[...].batch_independent must be true or false"
+    if not isinstance(manifest.get("casing", False), bool):
+        return "casing must be true or false"
     return ""
 
 
@@ -211,6 +215,7 @@ class Predictor:
         self.input_names = [i.name for i in session.get_inputs()]
         self.tokenizer = tokenizer
         self.pad_id = manifest["pad_token_id"]
+        self.casing: bool = manifest.get("casing", False)  # token types are casing classes (launcher.casing)
         # a model whose answers depend on the batch (dynamic int8) is fed one window per call, so a text's
         # answer never depends on what else is predicted with it (batch_independent in the manifest)
         self.batch_independent = batch_independent(manifest, variant)
@@ -241,9 +246,11 @@ class Predictor:
         return cls(bundle, manifest, session, tokenizer, chosen, on_gpu if io_binding is None else io_binding)
 
     # ------------------------------------------------------------ inference
-    def logits(self, encodings: list[Any], batch_size: int = 32) -> list[np.ndarray]:
+    def logits(self, encodings: list[Any], batch_size: int = 32,
+               type_ids: list[list[int]] | None = None) -> list[np.ndarray]:
         """Run the model on encodings in length-sorted batches (see `plan_batches`; one per call for a
-        batch-dependent variant); results come back in the order of `encodings`."""
+        batch-dependent variant); results come back in the order of `encodings`. `type_ids` replace the
+        encodings' own (a casing bundle's, from `type_ids_of`)."""
         out: list[np.ndarray | None] = [None] * len(encodings)
         if not self.batch_independent:
             batch_size = 1
@@ -255,11 +262,11 @@ class Predictor:
                 "attention_mask": np.zeros((len(chunk), width), dtype=np.int64),
                 "token_type_ids": np.zeros((len(chunk), width), dtype=np.int64),
             }
-            for row, enc in enumerate(chunk):
+            for row, (i, enc) in enumerate(zip(idx, chunk)):
                 n = len(enc.ids)
                 feed["input_ids"][row, :n] = enc.ids
                 feed["attention_mask"][row, :n] = 1
-                feed["token_type_ids"][row, :n] = enc.type_ids
+                feed["token_type_ids"][row, :n] = enc.type_ids if type_ids is None else type_ids[i]
             feed = {k: v for k, v in feed.items() if k in self.input_names}
             result = run_bound(self.session, feed) if self.io_binding else self.session.run(["logits"], feed)[0]
             for row, (i, enc) in enumerate(zip(idx, chunk)):
@@ -278,19 +285,26 @@ class Predictor:
             return []
         encodings = self.tokenizer.encode_batch(list(texts))
         if self.task == "sequence_classification":
-            results = [self._classify(lg) for lg in self.logits(encodings, batch_size)]
+            types = self.type_ids_of(encodings, texts)
+            results = [self._classify(lg) for lg in self.logits(encodings, batch_size, types)]
         else:
             windows, owner = [], []
             for i, enc in enumerate(encodings):
                 for window in [enc, *enc.overflowing]:
                     windows.append(window)
                     owner.append(i)
-            logits = self.logits(windows, batch_size)
+            logits = self.logits(windows, batch_size, self.type_ids_of(windows, [texts[i] for i in owner]))
             per_text: list[list[tuple[Any, np.ndarray]]] = [[] for _ in texts]
             for window, lg, i in zip(windows, logits, owner):
                 per_text[i].append((window, lg))
             results = [self._entities(text, parts) for text, parts in zip(texts, per_text)]
         return results[0] if single else results
+
+    def type_ids_of(self, encodings: list[Any], texts: list[str]) -> list[list[int]] | None:
+        """A casing bundle's token types: each token's casing class in its text (None otherwise)."""
+        if not self.casing:
+            return None
+        return [casing_ids(enc.word_ids, enc.offsets, lambda _, t=text: t) for enc, text in zip(encodings, texts)]
 
     def _classify(self, logits: np.ndarray) -> dict:
         probs = softmax(logits.astype(np.float32))

@@ -88,7 +88,7 @@ def evaluate_model(model, tokenizer, task: str, labels: list[str], examples: lis
     with the same signature, which takes CPU tensors)."""
     from launcher.device import module_device
 
-    features = encode(task, tokenizer, examples, labels, max_length, stride)
+    features = encode(task, tokenizer, examples, labels, max_length, stride, getattr(model, "casing", False))
     batches = length_grouped_batches([len(f.input_ids) for f in features], batch_size, 0, shuffle=False)
     model.eval()
     device = "cpu" if forward is not None else module_device(model)

@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from launcher.casing import casing_ids
 from launcher.data import Example
 
 
@@ -44,16 +45,17 @@ def backend(tokenizer, max_length: int, stride: int):
 
 
 def encode_ner(tokenizer, examples: list[Example], label2id: dict[str, int], max_length: int,
-               stride: int) -> list[Feature]:
+               stride: int, casing: bool = False) -> list[Feature]:
     """Tokenize pre-split words; label the first subtoken of each word, -100 elsewhere.
 
     Sentences longer than max_length become overlapping windows (`stride` subtokens of overlap);
     every window is trained on and `merge_word_predictions` stitches them back for evaluation.
+    With `casing`, the token type ids are each token's casing class (launcher.casing).
     """
     feats: list[Feature] = []
     tok = backend(tokenizer, max_length, stride)
     for ex_i, first in enumerate(tok.encode_batch([ex.tokens for ex in examples], is_pretokenized=True)):
-        tags = examples[ex_i].tags
+        tags, words = examples[ex_i].tags, examples[ex_i].tokens
         for enc in [first, *first.overflowing]:  # the sentence's windows, in order
             word_ids = enc.word_ids
             # Offsets are within each word, so a word's first subtoken starts at 0. (A window can begin
@@ -62,14 +64,16 @@ def encode_ner(tokenizer, examples: list[Example], label2id: dict[str, int], max
                       for i, (wid, off) in enumerate(zip(word_ids, enc.offsets))]
             labels = [label2id[tags[wid]] if start and tags is not None else -100
                       for wid, start in zip(word_ids, starts)]
-            feats.append(Feature(list(enc.ids), list(enc.attention_mask), list(enc.type_ids), labels, ex_i,
-                                 list(word_ids), starts))
+            types = casing_ids(word_ids, enc.offsets, words.__getitem__) if casing else list(enc.type_ids)
+            feats.append(Feature(list(enc.ids), list(enc.attention_mask), types, labels, ex_i, list(word_ids), starts))
     return feats
 
 
-def encode_cls(tokenizer, examples: list[Example], label2id: dict[str, int], max_length: int) -> list[Feature]:
+def encode_cls(tokenizer, examples: list[Example], label2id: dict[str, int], max_length: int,
+               casing: bool = False) -> list[Feature]:
     encodings = backend(tokenizer, max_length, 0).encode_batch([ex.text for ex in examples])
-    return [Feature(list(enc.ids), list(enc.attention_mask), list(enc.type_ids),
+    return [Feature(list(enc.ids), list(enc.attention_mask),
+                    casing_ids(enc.word_ids, enc.offsets, lambda _, t=ex.text: t) if casing else list(enc.type_ids),
                     label2id[ex.label] if ex.label is not None else -100, i)
             for i, (enc, ex) in enumerate(zip(encodings, examples))]
 
@@ -127,8 +131,8 @@ def collate(features: list[Feature], pad_id: int, with_type_ids: bool) -> dict[s
 
 
 def encode(task: str, tokenizer, examples: list[Example], labels: list[str], max_length: int,
-           stride: int) -> list[Feature]:
+           stride: int, casing: bool = False) -> list[Feature]:
     label2id = {label: i for i, label in enumerate(labels)}
     if task == "token_classification":
-        return encode_ner(tokenizer, examples, label2id, max_length, stride)
-    return encode_cls(tokenizer, examples, label2id, max_length)
+        return encode_ner(tokenizer, examples, label2id, max_length, stride, casing)
+    return encode_cls(tokenizer, examples, label2id, max_length, casing)

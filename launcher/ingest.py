@@ -168,11 +168,11 @@ def _tokenizer(source: str, max_length: int, stride: int):
 
 
 def tokenize_batch(batch: dict[str, Any], source: str, task: str, labels: list[str], max_length: int,
-                   stride: int) -> dict[str, list]:
+                   stride: int, casing: bool = False) -> dict[str, list]:
     """Examples → features (launcher.features: the same alignment and windows as the small path).
-    Columns: input_ids, attention_mask, token_type_ids (when the model has them), labels, `where` (the
-    source example), and for NER each window's word ids (-1 for none), first-subtoken flags and the
-    sentence's gold tags (evaluation stitches windows back into sentences with them)."""
+    Columns: input_ids, attention_mask, token_type_ids (when the model has them; with `casing`, the tokens'
+    casing classes), labels, `where` (the source example), and for NER each window's word ids (-1 for
+    none), first-subtoken flags and the sentence's gold tags (evaluation stitches windows back into sentences with them)."""
     from launcher.data import Example
     from launcher.features import encode_cls, encode_ner
 
@@ -181,11 +181,11 @@ def tokenize_batch(batch: dict[str, Any], source: str, task: str, labels: list[s
     if task == "token_classification":
         examples = [Example(tokens=list(t), tags=list(g), where=str(w))
                     for t, g, w in zip(batch["tokens"], batch["tags"], batch["where"])]
-        feats = encode_ner(tokenizer, examples, label2id, max_length, stride)
+        feats = encode_ner(tokenizer, examples, label2id, max_length, stride, casing)
     else:
         examples = [Example(text=str(t), label=str(lab), where=str(w))
                     for t, lab, w in zip(batch["text"], batch["label"], batch["where"])]
-        feats = encode_cls(tokenizer, examples, label2id, max_length)
+        feats = encode_cls(tokenizer, examples, label2id, max_length, casing)
     out: dict[str, list] = {"input_ids": [f.input_ids for f in feats],
                             "attention_mask": [f.attention_mask for f in feats],
                             "labels": [f.labels for f in feats],
@@ -199,10 +199,10 @@ def tokenize_batch(batch: dict[str, Any], source: str, task: str, labels: list[s
     return out
 
 
-def tokenize(ds, source: str, task: str, labels: list[str], max_length: int, stride: int):
+def tokenize(ds, source: str, task: str, labels: list[str], max_length: int, stride: int, casing: bool):
     """The tokenization transform: Ray Data tasks (fused with the parse), a batch of examples per call."""
-    return ds.map_batches(tokenize_batch, fn_kwargs=dict(source=source, task=task, labels=labels,
-                                                         max_length=max_length, stride=stride),
+    return ds.map_batches(tokenize_batch, fn_kwargs=dict(source=source, task=task, labels=labels, max_length=max_length,
+                                                         stride=stride, casing=casing),
                           batch_size=256, batch_format="numpy", num_cpus=DATA_CPU)
 
 
@@ -245,7 +245,8 @@ def build_datasets(resolved: dict, task: str, labels: list[str], source: str, po
         if split == "train" and any(dcfg["augmentation"].get(op) for op in ops):
             rows = rows.flat_map(AugmentRows(dcfg["augmentation"], pool, task, resolved["train"]["seed"]),
                                  num_cpus=DATA_CPU)
-        datasets[split] = tokenize(rows, source, task, labels, dcfg["max_length"], dcfg["stride"])
+        datasets[split] = tokenize(rows, source, task, labels, dcfg["max_length"], dcfg["stride"],
+                                   resolved["model"].get("casing", False))
     return datasets, count_splits(datasets)
 
 

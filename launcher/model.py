@@ -42,12 +42,14 @@ class ProjectionHead(nn.Module):
 
 
 class ZeroshipModel(nn.Module):
-    def __init__(self, encoder: nn.Module, task: str, labels: list[str], head: dict, pooling: str = "cls"):
+    def __init__(self, encoder: nn.Module, task: str, labels: list[str], head: dict, pooling: str = "cls",
+                 casing: bool = False):
         super().__init__()
         self.encoder = encoder
         if getattr(self.encoder, "pooler", None) is not None:
             self.encoder.pooler = None  # unused, and unused params upset ZeRO's gradient hooks
         self.task, self.labels, self.head_config, self.pooling = task, list(labels), dict(head), pooling
+        self.casing = casing  # token type ids are casing classes (launcher.casing)
         hidden = encoder.config.hidden_size
         self.head = ProjectionHead(hidden, head["dim"], head["layers"], head["activation"],
                                    head["dropout"], head["layernorm"])
@@ -79,7 +81,7 @@ class ZeroshipModel(nn.Module):
     # ------------------------------------------------------------ describe / save / load
     def describe(self, extra: dict | None = None) -> dict:
         return {"format_version": FORMAT_VERSION, "task": self.task, "labels": self.labels,
-                "head": self.head_config, "pooling": self.pooling,
+                "head": self.head_config, "pooling": self.pooling, "casing": self.casing,
                 "encoder_config": self.encoder.config.to_dict(), **(extra or {})}
 
     def save(self, folder: Path, tokenizer=None, extra: dict | None = None,
@@ -131,7 +133,38 @@ def build_model(model_cfg: dict, labels: list[str], attn: str | None = None,
     source = resolve_encoder(model_cfg["encoder"])
     config = _encoder_config(source, model_cfg.get("num_hidden_layers"), attn, dropout)
     encoder = AutoModel.from_pretrained(source, config=config) if pretrained else AutoModel.from_config(config)
-    return ZeroshipModel(encoder, model_cfg["task"], labels, model_cfg["head"], model_cfg.get("pooling", "cls"))
+    if model_cfg.get("casing"):
+        enable_casing(encoder)
+    return ZeroshipModel(encoder, model_cfg["task"], labels, model_cfg["head"], model_cfg.get("pooling", "cls"),
+                         bool(model_cfg.get("casing")))
+
+
+def casing_table(encoder: nn.Module) -> nn.Embedding | None:
+    """The encoder's token-type embedding table (BERT-family encoders have one), or None."""
+    table = getattr(getattr(encoder, "embeddings", None), "token_type_embeddings", None)
+    return table if isinstance(table, nn.Embedding) else None
+
+
+def new_rows(model: ZeroshipModel) -> set[int]:
+    """ids of the encoder parameters the pretrained model did not have (the casing table, with
+    model.casing): they train whatever is frozen, and at the head's lr."""
+    return {id(p) for p in casing_table(model.encoder).parameters()} if getattr(model, "casing", False) else set()
+
+
+def enable_casing(encoder: nn.Module) -> None:
+    """Grow the token-type table to the casing classes (launcher.casing), every new row a copy of the
+    pretrained row 0: until training moves them, the model computes what it computed before."""
+    from launcher.casing import CLASSES
+
+    table = casing_table(encoder)
+    if table is None:
+        raise RunError(Problem("model.casing", f"{encoder.config.model_type} has no token-type embeddings to carry "
+                               "the casing classes", "use a BERT-family encoder, or set model.casing: false"))
+    grown = nn.Embedding(CLASSES, table.embedding_dim, dtype=table.weight.dtype)
+    with torch.no_grad():
+        grown.weight.copy_(table.weight[:1].expand(CLASSES, -1))
+    encoder.embeddings.token_type_embeddings = grown
+    encoder.config.type_vocab_size = CLASSES
 
 
 def read_model_json(folder: Path) -> dict:
@@ -162,7 +195,8 @@ def load_model(folder: str | Path, attn: str | None = None) -> tuple[ZeroshipMod
     if attn:
         config._attn_implementation = attn
     encoder = AutoModel.from_config(config)
-    model = ZeroshipModel(encoder, meta["task"], meta["labels"], meta["head"], meta.get("pooling", "cls"))
+    model = ZeroshipModel(encoder, meta["task"], meta["labels"], meta["head"], meta.get("pooling", "cls"),
+                          bool(meta.get("casing")))
     weights = folder / "model.safetensors"
     try:
         state = load_file(str(weights))
@@ -179,7 +213,8 @@ def load_model(folder: str | Path, attn: str | None = None) -> tuple[ZeroshipMod
 
 
 def apply_freeze(model: ZeroshipModel, freeze: Any) -> int:
-    """Freeze none / embeddings / encoder / bottom N layers. Returns the number of frozen tensors."""
+    """Freeze none / embeddings / encoder / bottom N layers. Returns the number of frozen tensors.
+    The casing rows (model.casing) are new, so they train whatever else is frozen."""
     frozen = 0
     targets: list[nn.Module] = []
     if freeze == "encoder":
@@ -188,10 +223,12 @@ def apply_freeze(model: ZeroshipModel, freeze: Any) -> int:
         targets = [model.encoder.embeddings]
         if isinstance(freeze, int):
             targets += list(model.encoder.encoder.layer[:freeze])
+    keep = new_rows(model)
     for module in targets:
         for p in module.parameters():
-            p.requires_grad_(False)
-            frozen += 1
+            if id(p) not in keep:
+                p.requires_grad_(False)
+                frozen += 1
     return frozen
 
 
@@ -207,6 +244,8 @@ def apply_lora(model: ZeroshipModel, lora: dict) -> int:
     except ValueError as exc:  # no module matched the targets
         raise RunError(Problem("model.lora.targets", str(exc).splitlines()[0],
                                "name the encoder's linear modules, e.g. query, key, value, dense (BERT)")) from None
+    if model.casing:  # peft froze the whole base encoder; the casing rows are new and must train
+        casing_table(model.encoder.get_base_model()).weight.requires_grad_(True)
     return sum(p.numel() for n, p in model.encoder.named_parameters() if "lora_" in n)
 
 
@@ -230,15 +269,17 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, head_lr: floa
                  layer_decay: float = 1.0) -> list[dict]:
     """Decoupled weight decay on weights only (not biases, not LayerNorm); head may get its own lr.
     With layer_decay < 1, encoder layer d (of L) trains at lr · layer_decay^(L − d): the embeddings
-    slowest, the top layer at lr (layer-wise learning-rate decay)."""
+    slowest, the top layer at lr (layer-wise learning-rate decay). The casing rows (model.casing) are new
+    like the head, and train at its lr."""
     layers = getattr(getattr(model, "encoder", None), "config", None)
     num_layers = getattr(layers, "num_hidden_layers", 0) or 0
+    new = new_rows(model)
     groups: dict[tuple, list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name or ".norm" in name
-        if not name.startswith("encoder."):
+        if not name.startswith("encoder.") or id(p) in new:
             group_lr = head_lr or lr
         else:
             group_lr = lr * layer_decay ** (num_layers - layer_depth(name, num_layers))
@@ -247,16 +288,21 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, head_lr: floa
     return [{"params": ps, "weight_decay": wd, "lr": glr} for (wd, glr), ps in groups.items()]
 
 
-def warm_start(parent_dir: str | Path, labels: list[str], head: dict, take_head: bool) -> ZeroshipModel:
+def warm_start(parent_dir: str | Path, labels: list[str], head: dict, take_head: bool,
+               casing: bool = False) -> ZeroshipModel:
     """A model initialised from an earlier run's winner (encoder, and head unless take_head is off).
 
     Classifier rows of labels the parent knew are copied bit for bit; rows of new labels keep their
     fresh initialisation. A label set that drops or renames a parent label cannot reuse the head.
+    `casing` grows a parent trained without casing classes (check_warm_start refuses the reverse).
     """
     parent, meta = load_model(parent_dir)
+    if casing and not parent.casing:
+        enable_casing(parent.encoder)
+    casing = casing or parent.casing
     if not take_head:
-        return ZeroshipModel(parent.encoder, meta["task"], labels, head, meta.get("pooling", "cls"))
-    model = ZeroshipModel(parent.encoder, meta["task"], labels, head, meta.get("pooling", "cls"))
+        return ZeroshipModel(parent.encoder, meta["task"], labels, head, meta.get("pooling", "cls"), casing)
+    model = ZeroshipModel(parent.encoder, meta["task"], labels, head, meta.get("pooling", "cls"), casing)
     model.head.load_state_dict(parent.head.state_dict())  # same shapes (checked); the recipe's dropout
     index = {label: i for i, label in enumerate(labels)}
     with torch.no_grad():
@@ -266,12 +312,15 @@ def warm_start(parent_dir: str | Path, labels: list[str], head: dict, take_head:
     return model
 
 
-def check_warm_start(parent_dir: Path, labels: list[str], task: str, head: dict, take_head: bool) -> list[str]:
+def check_warm_start(parent_dir: Path, labels: list[str], task: str, head: dict, take_head: bool,
+                     casing: bool = False) -> list[str]:
     """Problems with starting from `parent_dir` (empty when it can be done)."""
     meta = read_model_json(parent_dir)
     problems = []
     if meta["task"] != task:
         problems.append(f"the parent is {meta['task']}, this recipe is {task}")
+    if meta.get("casing") and not casing:
+        problems.append("the parent was trained with casing classes as its token types; set model.casing: true")
     if take_head:
         lost = [label for label in meta["labels"] if label not in labels]
         if lost:

@@ -69,6 +69,18 @@ def check_encoder_positions(source: str, max_length: int, where: str) -> None:
                                   "overlapping windows)"))
 
 
+def check_casing(source: str, where: str) -> None:
+    """model.casing needs token-type embeddings to carry the classes (BERT-family encoders have them)."""
+    try:
+        config = json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return  # a hub name: the workers' launcher.model.enable_casing says it if the encoder has none
+    if isinstance(config, dict) and not config.get("type_vocab_size"):
+        raise RecipeError(Problem(where, f"the encoder ({config.get('model_type', 'unknown type')}) has no token-type "
+                                  "embeddings to carry the casing classes",
+                                  "use a BERT-family encoder, or set model.casing: false"))
+
+
 def locate_encoder(encoder: str, recipe_path: str) -> tuple[str, list[str]]:
     """Where the encoder comes from. Local paths must exist; hub names only warn (no download here)."""
     if encoder.startswith(PACKAGED_PREFIX):
@@ -109,6 +121,8 @@ def build_plan(recipe: Recipe, resolved: dict, recipe_path: str, check: bool = F
     check_storage(resolved["run"]["storage"])
     source, warnings = locate_encoder(resolved["model"]["encoder"], recipe_path)
     check_encoder_positions(source, recipe.data.max_length, f"{recipe_path} data.max_length")
+    if recipe.model.casing:
+        check_casing(source, f"{recipe_path} model.casing")
     # a launch plans from a sample of a big train split; Ray Data tasks check all of it once Ray is up
     dataset = load_dataset(resolved["data"], recipe.model.task, sample=True if check else "train")
     warnings += dataset.warnings()
@@ -121,7 +135,7 @@ def build_plan(recipe: Recipe, resolved: dict, recipe_path: str, check: bool = F
         from launcher.model import check_warm_start
 
         problems = check_warm_start(parent_dir, dataset.labels, recipe.model.task, resolved["model"]["head"],
-                                    recipe.model.init_from_head)
+                                    recipe.model.init_from_head, recipe.model.casing)
         if problems:
             raise RecipeError([Problem(f"{recipe_path} model.init_from", p) for p in problems])
         resolved["model"]["init_from"] = str(parent_dir.resolve())  # workers read it from here
@@ -218,6 +232,8 @@ def print_plan(plan: Plan, console: Console) -> None:
               f"{' + LayerNorm' if head.layernorm else ''}, dropout {head.dropout}")
     if plan.parent:
         t.add_row("init from", f"{plan.parent}" + ("" if r.model.init_from_head else " (encoder only, new head)"))
+    if r.model.casing:
+        t.add_row("casing", "each token's casing class as its token type (none/lower/title/upper/mixed)")
     if r.model.freeze != "none":
         t.add_row("freeze", str(r.model.freeze))
     if r.model.lora is not None:

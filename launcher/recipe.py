@@ -94,6 +94,7 @@ class ModelConfig(Section):
     init_from: str | None = None  # warm start: run-41 (in this storage) or a best/ folder
     init_from_head: bool = True  # also take the parent's head and classifier rows (labels may only grow)
     lora: LoraConfig | None = None  # parameter-efficient tuning: adapters instead of the whole encoder
+    casing: bool = False  # each token's casing class as its token type (launcher.casing; uncased encoders)
 
 
 # ---------------------------------------------------------------- data

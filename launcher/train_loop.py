@@ -104,7 +104,8 @@ class TrainingRun:
     def build_model(self):
         mcfg, rcfg = self.mcfg, self.rcfg
         if mcfg.get("init_from"):  # warm start from an earlier run's winner
-            model = warm_start(mcfg["init_from"], self.labels, mcfg["head"], mcfg["init_from_head"])
+            model = warm_start(mcfg["init_from"], self.labels, mcfg["head"], mcfg["init_from_head"],
+                               mcfg.get("casing", False))
         else:
             model = build_model(mcfg, self.labels, dropout={"hidden": rcfg.get("hidden_dropout"),
                                                             "attention": rcfg.get("attention_dropout")})

@@ -35,7 +35,7 @@ def write_best(run: Run, resolved: dict, labels: list[str], ckpt_dir: Path, winn
 
     if resolved["model"].get("init_from"):  # same shapes as the parent's encoder, this run's head
         model = warm_start(resolved["model"]["init_from"], labels, resolved["model"]["head"],
-                           resolved["model"]["init_from_head"])
+                           resolved["model"]["init_from_head"], resolved["model"].get("casing", False))
     else:
         model = build_model(resolved["model"], labels, pretrained=False)
     if resolved["model"].get("lora"):

@@ -165,14 +165,14 @@ CLS_SECTIONS = dict(
 
 @pytest.fixture(scope="session")
 def ner_run(tmp_path_factory) -> Path:
-    """A tiny NER run (ZeRO-2, 2 workers, 2 epochs) on the toy train split as a folder of 3 CoNLL
-    shards, shared by the training and export tests. It also
+    """A tiny NER run (ZeRO-2, 2 workers, 2 epochs, `model.casing`) on the toy train split as a folder
+    of 3 CoNLL shards, shared by the training and export tests (cls_run is the run without casing). It also
     logs to an MLflow file store (`<folder>/mlruns`), which test_mlflow.py reads back."""
     folder = tmp_path_factory.mktemp("ner")
     with tempfile.TemporaryDirectory(prefix="zs-", dir="/tmp") as ray_dir:
         shards = toy_ner_shards(folder / "train_shards", "conll", 3)  # a folder of shards, read in name order
         return train_run(folder, ray_dir, data={"train": str(shards)}, train={"epochs": 2},
-                         run={"mlflow_uri": str(folder / "mlruns")}, model={"freeze": "none"})
+                         run={"mlflow_uri": str(folder / "mlruns")}, model={"freeze": "none", "casing": True})
 
 
 def free_port() -> int:

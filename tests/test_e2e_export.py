@@ -22,9 +22,11 @@ pytestmark = pytest.mark.e2e
 
 def torch_entities(run: Path, texts: list[str]) -> list[list[dict]]:
     """Reference predictions straight from the PyTorch model, decoded independently of the runtime:
-    transformers tokenizer with offsets, argmax on each word's first subtoken, BIO runs → spans."""
+    transformers tokenizer with offsets (token types: each token's casing class when the run has
+    `model.casing`), argmax on each word's first subtoken, BIO runs → spans."""
     from transformers import AutoTokenizer
 
+    from launcher.casing import casing_class
     from launcher.model import load_model
 
     model, meta = load_model(run / "best")
@@ -33,6 +35,9 @@ def torch_entities(run: Path, texts: list[str]) -> list[list[dict]]:
     for text in texts:
         enc = tok(text, return_offsets_mapping=True, return_tensors="pt")
         offsets = enc.pop("offset_mapping")[0].tolist()
+        if meta["casing"]:
+            enc["token_type_ids"] = torch.tensor([[0 if w is None else casing_class(text[s:e])
+                                                   for w, (s, e) in zip(enc.word_ids(0), offsets)]])
         with torch.no_grad():
             pred = model(**enc)[0].argmax(-1).tolist()
         words = enc.word_ids(0)
@@ -62,6 +67,7 @@ def test_ner_bundle_manifest_and_parity(ner_run, ner_bundle):
                 "created", "versions"):
         assert key in manifest
     assert manifest["run"] == ner_run.name and manifest["task"] == "token_classification"
+    assert manifest["casing"] is True  # ner_run has model.casing: the runtime feeds casing classes
     assert set(manifest["inputs"]) >= {"input_ids", "attention_mask"} and list(manifest["outputs"]) == ["logits"]
     assert manifest["parity"]["max_abs_diff"] <= 1e-4 and manifest["parity"]["argmax_agreement"] == 1.0
     assert manifest["parity"]["batches"] >= 1

@@ -73,6 +73,15 @@ def check_ner_run(run: Path, epochs: int) -> None:
 
 def test_ner_run_zero2(ner_run):
     check_ner_run(ner_run, epochs=2)
+    # model.casing: the token-type table grew to the casing classes, whose rows started as copies of
+    # the pretrained row 0 and trained apart (the classes reached the model through Ray Data and ZeRO-2)
+    from safetensors.torch import load_file
+
+    from launcher.casing import CLASSES, LOWER, TITLE, UPPER
+
+    table = load_file(str(ner_run / "best" / "model.safetensors"))["encoder.embeddings.token_type_embeddings.weight"]
+    assert table.shape[0] == CLASSES and json.loads((ner_run / "best" / "model.json").read_text())["casing"] is True
+    assert not torch.equal(table[TITLE], table[LOWER]) and not torch.equal(table[UPPER], table[LOWER])
 
 
 def test_ner_run_zero3(tmp_path, ray_tmp):
@@ -168,7 +177,7 @@ def test_regularized_run_applies_every_term_freezes_and_stops_early(tmp_path, ra
 
 def test_warm_start_begins_where_the_parent_left_off(tmp_path, ray_tmp, ner_run):
     parent = json.loads((ner_run / "status.json").read_text())
-    recipe = tiny_ner_recipe(tmp_path, model={"init_from": str(ner_run / "best")}, train={"epochs": 1})
+    recipe = tiny_ner_recipe(tmp_path, model={"init_from": str(ner_run / "best"), "casing": True}, train={"epochs": 1})
     res = cli("launch", str(recipe), env={"ZEROSHIP_RAY_TMPDIR": ray_tmp})
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     run = run_dir(tmp_path, res.stdout)
@@ -186,7 +195,8 @@ def test_warm_start_begins_where_the_parent_left_off(tmp_path, ray_tmp, ner_run)
     # a label set that drops the parent's labels is refused before anything starts
     bad = tmp_path / "bad"
     bad.mkdir()
-    recipe = tiny_ner_recipe(bad, model={"init_from": str(ner_run / "best")}, data={"labels": ["O", "B-PER", "I-PER"]})
+    recipe = tiny_ner_recipe(bad, model={"init_from": str(ner_run / "best"), "casing": True},
+                             data={"labels": ["O", "B-PER", "I-PER"]})
     short = tmp_path / "short.conll"
     short.write_text("Mara B-PER\nOkafor I-PER\nleft O\n")
     recipe.write_text(recipe.read_text().replace(str(TOY_NER / "train.conll"), str(short))

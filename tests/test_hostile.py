@@ -270,6 +270,7 @@ def _manifest_variants(bundle: Path) -> list[tuple[str, object]]:
         ("variants a list", {**m, "variants": ["int8"]}),
         ("batch_independent text", {**m, "variants": {**m["variants"],
                                                       "int8": {**m["variants"]["int8"], "batch_independent": "yes"}}}),
+        ("casing text", {**m, "casing": "true"}), ("casing a number", {**m, "casing": 1}),
     ]
 
 
