@@ -18,14 +18,15 @@ from launcher.data import read_conll
 
 pytestmark = pytest.mark.e2e
 
-OUTLIER_NODE = "/encoder/encoder/layer.0/attention/output/dense/MatMul"
+OUTLIER_NODE = "/encoder/encoder/layer.1/attention/output/dense/MatMul"  # the tiny model's top layer
 
 
 def with_outliers(run: Path, runs: Path, scale: float = 1000.0, channels: int = 8) -> Path:
-    """A copy of `run` whose layer-0 attention output projection sees outlier activation channels, as
+    """A copy of `run` whose top (layer-1) attention output projection sees outlier activation channels, as
     large language models grow them. Function-preserving: value channels × scale, the output projection's
     matching input columns ÷ scale (attention mixes values linearly), so PyTorch's answers do not change
-    but a per-tensor activation scale on that projection's input is ruined."""
+    but a per-tensor activation scale on that projection's input is ruined. (In layer 0 the outliers cost
+    ner_run's int8 only 0.31 points once casing classes made it sure of itself; in the top layer, 2.77.)"""
     from safetensors.torch import load_file, save_file
 
     copy = runs / run.name
@@ -35,7 +36,7 @@ def with_outliers(run: Path, runs: Path, scale: float = 1000.0, channels: int = 
     shutil.copytree(run / "best", copy / "best")
     path = copy / "best" / "model.safetensors"
     weights = load_file(str(path))
-    prefix, picked = "encoder.encoder.layer.0.attention.", list(range(channels))
+    prefix, picked = "encoder.encoder.layer.1.attention.", list(range(channels))
     weights[prefix + "self.value.weight"][picked] *= scale
     weights[prefix + "self.value.bias"][picked] *= scale
     weights[prefix + "output.dense.weight"][:, picked] /= scale
