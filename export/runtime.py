@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from launcher.casing import casing_ids
+from launcher.casing import casing_ids_in_text
 
 CUDA_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 VARIANT_FILES = {"fp32": "model.onnx", "optimized": "model_optimized.onnx", "int8": "model_int8.onnx",
@@ -304,7 +304,7 @@ class Predictor:
         """A casing bundle's token types: each token's casing class in its text (None otherwise)."""
         if not self.casing:
             return None
-        return [casing_ids(enc.word_ids, enc.offsets, lambda _, t=text: t) for enc, text in zip(encodings, texts)]
+        return [casing_ids_in_text(enc.word_ids, enc.offsets, text) for enc, text in zip(encodings, texts)]
 
     def _classify(self, logits: np.ndarray) -> dict:
         probs = softmax(logits.astype(np.float32))

@@ -16,9 +16,9 @@ from collections.abc import Callable, Sequence
 
 # 0 is also special tokens and padding: it is the pretrained type-0 row, so a text without cased
 # letters looks to the model exactly as it did before training.
-NONE, LOWER, TITLE, UPPER, MIXED = range(5)
-CLASSES = 5
 NAMES = ("none", "lower", "title", "upper", "mixed")
+NONE, LOWER, TITLE, UPPER, MIXED = range(len(NAMES))
+CLASSES = len(NAMES)
 
 
 def casing_class(piece: str) -> int:
@@ -43,3 +43,8 @@ def casing_ids(word_ids: Sequence[int | None], offsets: Sequence[tuple[int, int]
     for wid, (start, end) in zip(word_ids, offsets):
         out.append(NONE if wid is None or end <= start else casing_class(source(wid)[start:end]))
     return out
+
+
+def casing_ids_in_text(word_ids: Sequence[int | None], offsets: Sequence[tuple[int, int]], text: str) -> list[int]:
+    """casing_ids of a text encoded whole (offsets index the text itself)."""
+    return casing_ids(word_ids, offsets, lambda _: text)

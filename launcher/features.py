@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.casing import casing_ids
+from launcher.casing import casing_ids, casing_ids_in_text
 from launcher.data import Example
 
 
@@ -73,7 +73,7 @@ def encode_cls(tokenizer, examples: list[Example], label2id: dict[str, int], max
                casing: bool = False) -> list[Feature]:
     encodings = backend(tokenizer, max_length, 0).encode_batch([ex.text for ex in examples])
     return [Feature(list(enc.ids), list(enc.attention_mask),
-                    casing_ids(enc.word_ids, enc.offsets, lambda _, t=ex.text: t) if casing else list(enc.type_ids),
+                    casing_ids_in_text(enc.word_ids, enc.offsets, ex.text) if casing else list(enc.type_ids),
                     label2id[ex.label] if ex.label is not None else -100, i)
             for i, (enc, ex) in enumerate(zip(encodings, examples))]
 

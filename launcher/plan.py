@@ -233,7 +233,9 @@ def print_plan(plan: Plan, console: Console) -> None:
     if plan.parent:
         t.add_row("init from", f"{plan.parent}" + ("" if r.model.init_from_head else " (encoder only, new head)"))
     if r.model.casing:
-        t.add_row("casing", "each token's casing class as its token type (none/lower/title/upper/mixed)")
+        from launcher.casing import NAMES
+
+        t.add_row("casing", f"each token's casing class as its token type ({'/'.join(NAMES)})")
     if r.model.freeze != "none":
         t.add_row("freeze", str(r.model.freeze))
     if r.model.lora is not None:
