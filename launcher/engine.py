@@ -33,6 +33,19 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return fn
 
 
+def adamw(groups: list[dict], lr: float):
+    """torch's AdamW with its fused kernel: one vectorized pass per parameter group. Without `fused`,
+    torch steps CPU parameters one tensor at a time (its `foreach` path is for CUDA only); under ZeRO
+    each group is one flat fp32 partition, and the per-tensor path spent ~100 ms of a 410 ms ZeRO-2 step
+    on the quickstart model where the fused kernel spends ~15 (benchmarks/train_overhead.py, RESULTS.md).
+    transformers' `Trainer` uses the same kernel by default. Built while the model is still on the CPU;
+    CPU and CUDA (where DeepSpeed then moves the groups, or keeps them with optimizer offload) both have
+    the kernel."""
+    import torch
+
+    return torch.optim.AdamW(groups, lr=lr, fused=True)
+
+
 def bound_collective_timeouts(seconds: int) -> None:
     """Make every process group this worker creates time out after `seconds`. Ray Train gives the
     default group the recipe's timeout, but DeepSpeed builds its own groups (ZeRO's data-parallel

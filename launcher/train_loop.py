@@ -30,6 +30,7 @@ from launcher.checkpoint import CKPT_TAG, STATE_FILE, save_stage0_fp32
 from launcher.device import worker_device
 from launcher.ds_config import build_ds_config
 from launcher.engine import (
+    adamw,
     bound_collective_timeouts,
     lr_lambda,
     seed_everything,
@@ -124,8 +125,8 @@ class TrainingRun:
         # takes θ₀ for L2-SP before DeepSpeed touches (casts, moves, partitions) the weights
         self.task_loss = TaskLoss(model, rc, partitioned=zero3, device=self.device)
         self.with_type_ids = model.uses_token_type_ids
-        optimizer = torch.optim.AdamW(param_groups(model, rc["weight_decay"], tc["lr"], tc.get("head_lr"),
-                                                   tc.get("layer_decay", 1.0)), lr=tc["lr"])
+        optimizer = adamw(param_groups(model, rc["weight_decay"], tc["lr"], tc.get("head_lr"), tc.get("layer_decay", 1.0)),
+                          tc["lr"])
         warmup = int(tc["warmup_ratio"] * self.total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc["schedule"], warmup, self.total_steps))
         self.engine, _, _, self.scheduler = deepspeed.initialize(

@@ -14,6 +14,7 @@ SCRIPT = r"""
 import tempfile
 from launcher.checkpoint import STATE_FILE, merged_state_dict, save_stage0_fp32, stage0_fp32_state_dict
 from launcher.ds_config import build_ds_config
+from launcher.engine import adamw
 from launcher.model import build_model, param_groups
 
 precision = sys.argv[2]
@@ -22,7 +23,7 @@ model = build_model(MODEL, ["O", "B-PER", "I-PER"])
 cfg = build_ds_config({"deepspeed": {"zero_stage": 0, "offload_optimizer": "none", "offload_params": "none",
                                      "precision": precision, "config": {}},
                        "train": {"batch_size": 2, "grad_accum": 1}, "regularization": {"max_grad_norm": 1.0}}, 1)
-opt = torch.optim.AdamW(param_groups(model, 0.0, 1e-3, None), lr=1e-3)
+opt = adamw(param_groups(model, 0.0, 1e-3, None), 1e-3)  # the workers' optimizer
 engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
 torch.manual_seed(1)
 ids = torch.randint(0, 1000, (2, 9))
