@@ -57,8 +57,10 @@ def plain(steps: int, warmup: int, threads: int):
     return profiled(lambda i: plain_step(model, opt, tok, feats, order[i]), warmup, steps)
 
 
-def zeroship(stage: int, steps: int, warmup: int, threads: int, keep_allreduce: bool = False):
-    """The worker's step: train_step on the engine built from the recipe's DeepSpeed config."""
+def worker_step(stage: int, threads: int, steps: int, batch_size: int | None = None, keep_allreduce: bool = False):
+    """The workers' step outside Ray: `train_step` on the engine built from the recipe's DeepSpeed config
+    (the stage, fp32) with the workers' optimizer, over the launcher's length-grouped batches (the
+    recipe's batch size unless given). Returns step(i), which runs the i-th batch."""
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=os.environ.get("MASTER_PORT", "29531"))
     import torch
@@ -74,19 +76,26 @@ def zeroship(stage: int, steps: int, warmup: int, threads: int, keep_allreduce: 
     from launcher.regularize import TaskLoss
 
     recipe, resolved, tok, feats, model, opt = setup(threads)
+    batch_size = batch_size or recipe.train.batch_size
     resolved["deepspeed"].update(zero_stage=stage, precision="fp32")
+    resolved["train"]["batch_size"] = batch_size
     device = torch.device("cpu")  # as worker_device() gives a CPU worker (it needs Ray Train's context)
     task_loss = TaskLoss(model, resolved["regularization"], partitioned=stage == 3, device=device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=build_ds_config(resolved, 1))
     if not keep_allreduce:
         skip_single_rank_allreduce(engine, 1, stage)  # as the worker does
-    order = batches_for(recipe, feats, recipe.train.batch_size, warmup + steps)
+    order = batches_for(recipe, feats, batch_size, steps)
 
     def step(i: int) -> None:
         batch = collate([feats[j] for j in order[i]], tok.pad_token_id, model.uses_token_type_ids)
         train_step(engine, task_loss, batch, device)
 
-    return profiled(step, warmup, steps)
+    return step
+
+
+def zeroship(stage: int, steps: int, warmup: int, threads: int, keep_allreduce: bool = False):
+    """The worker's step: train_step on the engine built from the recipe's DeepSpeed config."""
+    return profiled(worker_step(stage, threads, warmup + steps, keep_allreduce=keep_allreduce), warmup, steps)
 
 
 def table(plain_ops: dict, ours: dict, top: int) -> list[str]:

@@ -1,7 +1,8 @@
 """Launcher overhead: `launch` (Ray Train + DeepSpeed, 1 and 2 workers) at ZeRO 0/2/3 vs a plain
 PyTorch loop, the transformers `Trainer`, and the `Trainer` through DeepSpeed at the same stages and
-with the same DeepSpeed config (ZeRO's own cost, apart from the launcher's). A second table breaks
-each launch's start-up down by phase (metrics.jsonl's `startup` record).
+with the same DeepSpeed config (ZeRO's own cost, apart from the launcher's), and the workers' own step
+alone in one process (the launcher's step without Ray around it). A second table breaks each launch's
+start-up down by phase (metrics.jsonl's `startup` record).
 
 Same model (the quickstart's MiniLM + projection head), same data, same optimizer (the workers' fused
 AdamW over the same parameter groups), same effective batch (32 samples per optimizer step: 1 worker ×
@@ -146,6 +147,39 @@ def hf_trainer(steps: int, threads: int, gpu: bool = False, zero_stage: int | No
     return {"step_s": statistics.median(times), "samples_per_s": batch_size / statistics.median(times), **peak}
 
 
+def worker_step_alone(stage: int, steps: int, threads: int) -> dict:
+    """The workers' own step (`launcher.engine.train_step`, the engine and optimizer `launch` builds) in
+    one process, no Ray: splits a launch row's distance from the Trainer + DeepSpeed row into the step's
+    and that of the Ray processes around the worker. In a fresh process: after the Trainer's ZeRO-3 run,
+    transformers keeps building models partitioned (its global DeepSpeed config) in this one."""
+    import os
+    import socket
+
+    with socket.socket() as sock:  # this process's Trainer rows hold MASTER_PORT's store
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    res = subprocess.run([sys.executable, __file__, "--step-alone", str(stage), "--plain-steps", str(steps),
+                          "--threads", str(threads)], capture_output=True, text=True,
+                         env={**os.environ, "MASTER_PORT": port})
+    if res.returncode != 0:
+        raise SystemExit(f"the workers' step alone failed at ZeRO-{stage}:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def time_worker_step(stage: int, steps: int, threads: int) -> dict:
+    from benchmarks.profile_step import worker_step
+
+    batch_size = 32
+    step = worker_step(stage, threads, steps, batch_size=batch_size)
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - start)
+    times = times[3:]  # warm-up, as the other baselines
+    return {"step_s": statistics.median(times), "samples_per_s": batch_size / statistics.median(times)}
+
+
 def launch_stage(stage: int, workers: int, epochs: int, runs: Path, gpu: bool = False) -> dict:
     start = time.time()
     total_batch = 32
@@ -198,10 +232,10 @@ def gpu_rows(stages: list[int], epochs: int, steps: int) -> dict:
 
 
 def trainer_ds_anchor(rows: dict, name: str) -> float | None:
-    """A launch row's fair anchor (issue 18): the Trainer + DeepSpeed row at the same ZeRO stage."""
-    if not name.startswith("launch ZeRO-"):
+    """A zeroship row's fair anchor (issue 18): the Trainer + DeepSpeed row at the same ZeRO stage."""
+    if name.startswith("Trainer") or "ZeRO-" not in name:
         return None
-    stage = name.removeprefix("launch ZeRO-").split(" ")[0]
+    stage = name.split("ZeRO-")[1].split(" ")[0].rstrip(",")
     return next((r["step_s"] for n, r in rows.items() if n.startswith(f"Trainer + DeepSpeed ZeRO-{stage} ")), None)
 
 
@@ -212,7 +246,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], choices=[1, 2])
     ap.add_argument("--plain-steps", type=int, default=25)
     ap.add_argument("--gpu", action="store_true", help="one GPU, bf16: launch vs Trainer+DeepSpeed per stage")
+    ap.add_argument("--step-alone", type=int, help=argparse.SUPPRESS)  # worker_step_alone's own process
+    ap.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.step_alone is not None:
+        print(json.dumps(time_worker_step(args.step_alone, args.plain_steps, args.threads)))
+        return
     if args.gpu:
         rows = gpu_rows(args.stages, args.epochs, args.plain_steps)
         lines = ["| setup | median step (s) | samples/s | peak GPU MB |", "|---|---|---|---|"]
@@ -231,6 +270,9 @@ def main() -> None:
                 args.plain_steps, 2, zero_stage=stage)
     except ImportError as exc:
         print(f"skipping the Trainer row ({exc}); accelerate comes with peft (make install)")
+    for stage in args.stages:
+        rows[f"zeroship step alone, ZeRO-{stage} (1 proc × 2 threads, batch 32, no Ray)"] = worker_step_alone(
+            stage, args.plain_steps, 2)
     with tempfile.TemporaryDirectory() as tmp:
         for workers in args.workers:
             for stage in args.stages:
