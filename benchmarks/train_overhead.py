@@ -167,6 +167,7 @@ def worker_step_alone(stage: int, steps: int, threads: int) -> dict:
 
 
 def time_worker_step(stage: int, steps: int, threads: int) -> dict:
+    """worker_step_alone's figure, in its own process: the median of `steps` steps at batch 32."""
     from benchmarks.profile_step import worker_step
 
     batch_size = 32

@@ -83,11 +83,10 @@ def trained(stage, fused, precision="fp32", offload="none"):
     for _ in range(3):
         train_step(engine, loss_fn, dict(batch), torch.device("cpu"))
     base = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
-    params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
-    if stage == 3:  # each parameter is a partition: gather it back to compare
-        from deepspeed.utils import safe_get_full_fp32_param
-        params = {n: safe_get_full_fp32_param(p).clone() for n, p in engine.module.named_parameters()}
-    return bool(base.defaults.get("fused")), params
+    from deepspeed.utils import safe_get_full_fp32_param
+    # at ZeRO-3 each parameter is a partition: gathered back to compare
+    full = (lambda p: safe_get_full_fp32_param(p).clone()) if stage == 3 else (lambda p: p.detach().float().clone())
+    return bool(base.defaults.get("fused")), {n: full(p) for n, p in engine.module.named_parameters()}
 
 out = {}
 torch.manual_seed(0)
@@ -104,8 +103,9 @@ print(json.dumps(out))
 
 
 def test_the_fused_adamw_steps_like_torchs_per_tensor_loop_at_every_stage():
-    """The workers' AdamW is torch's fused kernel over DeepSpeed's flat partitions (ZeRO-1/2/3, offload,
-    bf16's fp32 master): the same update as the per-tensor loop, to float rounding."""
+    """The workers' AdamW is torch's fused kernel, under DeepSpeed at ZeRO-0, over ZeRO-2/3's flat
+    partitions, with optimizer offload and under bf16's fp32 master weights: the same update as the
+    per-tensor loop, to float rounding."""
     out = run_deepspeed_script(FUSED)
     assert set(out) == {"zero0", "zero2", "zero3", "zero2_offload", "zero0_bf16"}
     for name, r in out.items():
