@@ -77,13 +77,18 @@ def plain_loop(steps: int, threads: int) -> dict:
     recipe, _, tok, feats, model, opt = setup(threads)
     batch_size = recipe.train.batch_size * recipe.scaling.workers
     batches = length_grouped_batches([len(f.input_ids) for f in feats], batch_size, recipe.train.seed, True)
+    return timed(lambda i: plain_step(model, opt, tok, feats, batches[i % len(batches)]), steps, batch_size)
+
+
+def timed(step, steps: int, batch_size: int) -> dict:
+    """Median time of step(i) for i < steps, the first 3 (warm-up) left out."""
     times = []
     for i in range(steps):
         start = time.perf_counter()
-        plain_step(model, opt, tok, feats, batches[i % len(batches)])
+        step(i)
         times.append(time.perf_counter() - start)
-    times = times[3:]  # warm-up
-    return {"step_s": statistics.median(times), "samples_per_s": batch_size / statistics.median(times)}
+    median = statistics.median(times[3:])
+    return {"step_s": median, "samples_per_s": batch_size / median}
 
 
 def hf_trainer(steps: int, threads: int, gpu: bool = False, zero_stage: int | None = None) -> dict:
@@ -170,15 +175,7 @@ def time_worker_step(stage: int, steps: int, threads: int) -> dict:
     """worker_step_alone's figure, in its own process: the median of `steps` steps at batch 32."""
     from benchmarks.profile_step import worker_step
 
-    batch_size = 32
-    step = worker_step(stage, threads, steps, batch_size=batch_size)
-    times = []
-    for i in range(steps):
-        start = time.perf_counter()
-        step(i)
-        times.append(time.perf_counter() - start)
-    times = times[3:]  # warm-up, as the other baselines
-    return {"step_s": statistics.median(times), "samples_per_s": batch_size / statistics.median(times)}
+    return timed(worker_step(stage, threads, steps, batch_size=32), steps, 32)
 
 
 def launch_stage(stage: int, workers: int, epochs: int, runs: Path, gpu: bool = False) -> dict:
