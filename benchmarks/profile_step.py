@@ -51,9 +51,9 @@ def profiled(step, n_warmup: int, n_steps: int):
     return statistics.median(times), per_op
 
 
-def plain(steps: int, warmup: int, threads: int):
+def plain(steps: int, warmup: int, threads: int, batch_size: int | None = None):
     recipe, _, tok, feats, model, opt = setup(threads)
-    order = batches_for(recipe, feats, recipe.train.batch_size, warmup + steps)
+    order = batches_for(recipe, feats, batch_size or recipe.train.batch_size, warmup + steps)
     return profiled(lambda i: plain_step(model, opt, tok, feats, order[i]), warmup, steps)
 
 
@@ -93,9 +93,10 @@ def worker_step(stage: int, threads: int, steps: int, batch_size: int | None = N
     return step
 
 
-def zeroship(stage: int, steps: int, warmup: int, threads: int, keep_allreduce: bool = False):
+def zeroship(stage: int, steps: int, warmup: int, threads: int, keep_allreduce: bool = False,
+             batch_size: int | None = None):
     """The worker's step: train_step on the engine built from the recipe's DeepSpeed config."""
-    return profiled(worker_step(stage, threads, warmup + steps, keep_allreduce=keep_allreduce), warmup, steps)
+    return profiled(worker_step(stage, threads, warmup + steps, batch_size, keep_allreduce), warmup, steps)
 
 
 def table(plain_ops: dict, ours: dict, top: int) -> list[str]:
@@ -111,7 +112,7 @@ def side(args, which: str) -> tuple[float, dict]:
     """Each side in a fresh process: the second side of one process ran every operator ~25% slower
     (measured, whichever it was), which would read as overhead."""
     cmd = [sys.executable, __file__, "--side", which, "--stage", str(args.stage), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--threads", str(args.threads)] + (["--keep-allreduce"] * args.keep_allreduce)
+           "--warmup", str(args.warmup), "--threads", str(args.threads), "--batch", str(args.batch)] + (["--keep-allreduce"] * args.keep_allreduce)
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"the {which} side failed:\n{res.stderr[-3000:]}")
@@ -126,19 +127,20 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=16, help="samples per step (the quickstart's per-worker batch)")
     ap.add_argument("--keep-allreduce", action="store_true",
                     help="profile the step as it was before skip_single_rank_allreduce (the 'before' row)")
     ap.add_argument("--side", choices=["plain", "zeroship"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
-        fn = (lambda: plain(args.steps, args.warmup, args.threads)) if args.side == "plain" else (
-            lambda: zeroship(args.stage, args.steps, args.warmup, args.threads, args.keep_allreduce))
+        fn = (lambda: plain(args.steps, args.warmup, args.threads, args.batch)) if args.side == "plain" else (
+            lambda: zeroship(args.stage, args.steps, args.warmup, args.threads, args.keep_allreduce, args.batch))
         step_s, ops = fn()
         print(json.dumps({"step_s": step_s, "ops": ops}))
         return
     plain_s, plain_ops = side(args, "plain")
     ours_s, ours = side(args, "zeroship")
-    lines = [f"Median step under the profiler (batch 16, 1 process × {args.threads} threads, each side in its own "
+    lines = [f"Median step under the profiler (batch {args.batch}, 1 process × {args.threads} threads, each side in its own "
              f"process): plain loop {plain_s:.3f} s, zeroship ZeRO-{args.stage} step"
              f"{' (DeepSpeed all-reduce kept)' if args.keep_allreduce else ''} {ours_s:.3f} s "
              f"({ours_s / plain_s:.2f}×). Profiled totals per step: plain {sum(plain_ops.values()):.1f} ms, "

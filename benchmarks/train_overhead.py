@@ -8,10 +8,13 @@ Same model (the quickstart's MiniLM + projection head), same data, same optimize
 AdamW over the same parameter groups), same effective batch (32 samples per optimizer step: 1 worker ×
 32 or 2 workers × 16) and the same 2 cores (1 worker × 2 threads, 2 workers × 1 thread, one process × 2
 threads). The figure is the median optimizer-step time in steady state, evaluation and checkpointing
-excluded: the baselines drop their first 3 steps, the launches their first epoch.
+excluded: the baselines drop their first 3 steps, the launches their first epoch. Every baseline row
+runs in a fresh process. With `--rounds N` every row runs N times, interleaved, and each ratio is taken
+within a round, then its median over the rounds (with the lowest and highest): the step time of one
+process on a shared 2-core machine drifts by ±15% over minutes.
 
     (transformers' Trainer needs accelerate, which comes with peft)
-    .venv/bin/python benchmarks/train_overhead.py [--stages 0 2 3] [--workers 1 2] [--epochs 2]
+    .venv/bin/python benchmarks/train_overhead.py [--stages 0 2 3] [--workers 1 2] [--epochs 2] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -152,28 +155,34 @@ def hf_trainer(steps: int, threads: int, gpu: bool = False, zero_stage: int | No
     return {"step_s": statistics.median(times), "samples_per_s": batch_size / statistics.median(times), **peak}
 
 
-def worker_step_alone(stage: int, steps: int, threads: int) -> dict:
-    """The workers' own step (`launcher.engine.train_step`, the engine and optimizer `launch` builds) in
-    one process, no Ray: splits a launch row's distance from the Trainer + DeepSpeed row into the step's
-    and that of the Ray processes around the worker. In a fresh process: after the Trainer's ZeRO-3 run,
-    transformers keeps building models partitioned (its global DeepSpeed config) in this one."""
+def fresh_process(kind: str, stage: int, steps: int, threads: int) -> dict:
+    """One baseline row (`kind`: plain, trainer, trainer-ds, step-alone) in a fresh process of this script,
+    with a free MASTER_PORT. Fresh, because a process's history changes what it measures: after the
+    Trainer's ZeRO-3 run transformers keeps building models partitioned (its global DeepSpeed config), and
+    the second of two loops in one process ran every operator ~25% slower (benchmarks/profile_step.py)."""
     import os
     import socket
 
-    with socket.socket() as sock:  # this process's Trainer rows hold MASTER_PORT's store
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    res = subprocess.run([sys.executable, __file__, "--step-alone", str(stage), "--plain-steps", str(steps),
-                          "--threads", str(threads)], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, __file__, "--row", kind, "--row-stage", str(stage), "--plain-steps",
+                          str(steps), "--threads", str(threads)], capture_output=True, text=True,
                          env={**os.environ, "MASTER_PORT": port})
     if res.returncode != 0:
-        raise SystemExit(f"the workers' step alone failed at ZeRO-{stage}:\n{res.stderr[-3000:]}")
+        raise SystemExit(f"the {kind} row failed at ZeRO-{stage}:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def time_worker_step(stage: int, steps: int, threads: int) -> dict:
-    """worker_step_alone's figure, in its own process: the median of `steps` steps at batch 32."""
-    from benchmarks.profile_step import worker_step
+def row_here(kind: str, stage: int, steps: int, threads: int) -> dict:
+    """fresh_process's side: the row's figure, the median of `steps` steps at batch 32."""
+    if kind == "plain":
+        return plain_loop(steps, threads)
+    if kind == "trainer":
+        return hf_trainer(steps, threads)
+    if kind == "trainer-ds":
+        return hf_trainer(steps, threads, zero_stage=stage)
+    from benchmarks.profile_step import worker_step  # step-alone: the workers' train_step, no Ray
 
     return timed(worker_step(stage, threads, steps, batch_size=32), steps, 32)
 
@@ -237,6 +246,61 @@ def trainer_ds_anchor(rows: dict, name: str) -> float | None:
     return next((r["step_s"] for n, r in rows.items() if n.startswith(f"Trainer + DeepSpeed ZeRO-{stage} ")), None)
 
 
+ROW_KINDS = ["plain", "trainer", "trainer-ds", "step-alone"]
+
+
+def one_round(args) -> dict:
+    """Every row once, each baseline in its own process, then the launches."""
+    rows = {"plain torch loop (1 proc × 2 threads, batch 32)": fresh_process("plain", 0, args.plain_steps, 2)}
+    try:
+        import accelerate  # noqa: F401  (the Trainer needs it; it comes with peft)
+
+        rows["transformers Trainer (1 proc × 2 threads, batch 32)"] = fresh_process("trainer", 0, args.plain_steps, 2)
+        for stage in args.stages:
+            rows[f"Trainer + DeepSpeed ZeRO-{stage} (1 proc × 2 threads, batch 32)"] = fresh_process(
+                "trainer-ds", stage, args.plain_steps, 2)
+    except ImportError as exc:
+        print(f"skipping the Trainer rows ({exc}); accelerate comes with peft (make install)")
+    for stage in args.stages:
+        rows[f"zeroship step alone, ZeRO-{stage} (1 proc × 2 threads, batch 32, no Ray)"] = fresh_process(
+            "step-alone", stage, args.plain_steps, 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        for workers in args.workers:
+            for stage in args.stages:
+                shape = "1 worker × 2 threads, 32" if workers == 1 else "2 workers × 1 thread, 16 each"
+                rows[f"launch ZeRO-{stage} ({shape})"] = launch_stage(stage, workers, args.epochs, Path(tmp))
+    return rows
+
+
+def overhead_table(rounds: list[dict]) -> str:
+    """Each row's median step over the rounds and its ratios, each ratio taken within a round (so the
+    machine's drift between rounds cancels) and then the median over rounds; with more than one round,
+    the spread (lowest–highest) of the ratios too."""
+    def ratio(values: list[float]) -> str:
+        if not values:
+            return ""
+        spread = f" ({min(values):.2f}–{max(values):.2f})" if len(values) > 1 else ""
+        return f"{statistics.median(values):.2f}{spread}"
+
+    plain = next(iter(rounds[0]))
+    each = len(rounds) > 1
+    lines = ["| setup | median step (s) | samples/s | × plain step time | × Trainer + DeepSpeed, same stage | launch wall (s) |"
+             + (" step in each round (s) |" if each else ""), "|---|---|---|---|---|---|" + ("---|" if each else "")]
+    for name in rounds[0]:
+        step = statistics.median(rows[name]["step_s"] for rows in rounds)
+        samples = statistics.median(rows[name]["samples_per_s"] for rows in rounds)
+        versus_plain = [rows[name]["step_s"] / rows[plain]["step_s"] for rows in rounds] if name != plain else [1.0]
+        versus_ds = [rows[name]["step_s"] / anchor for rows in rounds if (anchor := trainer_ds_anchor(rows, name))]
+        wall = statistics.median(rows[name].get("wall_s", 0) for rows in rounds)
+        by_round = " / ".join(f"{rows[name]['step_s']:.3f}" for rows in rounds)
+        lines.append(f"| {name} | {step:.3f} | {samples:.1f} | {ratio(versus_plain)} | {ratio(versus_ds)} | {wall:.0f} |"
+                     + (f" {by_round} |" if each else ""))
+    if len(rounds) > 1:
+        lines += ["", f"{len(rounds)} rounds, each running every row once in the order above; the ratios are the "
+                      "median of each round's ratio (lowest–highest in brackets)."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--stages", type=int, nargs="+", default=[0, 2, 3])
@@ -244,11 +308,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], choices=[1, 2])
     ap.add_argument("--plain-steps", type=int, default=25)
     ap.add_argument("--gpu", action="store_true", help="one GPU, bf16: launch vs Trainer+DeepSpeed per stage")
-    ap.add_argument("--step-alone", type=int, help=argparse.SUPPRESS)  # worker_step_alone's own process
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every row this many times, interleaved; report medians and the spread")
+    ap.add_argument("--row", choices=ROW_KINDS, help=argparse.SUPPRESS)  # fresh_process's own process
+    ap.add_argument("--row-stage", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.step_alone is not None:
-        print(json.dumps(time_worker_step(args.step_alone, args.plain_steps, args.threads)))
+    if args.row:
+        print(json.dumps(row_here(args.row, args.row_stage, args.plain_steps, args.threads)))
         return
     if args.gpu:
         rows = gpu_rows(args.stages, args.epochs, args.plain_steps)
@@ -260,31 +327,12 @@ def main() -> None:
 
         append_results("train_overhead (GPU)", " ".join(["benchmarks/train_overhead.py", *sys.argv[1:]]), "\n".join(lines))
         return
-    rows = {"plain torch loop (1 proc × 2 threads, batch 32)": plain_loop(args.plain_steps, 2)}
-    try:
-        rows["transformers Trainer (1 proc × 2 threads, batch 32)"] = hf_trainer(args.plain_steps, 2)
-        for stage in args.stages:
-            rows[f"Trainer + DeepSpeed ZeRO-{stage} (1 proc × 2 threads, batch 32)"] = hf_trainer(
-                args.plain_steps, 2, zero_stage=stage)
-    except ImportError as exc:
-        print(f"skipping the Trainer row ({exc}); accelerate comes with peft (make install)")
-    for stage in args.stages:
-        rows[f"zeroship step alone, ZeRO-{stage} (1 proc × 2 threads, batch 32, no Ray)"] = worker_step_alone(
-            stage, args.plain_steps, 2)
-    with tempfile.TemporaryDirectory() as tmp:
-        for workers in args.workers:
-            for stage in args.stages:
-                shape = "1 worker × 2 threads, 32" if workers == 1 else "2 workers × 1 thread, 16 each"
-                rows[f"launch ZeRO-{stage} ({shape})"] = launch_stage(stage, workers, args.epochs, Path(tmp))
-    base = next(iter(rows.values()))["step_s"]
-    lines = ["| setup | median step (s) | samples/s | × plain step time | × Trainer + DeepSpeed, same stage | launch wall (s) |",
-             "|---|---|---|---|---|---|"]
-    for name, r in rows.items():
-        anchor = trainer_ds_anchor(rows, name)
-        versus = f"{r['step_s'] / anchor:.2f}" if anchor else ""
-        lines.append(f"| {name} | {r['step_s']:.3f} | {r['samples_per_s']:.1f} | {r['step_s'] / base:.2f} | {versus} | "
-                     f"{r.get('wall_s', 0):.0f} |")
-    table = "\n".join(lines) + "\n\nStart-up, from the `launch` process start to the first optimizer step:\n\n" + startup_table(rows)
+    rounds = [one_round(args) for _ in range(args.rounds)]
+    table = overhead_table(rounds) + (
+        "\n\nStart-up, from the `launch` process start to the first optimizer step"
+        + (" (each round's launches)" if len(rounds) > 1 else "") + ":\n\n"
+        + startup_table({f"{name}{f' (round {i + 1})' if len(rounds) > 1 else ''}": r
+                         for i, rows in enumerate(rounds) for name, r in rows.items() if "startup" in r}))
     print(table)
     from benchmarks.results import append_results
 
