@@ -99,7 +99,8 @@ def measure(stage: int, steps: int, period: float, pids: list[int]) -> dict:
         raise SystemExit(f"the step process failed at ZeRO-{stage} (exit {child.returncode})")
 
     def state(t: float) -> bool:
-        return [running for at, running in switches if at <= t][-1]
+        before = [running for at, running in switches if at <= t]
+        return before[-1] if before else True  # Ray runs until the first switch
 
     running, paused = [], []
     for start, end in spans[3:]:  # warm-up

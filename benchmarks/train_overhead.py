@@ -295,7 +295,7 @@ def overhead_table(rounds: list[dict]) -> str:
         by_round = " / ".join(f"{rows[name]['step_s']:.3f}" for rows in rounds)
         lines.append(f"| {name} | {step:.3f} | {samples:.1f} | {ratio(versus_plain)} | {ratio(versus_ds)} | {wall:.0f} |"
                      + (f" {by_round} |" if each else ""))
-    if len(rounds) > 1:
+    if each:
         lines += ["", f"{len(rounds)} rounds, each running every row once in the order above; the ratios are the "
                       "median of each round's ratio (lowest–highest in brackets)."]
     return "\n".join(lines)
@@ -314,6 +314,8 @@ def main() -> None:
     ap.add_argument("--row-stage", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     if args.row:
         print(json.dumps(row_here(args.row, args.row_stage, args.plain_steps, args.threads)))
         return
