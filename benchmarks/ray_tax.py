@@ -1,7 +1,7 @@
 """What Ray's own processes cost the workers' step on a small CPU box, measured paired in time.
 
 One process runs the workers' step (`launcher.engine.train_step` on the engine `launch` builds, batch 32,
-2 threads, no Ray inside it) continuously. Around it, a private Ray as `launch` starts one (raylet, GCS,
+`--threads` of them, 2 by default; no Ray inside it) continuously. Around it, a private Ray as `launch` starts one (raylet, GCS,
 agents) holds `--actors` idle actor processes, standing in for those a launch keeps beside its worker
 (Ray Train's controller and synchronization actor, the progress board, Ray Data's dataset manager, split
 coordinators, stats and autoscaling actors, a pooled worker: 9 on the quickstart). Every `--period`
@@ -12,7 +12,7 @@ processes here) cancels, which comparing separate runs cannot do.
 An idle Ray worker process wakes every 10 ms (its task loop's signal check, fixed in Ray 2.60), ~1% of
 a core each; on 2 cores each wakeup also stalls one of the step's two threads at its next barrier.
 
-    .venv/bin/python benchmarks/ray_tax.py [--stages 0 2 3] [--steps 100] [--actors 9] [--period 6]
+    .venv/bin/python benchmarks/ray_tax.py [--stages 0 2 3] [--steps 100] [--actors 9] [--period 6] [--threads 2]
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def step_process(stage: int, steps: int) -> None:
+def step_process(stage: int, steps: int, threads: int) -> None:
     """The child: build the workers' engine, then time each step and print it as [start, end]."""
     from benchmarks.profile_step import worker_step
 
-    step = worker_step(stage, 2, steps, batch_size=32)
+    step = worker_step(stage, threads, steps, batch_size=32)
     print("ready", flush=True)
     for i in range(steps):
         start = time.time()
@@ -61,12 +61,13 @@ def signal_all(pids: list[int], sig: int) -> None:
             pass
 
 
-def measure(stage: int, steps: int, period: float, pids: list[int]) -> dict:
+def measure(stage: int, steps: int, threads: int, period: float, pids: list[int]) -> dict:
     """Steps timed while Ray runs and while it is paused, alternating every `period` seconds."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    child = subprocess.Popen([sys.executable, __file__, "--step-process", str(stage), "--steps", str(steps)],
+    child = subprocess.Popen([sys.executable, __file__, "--step-process", str(stage), "--steps", str(steps),
+                              "--threads", str(threads)],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                              env={**os.environ, "MASTER_PORT": port})
     for line in child.stdout:  # DeepSpeed may print before the engine is ready
@@ -116,10 +117,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--actors", type=int, default=9, help="idle actor processes (a quickstart launch keeps 9)")
     ap.add_argument("--period", type=float, default=6.0, help="seconds between pausing and resuming Ray")
+    ap.add_argument("--threads", type=int, default=2, help="the step's threads (2: both cores of a 2-core box)")
     ap.add_argument("--step-process", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.step_process is not None:
-        step_process(args.step_process, args.steps)
+        step_process(args.step_process, args.steps, args.threads)
         return
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback listeners, as the CLI sets it
     import ray
@@ -142,13 +144,13 @@ def main() -> None:
         rows = {}
         try:
             for stage in args.stages:
-                rows[stage] = measure(stage, args.steps, args.period, pids)
+                rows[stage] = measure(stage, args.steps, args.threads, args.period, pids)
                 print(stage, rows[stage], flush=True)
         finally:
             signal_all(pids, signal.SIGCONT)
             ray.shutdown()
     lines = [f"Ray on loopback with {args.actors} idle actors ({len(pids)} processes in all), paused and resumed every "
-             f"{args.period:g} s around the workers' step (batch 32, 1 process × 2 threads):", "",
+             f"{args.period:g} s around the workers' step (batch 32, 1 process × {args.threads} threads):", "",
              "| stage | step, Ray idling around it (s) | step, Ray paused (s) | Ray's cost | steps (running / paused) |",
              "|---|---|---|---|---|"]
     for stage, r in rows.items():
