@@ -150,7 +150,7 @@ def main() -> None:
             signal_all(pids, signal.SIGCONT)
             ray.shutdown()
     lines = [f"Ray on loopback with {args.actors} idle actors ({len(pids)} processes in all), paused and resumed every "
-             f"{args.period:g} s around the workers' step (batch 32, 1 process × {args.threads} threads):", "",
+             f"{args.period:g} s around the workers' step (batch 32, 1 process × {args.threads} thread{'s' if args.threads > 1 else ''}):", "",
              "| stage | step, Ray idling around it (s) | step, Ray paused (s) | Ray's cost | steps (running / paused) |",
              "|---|---|---|---|---|"]
     for stage, r in rows.items():
