@@ -78,13 +78,12 @@ def measure(stage: int, steps: int, threads: int, period: float, pids: list[int]
 
     def alternate() -> None:
         running = True
+        switches.append((time.time(), running))
         try:
-            while True:
-                switches.append((time.time(), running))
-                if done.wait(period):
-                    return
+            while not done.wait(period):
                 running = not running
                 signal_all(pids, signal.SIGCONT if running else signal.SIGSTOP)
+                switches.append((time.time(), running))  # once every process has its signal
         finally:
             signal_all(pids, signal.SIGCONT)
 
@@ -107,6 +106,9 @@ def measure(stage: int, steps: int, threads: int, period: float, pids: list[int]
     for start, end in spans[3:]:  # warm-up
         if state(start) == state(end):  # steps that straddle a switch count for neither
             (running if state(start) else paused).append(end - start)
+    if not running or not paused:
+        raise SystemExit(f"ZeRO-{stage}: {len(running)} steps with Ray running, {len(paused)} with it paused; "
+                         "raise --steps or lower --period so that both sides get steps")
     return {"running_s": statistics.median(running), "paused_s": statistics.median(paused),
             "n_running": len(running), "n_paused": len(paused)}
 
