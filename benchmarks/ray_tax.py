@@ -3,8 +3,9 @@
 One process runs the workers' step (`launcher.engine.train_step` on the engine `launch` builds, batch 32,
 `--threads` threads, 2 by default; no Ray inside it) continuously. Around it, a private Ray as `launch`
 starts one (raylet, GCS, agents) holds `--actors` idle actor processes, standing in for those a launch
-keeps beside its worker (Ray Train's controller and synchronization actor, the progress board, Ray Data's dataset manager, split
-coordinators, stats and autoscaling actors, a pooled worker: 9 on the quickstart). Every `--period`
+keeps beside its worker (Ray Train's controller and synchronization actor, the progress board, Ray
+Data's dataset manager, split coordinators, stats and autoscaling actors, a pooled worker: 9 on the
+quickstart). Every `--period`
 seconds all of Ray is paused (SIGSTOP) or resumed, so each step is timed either with Ray idling around it
 or with nothing else on the machine, seconds apart: the machine's drift over minutes (±15% between
 processes here) cancels, which comparing separate runs cannot do.
