@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -64,13 +63,12 @@ def signal_all(pids: list[int], sig: int) -> None:
 
 def measure(stage: int, steps: int, threads: int, period: float, pids: list[int]) -> dict:
     """Steps timed while Ray runs and while it is paused, alternating every `period` seconds."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
+    from benchmarks.train_overhead import free_port
+
     child = subprocess.Popen([sys.executable, __file__, "--step-process", str(stage), "--steps", str(steps),
                               "--threads", str(threads)],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                             env={**os.environ, "MASTER_PORT": port})
+                             env={**os.environ, "MASTER_PORT": free_port()})
     for line in child.stdout:  # DeepSpeed may print before the engine is ready
         if line.strip() == "ready":
             break
@@ -123,6 +121,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="the step's threads (2: both cores of a 2-core box)")
     ap.add_argument("--step-process", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.steps <= 3 or args.period <= 0 or args.threads < 1 or args.actors < 0:
+        ap.error("--steps must be above 3 (the first 3 are warm-up), --period above 0, --threads at least 1, "
+                 "--actors at least 0")
     if args.step_process is not None:
         step_process(args.step_process, args.steps, args.threads)
         return

@@ -155,20 +155,25 @@ def hf_trainer(steps: int, threads: int, gpu: bool = False, zero_stage: int | No
     return {"step_s": statistics.median(times), "samples_per_s": batch_size / statistics.median(times), **peak}
 
 
+def free_port() -> str:
+    """A loopback port for a child's MASTER_PORT (the gloo store of its one-rank process group)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
 def fresh_process(kind: str, stage: int, steps: int, threads: int) -> dict:
     """One baseline row (`kind`: plain, trainer, trainer-ds, step-alone) in a fresh process of this script,
     with a free MASTER_PORT. Fresh, because a process's history changes what it measures: after the
     Trainer's ZeRO-3 run transformers keeps building models partitioned (its global DeepSpeed config), and
     the second of two loops in one process ran every operator ~25% slower (benchmarks/profile_step.py)."""
     import os
-    import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
     res = subprocess.run([sys.executable, __file__, "--row", kind, "--row-stage", str(stage), "--plain-steps",
                           str(steps), "--threads", str(threads)], capture_output=True, text=True,
-                         env={**os.environ, "MASTER_PORT": port})
+                         env={**os.environ, "MASTER_PORT": free_port()})
     if res.returncode != 0:
         raise SystemExit(f"the {kind} row failed at ZeRO-{stage}:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
