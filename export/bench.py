@@ -8,7 +8,6 @@ the batch (dynamic int8), which is timed as the runtime serves it: the same 32 s
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -77,7 +76,7 @@ def run_bench(run_id: str, runs_dir: str | Path, threads: int = 2, repeats: int 
                 "b1_mean_tokens": sum(lengths) / len(lengths), "b32_width": int(batch32["input_ids"].shape[1]),
                 "onnxruntime_providers": ["CPUExecutionProvider"]}
     result = {"settings": settings, "results": rows}
-    (bundle / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    run.write_json(f"{bundle.name}/bench.json", result)  # inside a run: through the registry, atomically
     if console is not None:
         table = Table(title=f"export bench {run.id} ({threads} threads, median of {repeats})")
         for col in ("engine", "b=1 p50 ms", "b=1 p90 ms", "b=1 ×", "b=32 ms", "b=32 samples/s", "b=32 ×"):

@@ -15,11 +15,6 @@ from pathlib import Path
 from rich.markup import escape
 
 from launcher.cli import _Parser, bounded, console, launch, out, process_defaults, run_cli, runs_command
-from launcher.errors import Problem, ZeroshipError
-
-
-class BundleUserError(ZeroshipError):
-    """The bundle cannot be used."""
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -58,17 +53,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str = "export") -> int:
     args = build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
 
-    def go() -> int:
-        from export.runtime import BundleError
-
-        try:
-            if args.command == "onnx":
-                return cmd_onnx(args)
-            if args.command == "predict":
-                return cmd_predict(args)
-            return cmd_bench(args)
-        except BundleError as exc:
-            raise BundleUserError(Problem("", str(exc))) from None
+    def go() -> int:  # export.runtime's BundleError and TextError are ZeroshipErrors: exit 2
+        if args.command == "onnx":
+            return cmd_onnx(args)
+        if args.command == "predict":
+            return cmd_predict(args)
+        return cmd_bench(args)
 
     return run_cli(go)
 
@@ -92,9 +82,10 @@ def cmd_onnx(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from export.runtime import Predictor
+    from export.runtime import Predictor, check_texts
     from launcher.runs import bundle_folder
 
+    check_texts(args.texts)  # before the bundle loads: `text 1: byte 0xf6 … is not UTF-8`, exit 2
     predictor = Predictor.load(bundle_folder(args.bundle, args.runs), variant=args.variant, device=args.device)
     out.print(f"[dim]{predictor.bundle} ({predictor.variant})[/]")
     for text, result in zip(args.texts, predictor.predict(list(args.texts))):

@@ -6,13 +6,13 @@ code as training, and prints the per-label report; `--json OUT` also writes metr
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
 from launcher.cli import _Parser, out, run_cli
 from launcher.errors import Problem, ZeroshipError
+
+PURPOSE = "zeroship evaluate"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default="runs", metavar="DIR")
     p.add_argument("--onnx", action="store_true", help="evaluate the exported bundle with onnxruntime")
     p.add_argument("--variant", default="fp32", choices=["fp32", "optimized", "int8", "fp16"])
-    p.add_argument("--json", metavar="OUT", help="also write {metrics, report} to this file")
+    p.add_argument("--json", metavar="OUT", help="also write {metrics, report} to this file (a new file, or an "
+                   "earlier result of this command; never inside a run folder)")
+    p.add_argument("--force", action="store_true", help="let --json replace a file this command did not write")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     return run_cli(lambda: evaluate(args))
 
@@ -32,14 +34,15 @@ def evaluate(args) -> int:
     from transformers import AutoTokenizer
 
     from export.onnx import ort_forward, resolve_run
-    from export.runtime import VARIANT_FILES, BundleError, make_session, read_manifest
+    from export.runtime import BundleError, Predictor
     from launcher.data import load_dataset
     from launcher.evaluate import evaluate_model
     from launcher.model import load_model
+    from launcher.outputs import check_output, write_output
     from launcher.report import print_report
 
-    if args.json:
-        _check_writable(Path(args.json))
+    if args.json:  # refused before the evaluation's work, not after it
+        check_output(Path(args.json), PURPOSE, "--json", force=args.force)
     run = resolve_run(args.run, args.runs)
     model, meta = load_model(run.best_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(run.best_dir))
@@ -49,13 +52,13 @@ def evaluate(args) -> int:
     forward, engine = None, "pytorch"
     if args.onnx:
         bundle = run.bundle_dir
-        try:
-            manifest = read_manifest(bundle)
+        try:  # the whole bundle checked (export.runtime.check_bundle), as every reader of one does
+            predictor = Predictor.load(bundle, variant=args.variant)
         except BundleError as exc:
+            if "not in this bundle" in str(exc):
+                raise ZeroshipError(Problem("--variant", f"{args.variant} is not in {bundle}")) from None
             raise ZeroshipError(Problem(str(bundle), str(exc), f"zeroship export onnx {run.id}")) from None
-        if VARIANT_FILES[args.variant] not in manifest["files"]:
-            raise ZeroshipError(Problem("--variant", f"{args.variant} is not in {bundle}"))
-        forward = ort_forward(make_session(bundle / VARIANT_FILES[args.variant]), list(manifest["inputs"]))
+        forward = ort_forward(predictor.session, list(predictor.manifest["inputs"]))
         engine = f"onnx {args.variant}"
     result = evaluate_model(model, tokenizer, meta["task"], meta["labels"], examples, meta["max_length"],
                             meta["stride"], with_report=True, forward=forward)
@@ -64,17 +67,8 @@ def evaluate(args) -> int:
     out.print("  ".join(f"{k}={v:.4f}" for k, v in result.items()), highlight=False)
     if args.json:
         try:
-            Path(args.json).write_text(json.dumps({"engine": engine, "metrics": result, "report": report}, indent=2))
+            write_output(Path(args.json), {"run": run.id, "data": args.data, "engine": engine, "metrics": result,
+                                           "report": report}, PURPOSE)
         except OSError as exc:
             raise ZeroshipError(Problem(f"--json {args.json}", f"cannot be written ({exc.strerror})")) from None
     return 0
-
-
-def _check_writable(path: Path) -> None:
-    """Refuse an output file that cannot be written before the evaluation's work, not after it."""
-    parent = path.parent if str(path.parent) else Path(".")
-    problem = ("is a folder" if path.is_dir() else
-               f"{parent} is not a folder" if not parent.is_dir() else
-               f"{parent} is not writable" if not os.access(parent, os.W_OK | os.X_OK) else "")
-    if problem:
-        raise ZeroshipError(Problem(f"--json {path}", problem, "give a file path in a writable folder"))

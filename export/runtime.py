@@ -24,14 +24,42 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from launcher.casing import casing_ids_in_text
+from launcher.errors import Problem, ZeroshipError, text_problem
 
 CUDA_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 VARIANT_FILES = {"fp32": "model.onnx", "optimized": "model_optimized.onnx", "int8": "model_int8.onnx",
                  "fp16": "model_fp16.onnx"}
 
 
-class BundleError(Exception):
+class BundleError(ZeroshipError):
     """The bundle is missing, incomplete or corrupt."""
+
+    def __init__(self, problems: list[Problem] | Problem | str, title: str = ""):
+        super().__init__(problems, title)
+
+    def __str__(self) -> str:  # the problem itself: callers quote it inside their own messages
+        return "; ".join(map(str, self.problems))
+
+
+class TextError(ZeroshipError, ValueError):
+    """A text cannot be predicted."""
+
+    def __init__(self, problems: list[Problem] | Problem | str, title: str = "", index: int = 0):
+        super().__init__(problems, title)
+        self.index = index
+
+    def __reduce__(self):
+        return type(self), (self.problems, self.title, self.index)
+
+
+def check_texts(texts: list[str]) -> None:
+    """Refuse, naming its index, the first text that is not a string or that the tokenizer cannot take."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TextError(Problem(f"text {i}", f"is {type(text).__name__}, not str"), index=i)
+        problem = text_problem(text)
+        if problem:
+            raise TextError(Problem(f"text {i}", problem, "send valid UTF-8 text"), index=i)
 
 
 def sha256_file(path: Path) -> str:
@@ -43,6 +71,8 @@ def sha256_file(path: Path) -> str:
 
 
 TASKS = ("token_classification", "sequence_classification")
+LOGITS_RANK = {"token_classification": 3, "sequence_classification": 2}  # (batch, [sequence,] labels)
+MAX_LENGTH = 1 << 20  # tokens per window: beyond any encoder's positions
 RUNTIME_FILES = ("tokenizer.json",)
 MODEL_INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids"})  # opened by the runtime besides the model variant
 _HEX = frozenset("0123456789abcdef")
@@ -91,9 +121,14 @@ def manifest_problem(manifest: Any) -> str:
     labels = manifest.get("labels")
     if not (isinstance(labels, list) and len(labels) >= 2 and all(isinstance(x, str) for x in labels)):
         return "labels must be a list of at least 2 strings"
-    for key, low in (("max_length", 8), ("stride", 0), ("pad_token_id", 0)):
-        if not is_int(manifest.get(key), low):
-            return f"{key} must be an integer ≥ {low}"
+    if len(set(labels)) != len(labels) or not all(labels):
+        return "labels must be distinct, non-empty strings"
+    if manifest.get("task") == "token_classification" and not all(
+            x == "O" or (x[:2] in ("B-", "I-") and len(x) > 2) for x in labels):
+        return "labels of a token_classification bundle must be O, B-TYPE or I-TYPE"
+    for key, low, high in (("max_length", 8, MAX_LENGTH), ("stride", 0, MAX_LENGTH), ("pad_token_id", 0, 2**31 - 1)):
+        if not (is_int(manifest.get(key), low) and manifest[key] <= high):
+            return f"{key} must be an integer from {low} to {high}"
     inputs = manifest.get("inputs")
     if not (isinstance(inputs, dict) and inputs and set(inputs) <= MODEL_INPUTS):
         return f"inputs must name the model's inputs (some of {', '.join(sorted(MODEL_INPUTS))})"
@@ -201,6 +236,62 @@ def plan_batches(lengths: list[int], batch_size: int, pad_slack: int = 16) -> li
     return batches
 
 
+def check_bundle(bundle: Path, manifest: dict, session: ort.InferenceSession, tokenizer: Tokenizer) -> None:
+    """The manifest against the model it describes, before any answer: a manifest can pass its hash
+    check and still disagree with the graph (edited by hand, or put together from two exports).
+
+    One probe call at the full window — every id the tokenizer can produce, the pad id, every casing
+    class — must run and give logits of the task's rank with one column per label; when it fails,
+    smaller probes name the field. Raises BundleError (with the field and the fix)."""
+    where = str(bundle / "manifest.json")
+    fix = "export the run again (zeroship export onnx RUN)"
+    task, labels, max_length = manifest["task"], manifest["labels"], manifest["max_length"]
+    specials = len(tokenizer.encode("").ids)
+    if task == "token_classification" and manifest["stride"] >= max_length - specials:
+        raise BundleError(Problem(where, f"stride {manifest['stride']} must be below max_length {max_length} − "
+                                  f"{specials} special tokens", fix))
+    if max_length <= specials:
+        raise BundleError(Problem(where, f"max_length {max_length} leaves no room for text", fix))
+    unknown = {i.name for i in session.get_inputs()} - MODEL_INPUTS
+    if unknown:
+        raise BundleError(Problem(f"{bundle}", f"the model takes inputs the runtime does not feed: {sorted(unknown)}"))
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    types = 5 if manifest.get("casing", False) else 1  # launcher.casing's classes are token types 0-4
+
+    def probe(length: int, ids: list[int], type_id: int) -> np.ndarray | None:
+        row = (ids * length)[:length]
+        feed = {"input_ids": np.array([row], dtype=np.int64), "attention_mask": np.ones((1, length), dtype=np.int64),
+                "token_type_ids": np.full((1, length), type_id, dtype=np.int64)}
+        names = {i.name for i in session.get_inputs()}
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4  # a failing probe is an answer here, not an error to log
+        try:
+            return session.run(["logits"], {k: v for k, v in feed.items() if k in names}, quiet)[0]
+        except Exception:  # onnxruntime's own error types: an index outside a table, a shape that cannot broadcast
+            return None
+
+    logits = probe(max_length, [vocab - 1, manifest["pad_token_id"], 0], types - 1)
+    if logits is None:
+        for failed, what in ((probe(2, [0], 0) is None, "the model does not run on a plain input"),
+                             (probe(2, [vocab - 1], 0) is None,
+                              f"tokenizer.json has {vocab} tokens, more than the model's embedding table"),
+                             (probe(2, [manifest["pad_token_id"]], 0) is None,
+                              f"pad_token_id {manifest['pad_token_id']} is outside the model's embedding table"),
+                             (probe(2, [0], types - 1) is None,
+                              f"casing needs {types} token types, more than the model's token-type table"),
+                             (True, f"max_length {max_length} is beyond the model's position embeddings")):
+            if failed:
+                raise BundleError(Problem(where, what, fix))
+    assert logits is not None
+    if logits.ndim != LOGITS_RANK[task]:
+        other = next(t for t, r in LOGITS_RANK.items() if r == logits.ndim) if logits.ndim in (2, 3) else "no"
+        raise BundleError(Problem(where, f"task is {task}, but the model's logits have rank {logits.ndim} "
+                                  f"(a {other} model)", fix))
+    if logits.shape[-1] != len(labels):
+        raise BundleError(Problem(where, f"labels lists {len(labels)} labels, but the model has "
+                                  f"{logits.shape[-1]} outputs", fix))
+
+
 class Predictor:
     """A loaded bundle. `predict` is safe to call from several threads at once."""
 
@@ -240,6 +331,8 @@ class Predictor:
         except Exception as exc:  # onnxruntime / tokenizers raise their own types for bad files
             raise BundleError(f"{bundle}: cannot load ({type(exc).__name__}: {exc})") from None
         tokenizer.no_padding()
+        tokenizer.no_truncation()
+        check_bundle(bundle, manifest, session, tokenizer)
         tokenizer.enable_truncation(manifest["max_length"],
                                     stride=manifest["stride"] if manifest["task"] == "token_classification" else 0)
         on_gpu = session.get_providers()[0] == "CUDAExecutionProvider"
@@ -278,9 +371,7 @@ class Predictor:
         texts = [texts] if single else texts
         if not isinstance(texts, (list, tuple)):
             raise TypeError(f"predict() takes a string or a list of strings, got {type(texts).__name__}")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"predict(): item {i} is {type(text).__name__}, not str")
+        check_texts(texts)  # a TextError (a ValueError) naming the text; nothing reaches the tokenizer
         if not texts:
             return []
         encodings = self.tokenizer.encode_batch(list(texts))

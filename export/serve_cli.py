@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from launcher.cli import _Parser, out, run_cli
+from launcher.cli import _Parser, console, out, run_cli
 from launcher.errors import Problem, ZeroshipError
 
 
@@ -35,7 +35,7 @@ def serve_command(argv: list[str]) -> int:
     def go() -> int:
         from pydantic import ValidationError
 
-        from export.runtime import BundleError, pick_variant, providers_for, read_manifest
+        from export.runtime import Predictor
         from export.serve import ServeOptions, config_yaml, run_forever
         from launcher.runs import bundle_folder
 
@@ -48,11 +48,9 @@ def serve_command(argv: list[str]) -> int:
                 raise ZeroshipError(Problem("--autoscale", f"expected MIN:MAX, got {args.autoscale!r}", "e.g. 1:4"))
             autoscale = (int(lo), int(hi))
         bundle = bundle_folder(args.bundle, args.runs)
-        try:
-            manifest = read_manifest(bundle)
-            pick_variant(manifest, args.variant, providers_for("cpu"))
-        except BundleError as exc:
-            raise ZeroshipError(Problem(str(bundle), str(exc), "export the run first: zeroship export onnx RUN")) from None
+        # the whole bundle, checked here before Ray starts (export.runtime.check_bundle): a bad one is exit 2
+        # with its field, never a replica that fails to deploy or answers wrongly
+        Predictor.load(bundle, variant=args.variant, threads=1)
         try:
             opts = ServeOptions(bundle=str(bundle.resolve()), variant=args.variant, replicas=args.replicas,
                                 autoscale=autoscale, threads_per_replica=args.threads_per_replica,
@@ -64,6 +62,7 @@ def serve_command(argv: list[str]) -> int:
         if args.config_only:
             sys.stdout.write(config_yaml(opts, args.host, args.port))
             return 0
-        return run_forever(opts, args.host, args.port, lambda msg: out.print(msg, highlight=False, markup=False))
+        return run_forever(opts, args.host, args.port, lambda msg: out.print(msg, highlight=False, markup=False),
+                           warn=lambda msg: console.print(msg, highlight=False, markup=False))
 
     return run_cli(go)

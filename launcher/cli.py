@@ -164,6 +164,10 @@ def runs_command(argv: list[str]) -> int:
                           str(st.get("task", "")), metric, escape(_short_parent(st.get("parent"))),
                           str(st.get("created", "")))
         out.print(table)
+        ignored = reg.not_runs()
+        if ignored:
+            out.print(f"[dim]not runs, ignored: {escape(', '.join(ignored[:10]))}"
+                      f"{f' and {len(ignored) - 10} more' if len(ignored) > 10 else ''}[/]", highlight=False)
         return 0
 
     return run_cli(go)

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from launcher.errors import DataError, Problem
+from launcher.errors import EXCERPT_CHARS, DataError, Problem, excerpt, text_problem
 from launcher.sources import Source, expand, read_bytes
 
 MAX_PROBLEMS = 20  # report this many bad lines, then stop reading
@@ -68,10 +68,15 @@ class Dataset:
 
 
 class _Collector:
-    def __init__(self, path: str):
-        self.path, self.problems = path, []
+    """A file's problems, up to MAX_PROBLEMS. Only the first that quotes its line shows an excerpt (a
+    file that is not data at all, e.g. /etc/shadow named as train, must not be printed line by line)."""
 
-    def add(self, line: int, what: str, fix: str = "") -> None:
+    def __init__(self, path: str):
+        self.path, self.problems, self.quoted = path, [], False
+
+    def add(self, line: int, what: str, fix: str = "", quote: str | None = None) -> None:
+        if quote is not None and not self.quoted:
+            what, self.quoted = f"{what}: {excerpt(quote)}", True
         self.problems.append(Problem(f"{self.path}:{line}", what, fix))
         if len(self.problems) >= MAX_PROBLEMS:
             self.raise_if_any(truncated=True)
@@ -127,7 +132,7 @@ def parse_conll(lines: list[str], path: str) -> list[Example]:
         if not tokens:
             start = lineno
         if len(cols) < 2:
-            bad.add(lineno, f"expected 'token ... tag', got {len(cols)} column(s): {line[:60]!r}")
+            bad.add(lineno, f"expected 'token ... tag', got {len(cols)} column(s)", quote=line)
             continue
         if ncols is None:
             ncols = len(cols)
@@ -185,12 +190,16 @@ def parse_jsonl(lines: list[str], path: str, task: str) -> list[Example]:
                 bad.add(lineno, "every token must be a non-empty string")
             elif not all(isinstance(t, str) and t for t in tags):
                 bad.add(lineno, "every tag must be a non-empty string")
+            elif (problem := next(filter(None, map(text_problem, tokens + tags)), "")):
+                bad.add(lineno, problem, "JSON escapes must form valid UTF-16 pairs")
             else:
                 out.append(Example(tokens=tokens, tags=tags, where=where))
         else:
             text, label = row.get("text"), row.get("label")
             if not isinstance(text, str) or label is None or isinstance(label, (dict, list)):
                 bad.add(lineno, 'expected {"text": "...", "label": ...}')
+            elif (problem := text_problem(text) or (isinstance(label, str) and text_problem(label))):
+                bad.add(lineno, problem, "JSON escapes must form valid UTF-16 pairs")
             elif (problem := labels.check(label, lineno)):
                 bad.add(lineno, problem, 'labels are strings ("pos") or whole numbers (1), one kind per file')
             else:
@@ -208,13 +217,13 @@ class _LabelKinds:
 
     def check(self, label: Any, lineno: int) -> str:
         if isinstance(label, bool) or not isinstance(label, (str, int)):
-            shown = "NaN" if isinstance(label, float) and math.isnan(label) else json.dumps(label)
+            shown = "NaN" if isinstance(label, float) and math.isnan(label) else json.dumps(label)[:EXCERPT_CHARS]
             return f"label {shown} is not a string or an integer"
         kind = type(label)
         other = int if kind is str else str
         if other in self.first:
             names = {str: "a string", int: "an integer"}
-            return f"label {json.dumps(label)} is {names[kind]} but line {self.first[other]} has {names[other]} label"
+            return f"label {json.dumps(label)[:EXCERPT_CHARS]} is {names[kind]} but line {self.first[other]} has {names[other]} label"
         self.first.setdefault(kind, lineno)
         return ""
 
@@ -235,8 +244,8 @@ def parse_csv(lines: list[str], path: str, text_column: str, label_column: str, 
         raise DataError(Problem(f"{path}:1", f"unreadable CSV header: {exc}")) from None
     missing = [c for c in (text_column, label_column) if c not in header]
     if missing:
-        raise DataError(Problem(f"{path}:1", f"header has no column {', '.join(map(repr, missing))}",
-                                f"header is {header}; set data.text_column/label_column or data.delimiter"))
+        raise DataError(Problem(f"{path}:1", f"header has no column {', '.join(map(excerpt, missing))}",
+                                f"header starts {excerpt(delimiter.join(header))}; set data.text_column/label_column or data.delimiter"))
     ti, li = header.index(text_column), header.index(label_column)
     out = []
     for row in _csv_rows(reader, bad):
@@ -288,7 +297,7 @@ def label_order(task: str, seen: set[str]) -> list[str]:
 
 def _check_bio_label(tag: str, where: str, bad: _Collector) -> None:
     if tag != "O" and not (tag[:2] in ("B-", "I-") and len(tag) > 2):
-        bad.problems.append(Problem(where, f"tag {tag!r} is not BIO (O, B-TYPE, I-TYPE)"))
+        bad.problems.append(Problem(where, f"tag {excerpt(tag)} is not BIO (O, B-TYPE, I-TYPE)"))
 
 
 def parse_file(name: str, data: dict, task: str) -> list[Example]:
@@ -388,7 +397,7 @@ def check_labels(splits: dict[str, Split], labels: list[str], data: dict, task: 
                 if value not in closed:
                     origin = "data.labels in the recipe" if data.get("labels") else "the train split"
                     line = token_line(ex, i) if data["format"] == "conll" else ex.where
-                    bad.problems.append(Problem(line, f"label {value!r} is not in {origin}",
+                    bad.problems.append(Problem(line, f"label {excerpt(value)} is not in {origin}",
                                                 f"known labels: {', '.join(labels[:12])}"))
                     break
             if len(bad.problems) >= MAX_PROBLEMS:

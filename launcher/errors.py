@@ -7,6 +7,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+EXCERPT_CHARS = 40
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """A short, escaped quote of user data for an error message: at most `limit` characters of `text`
+    (control characters, surrogates and quotes escaped by repr), with … when cut. Errors quote no more
+    than this of a file, so pointing a recipe at a file that is not data shows little of it."""
+    text = str(text)
+    return repr(text[:limit]) + ("…" if len(text) > limit else "")
+
+
+def text_problem(text: str) -> str:
+    """What keeps the tokenizer from taking `text` ("" when nothing): a lone surrogate, which JSON's
+    "\\ud800" escapes and undecodable command-line bytes (Python's surrogateescape) both produce."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = ord(text[exc.start])
+        if 0xDC80 <= char <= 0xDCFF:  # an undecodable byte kept by surrogateescape (argv, file names)
+            return f"byte 0x{char - 0xDC00:02x} at character {exc.start} is not UTF-8"
+        return f"lone surrogate U+{char:04X} at character {exc.start} is not valid Unicode"
+    return ""
+
 
 @dataclass
 class Problem:

@@ -31,7 +31,7 @@ from launcher.data import (
     parse_lines,
     token_line,
 )
-from launcher.errors import DataError, Problem
+from launcher.errors import DataError, Problem, excerpt
 from launcher.sources import expand
 
 DATA_CPU = 0.25  # what each Ray Data task asks for: the workers hold whole CPUs
@@ -132,7 +132,7 @@ def check_train(dataset: Dataset, data: dict, task: str) -> None:
     summary = check_split(ds, task, data["format"] == "conll", data.get("labels"))
     if summary["unknown"]:
         line, label = summary["unknown"][0]
-        raise DataError(Problem(line, f"label {label!r} is not in data.labels in the recipe",
+        raise DataError(Problem(line, f"label {excerpt(label)} is not in data.labels in the recipe",
                                 f"known labels: {', '.join(data['labels'][:12])}"))
     if not summary["examples"]:
         raise DataError(Problem(split.path, "the train split has no examples"))

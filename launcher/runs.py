@@ -17,10 +17,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from launcher.errors import Problem, RecipeError, RunError
+from launcher.errors import Problem, RecipeError, RunError, excerpt
 from launcher.storage import NOT_PUSHED, RemoteStore, check_local_root, is_uri
 
-RUN_ID = re.compile(r"^run-([0-9]{1,9})$", re.ASCII)
+RUN_ID = re.compile(r"^run-([1-9][0-9]{0,8})$", re.ASCII)  # run-7, never run-007 (a second run-7?)
+RUN_LIKE = re.compile(r"^run-[0-9]+$", re.ASCII)  # what looks like a run folder, to say why it is not one
 STATES = ("pending", "running", "succeeded", "failed")
 
 
@@ -57,12 +58,13 @@ def normalize_run_id(text: str) -> str | None:
     text = str(text).strip()
     if text == "latest":
         return None
-    if text.isascii() and text.isdigit() and len(text) <= 9:  # not "٤٢": int() would read it as 42
-        return f"run-{int(text)}"
+    if text.isascii() and text.isdigit():  # not "٤٢": int() would read it as 42
+        text = f"run-{text}"
     if RUN_ID.match(text):
-        return f"run-{int(RUN_ID.match(text).group(1))}"
+        return text
     raise RunError(
-        Problem(f"run id {text!r}", "not a run id", "use run-<N>, <N> or latest (see `zeroship runs`)")
+        Problem(f"run id {excerpt(text)}", "not a run id",
+                "use run-<N>, <N> or latest, N without leading zeros (see `zeroship runs`)")
     )
 
 
@@ -128,6 +130,14 @@ class Run:
         atomic_write_json(self.status_path, status)
         self.push("status.json")
         return status
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        """Write a file of this run (a path inside its folder) atomically, and push it to the URI."""
+        target = (self.dir / rel).resolve()
+        if self.dir.resolve() not in target.parents:
+            raise ValueError(f"{rel!r} is not inside {self.id}")
+        atomic_write_json(target, obj)
+        self.push(rel)
 
     def append_metrics(self, record: dict) -> None:
         with open(self.dir / "metrics.jsonl", "a") as fh:
@@ -218,16 +228,16 @@ class Registry:
         """Resolve a user-supplied id (run-42, 42, latest) to an existing run."""
         run_id = normalize_run_id(text)
         if run_id is None:
-            ids = self.ids()
-            if not ids:
-                raise RunError(Problem(str(self.root), "no runs yet", "launch a recipe first"))
-            run_id = f"run-{ids[-1]}"
+            readable = [run for run in self.runs() if _readable(run)]
+            if not readable:
+                raise RunError(Problem(str(self.root), "no readable runs yet", "launch a recipe first"))
+            run_id = readable[-1].id
         path = self.root / run_id
         if self.remote is not None and self.remote.exists(f"{run_id}/status.json"):
             shutil.rmtree(path, ignore_errors=True)  # the URI is the truth: a fresh copy, minus ray/
             self.remote.pull(run_id, path)
         if not (path / "status.json").is_file():
-            known = ", ".join(f"run-{n}" for n in self.ids()[-5:]) or "none"
+            known = ", ".join(run.id for run in self.runs()[-5:]) or "none"
             where = self.remote.child_uri(run_id) if self.remote else str(path)
             raise RunError(
                 Problem(where, f"no run {run_id} here", f"recent runs: {known}; or pass --runs DIR")
@@ -235,6 +245,8 @@ class Registry:
         return Run(run_id, path, remote=self.remote)
 
     def runs(self) -> list[Run]:
+        """The runs here, in id order: `run-N` folders with a status file (which may still be damaged:
+        `Run.status` says how). Anything else is not a run (see `not_runs`)."""
         out = []
         for n in self.ids():
             path = self.root / f"run-{n}"
@@ -243,6 +255,30 @@ class Registry:
             if (path / "status.json").is_file():
                 out.append(Run(f"run-{n}", path, remote=self.remote))
         return out
+
+    def not_runs(self) -> list[str]:
+        """`name (why)` for each entry here that looks like a run folder but is not one (a local root)."""
+        if self.remote is not None or not self.root.is_dir():
+            return []
+        out = []
+        for entry in sorted(self.root.iterdir(), key=lambda p: p.name):
+            if not RUN_LIKE.match(entry.name):
+                continue
+            why = ("not a run id (leading zeros)" if not RUN_ID.match(entry.name) else
+                   "not a folder" if not entry.is_dir() else
+                   "status.json is not a file" if (entry / "status.json").exists() and not (entry / "status.json").is_file()
+                   else "no status.json" if not (entry / "status.json").is_file() else "")
+            if why:
+                out.append(f"{entry.name} ({why})")
+        return out
+
+
+def _readable(run: Run) -> bool:
+    try:
+        run.status()
+        return True
+    except RunError:
+        return False
 
 
 def bundle_folder(text: str, runs: str) -> Path:

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from launcher.errors import DataError, Problem
+from launcher.errors import DataError, Problem, ZeroshipError
 
+T = TypeVar("T")
 GLOB_CHARS = "*?["
 FIX = "data paths are files, folders of shards or globs, relative to the recipe file's folder, or URIs"
 
@@ -30,9 +35,47 @@ def is_uri(spec: str) -> bool:
     return "://" in spec
 
 
+def remote_timeout_s() -> float:
+    """How long one look at a remote URI may take (ZEROSHIP_REMOTE_TIMEOUT_S, default 30 s)."""
+    try:
+        value = float(os.environ.get("ZEROSHIP_REMOTE_TIMEOUT_S", "30"))
+    except ValueError:
+        value = 30.0
+    return value if 0 < value < 86_400 else 30.0
+
+
+def within_deadline(fn: Callable[[], T], spec: str, field: str, error: type[ZeroshipError] = DataError) -> T:
+    """fn() for a URI, or a DataError when the store gives no answer in `remote_timeout_s()`: without a
+    network pyarrow's GCS client retries for 15 minutes, and S3's or HDFS's can hang on a dead host. The
+    call is left on a daemon thread, which does not keep the process alive."""
+    seconds = remote_timeout_s()
+    box: list = []
+
+    def run() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box.append((False, exc))
+
+    thread = threading.Thread(target=run, daemon=True, name=f"zeroship-uri {spec[:40]}")
+    thread.start()
+    thread.join(seconds)
+    if not box:
+        raise error(Problem(field, f"{spec}: no answer from {spec.split('://', 1)[0]}:// in {seconds:.0f} s",
+                                "check the network and credentials for it (ZEROSHIP_REMOTE_TIMEOUT_S sets "
+                                "the wait)"))
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
 def expand(spec: str, field: str) -> list[Source]:
     """The files a split names, in a stable order; a clear error when there are none."""
-    files = _expand_uri(spec, field) if is_uri(spec) else _expand_local(spec, field)
+    if is_uri(spec):
+        files = within_deadline(lambda: _expand_uri(spec, field), spec, field)
+    else:
+        files = _expand_local(spec, field)
     if not files:
         raise DataError(Problem(field, f"{spec}: no data files there", FIX))
     return files
@@ -118,12 +161,15 @@ def read_bytes(source: str, field: str = "", limit: int | None = None) -> bytes:
             return fh.read(-1 if limit is None else limit)
     import pyarrow
 
-    fs, path = _filesystem(source, field or source)
-    try:
-        with fs.open_input_stream(path) as fh:
-            return fh.read(limit)
-    except (pyarrow.ArrowException, OSError) as exc:
-        raise DataError(Problem(source, f"cannot read: {exc}", "check the URI and its credentials")) from None
+    def read() -> bytes:
+        fs, path = _filesystem(source, field or source)
+        try:
+            with fs.open_input_stream(path) as fh:
+                return fh.read(limit)
+        except (pyarrow.ArrowException, OSError) as exc:
+            raise DataError(Problem(source, f"cannot read: {exc}", "check the URI and its credentials")) from None
+
+    return within_deadline(read, source, field or source)
 
 
 def describe(files: list[Source]) -> str:

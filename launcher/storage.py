@@ -73,8 +73,13 @@ class RemoteStore:
         if self._fs is None:
             import pyarrow.fs
 
-            self._fs, self._base = pyarrow.fs.FileSystem.from_uri(self.uri)
-            self._base = self._base.rstrip("/")
+            from launcher.errors import RunError
+            from launcher.sources import within_deadline
+
+            fs, base = pyarrow.fs.FileSystem.from_uri(self.uri)
+            # the first look is bounded: an unreachable store is an error in seconds, not a hang
+            within_deadline(lambda: fs.get_file_info(base), self.uri, "run storage", RunError)
+            self._fs, self._base = fs, base.rstrip("/")
         return self._fs
 
     def path(self, rel: str) -> str:

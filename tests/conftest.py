@@ -256,3 +256,28 @@ def cls_run(tmp_path_factory, mlflow_server) -> Path:
     folder = tmp_path_factory.mktemp("cls")
     with tempfile.TemporaryDirectory(prefix="zs-", dir="/tmp") as ray_dir:
         return train_run(folder, ray_dir, **CLS_SECTIONS, run={"mlflow_uri": mlflow_server, "name": "cls-tests"})
+
+
+def is_loopback(ip: str) -> bool:
+    """127.0.0.0/8, ::1, or IPv4 loopback mapped into IPv6 (::ffff:127.0.0.1, as gRPC binds it)."""
+    import ipaddress
+
+    address = ipaddress.ip_address(ip.split("%", 1)[0])
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def listeners_of(pid: int) -> list[tuple[str, str, int]]:
+    """(process name, address, port) of every TCP socket listening in the process tree under `pid`."""
+    import psutil
+
+    root = psutil.Process(pid)
+    found = []
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.append((proc.name(), conn.laddr.ip, conn.laddr.port))
+        except psutil.Error:
+            continue
+    return found

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import BIN, ROOT, TOY_NER, cli, free_port
+from conftest import BIN, ROOT, TOY_NER, cli, free_port, is_loopback, listeners_of
 
 from export.runtime import Predictor
 from launcher.data import read_conll
@@ -153,6 +153,8 @@ def test_concurrent_clients_get_their_own_answers_batched_together(server, bundl
     (json.dumps({"texts": ["a"] * 9}).encode(), 413, "too many texts"),
     (json.dumps({"texts": ["x" * 501]}).encode(), 413, "text too long"),
     (b"[" * 50_000 + b"]" * 50_000, 400, "malformed JSON"),
+    (b'{"texts": [' + b"9" * 5000 + b"]}", 400, "malformed JSON"),  # past Python's int digit limit
+    (b'{"texts": ["ok", "\\ud800"]}', 422, "invalid text"),  # legal JSON, not a text the tokenizer takes
 ])
 def test_bad_requests_get_json_errors_and_the_replica_stays_up(server, body, status, error):
     got_status, got = http(f"{server.url}/predict", body)
@@ -169,6 +171,40 @@ def test_metadata_and_openapi(server, bundle):
     assert meta["max_length"] == manifest["max_length"] and meta["limits"] == {"max_texts": 8, "max_chars": 500}
     status, spec = http(f"{server.url}/openapi.json")
     assert status == 200 and {"/predict", "/healthz", "/readyz", "/metadata"} <= set(spec["paths"])
+
+
+def test_one_clients_bad_text_never_fails_another_clients_request(server, bundle):
+    """Valid and invalid (lone surrogate) requests at once, batched together by the replica: every valid
+    one gets its own right answer, every invalid one a 422 that names its text."""
+    reference = spans(Predictor.load(bundle).predict(TEXTS[:40]))
+    bad_body = b'{"texts": ["fine", "half an emoji \\ud83d here"]}'
+    barrier, answers = threading.Barrier(40), [None] * 40
+
+    def client(i: int) -> None:
+        barrier.wait()
+        if i % 4 == 3:
+            answers[i] = http(f"{server.url}/predict", bad_body)
+        else:
+            answers[i] = predict(server.url, [TEXTS[i]])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i, (status, body) in enumerate(answers):
+        if i % 4 == 3:
+            assert status == 422 and body["detail"]["index"] == 1 and "U+D83D" in body["detail"]["problem"], body
+        else:
+            assert status == 200 and spans(body["predictions"])[0] == reference[i], (i, status, body)
+
+
+def test_every_listener_of_the_server_is_on_loopback(server):
+    listeners = listeners_of(server.proc.pid)
+    names = {name for name, _, _ in listeners}
+    assert any(port == server.port for _, _, port in listeners), listeners  # the check sees the HTTP proxy
+    assert any("ServeRepli" in name for name in names), names  # and the replica (its gRPC server)
+    assert all(is_loopback(ip) for _, ip, _ in listeners), listeners
 
 
 def test_sigint_exits_0_and_frees_the_port(server):
@@ -249,3 +285,39 @@ def test_killing_a_replica_mid_load_loses_no_request(bundle):
         print(f"replica kill: {done[0]} requests answered, {retried[0]} retried")
     finally:
         assert srv.stop() == 0, srv.output()
+
+
+def test_when_its_ray_dies_serve_turns_unready_and_exits_1(bundle):
+    """Ray's gcs_server and raylet are SIGKILLed under a running server: /readyz stops saying ready within
+    seconds, the command says why and exits 1, and nothing of it is left listening (a supervisor sees a
+    dead process, not a healthy one serving nothing)."""
+    import psutil
+
+    srv = Server(bundle)
+    try:
+        tree = [srv.proc.pid] + [p.pid for p in psutil.Process(srv.proc.pid).children(recursive=True)]
+        core = [p for p in psutil.Process(srv.proc.pid).children() if p.name() in ("gcs_server", "raylet")]
+        assert len(core) == 2, [p.name() for p in psutil.Process(srv.proc.pid).children()]
+        assert http(f"{srv.url}/readyz")[0] == 200
+        for proc in core:
+            proc.kill()
+        killed = time.monotonic()
+        ready_after = []
+        while srv.proc.poll() is None and time.monotonic() - killed < 90:
+            try:
+                status = http(f"{srv.url}/readyz", timeout=2)[0]
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                status = None
+            if status == 200:
+                ready_after.append(round(time.monotonic() - killed, 1))
+            time.sleep(0.3)
+        assert srv.proc.poll() == 1, srv.output()
+        assert time.monotonic() - killed < 60
+        assert all(t < 2.5 for t in ready_after), ready_after  # ready no more once the watch has looked
+        assert "Ray stopped: gcs_server" in srv.output() and "exit 1" in srv.output(), srv.output()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", srv.port), timeout=5).close()
+        left = [pid for pid in tree if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        assert left == [], left
+    finally:
+        srv.stop()
