@@ -1,13 +1,19 @@
-"""`zeroship serve` under load: loopback HTTP clients for a bounded time at 1, 8 and 32 concurrent
-clients, each sending one CoNLL-2003 test sentence per request (real lengths), against the in-process
-`Predictor` on the same sentences. Prints p50/p99 latency per request, sentences/s and the batching
-factor (mean texts per model call, from the server's /stats), and appends them to RESULTS.md.
+"""`zeroship serve` under load, side by side with the server a user would write by hand.
 
-    make quickstart                                   # a trained, exported run
-    .venv/bin/python benchmarks/serve_http.py [--run latest] [--runs runs] [--seconds 20]
+Three servers on the same bundle, one after the other, each driven by `wrk` (a compiled load generator,
+Debian's `wrk` package, so the client is not the bottleneck) with 1, 8 and 32 connections, each request
+one CoNLL-2003 test sentence (real lengths, rotating through `--sentences` of them):
 
-One replica with --threads-per-replica threads (default 2: this machine's cores); the clients share
-the same cores, so the figures are what one small box serves, not the server's ceiling.
+- hand-written: `benchmarks/handwritten_server.py`, FastAPI + uvicorn around `Predictor`, one process,
+  no batching (what the README's Python snippet plus a route gives);
+- zeroship serve: the one-box runner (this process's uvicorn, export.serve_local's batcher);
+- zeroship serve --ray-serve: the same app on Ray Serve, 1 replica.
+
+Also the Predictor in process at batch 32 (the ceiling on this box), and each zeroship row's texts per
+model call (from /stats). Appends the table and the ratios the targets are stated in to RESULTS.md.
+
+    make quickstart && apt-get install wrk
+    .venv/bin/python benchmarks/serve_http.py [--run latest] [--runs runs] [--seconds 15] [--threads 2]
 """
 
 from __future__ import annotations
@@ -16,22 +22,37 @@ import argparse
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 CLIENTS = (1, 8, 32)
+BIN = Path(sys.executable).parent
+
+WRK_SCRIPT = """
+local bodies = {}
+for line in io.lines(os.getenv("ZS_BODIES")) do bodies[#bodies + 1] = line end
+local i = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  i = i % #bodies + 1
+  return wrk.format(nil, "/predict", nil, bodies[i])
+end
+done = function(summary, latency, requests)
+  io.write(string.format("ZS non2xx %d\\n", summary.errors.status))
+end
+"""
 
 
 def get(url: str) -> dict:
@@ -39,81 +60,87 @@ def get(url: str) -> dict:
         return json.loads(resp.read())
 
 
-def post(url: str, texts: list[str]) -> None:
-    req = urllib.request.Request(url, data=json.dumps({"texts": texts}).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as resp:
-        resp.read()
-
-
-def start_server(bundle: Path, threads: int, port: int, ray_dir: str) -> subprocess.Popen:
-    zeroship = Path(sys.executable).parent / "zeroship"
-    proc = subprocess.Popen([str(zeroship), "serve", str(bundle), "--port", str(port),
-                             "--threads-per-replica", str(threads)], cwd=ROOT, start_new_session=True,
-                            env={**os.environ, "ZEROSHIP_RAY_TMPDIR": ray_dir},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
+def wait_ready(proc: subprocess.Popen, url: str, seconds: int = 240) -> None:
+    deadline = time.time() + seconds
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SystemExit("zeroship serve exited before it was ready")
+            raise SystemExit(f"server exited before it was ready: {proc.args}")
         try:
-            if get(f"http://127.0.0.1:{port}/readyz").get("status") == "ready":
-                return proc
+            with urllib.request.urlopen(f"{url}/readyz", timeout=5) as resp:
+                if resp.status == 200:
+                    return
         except OSError:
             pass
-        time.sleep(1)
-    raise SystemExit("zeroship serve not ready in 240 s")
+        time.sleep(0.5)
+    raise SystemExit(f"not ready in {seconds} s: {proc.args}")
 
 
-def load(url: str, texts: list[str], clients: int, seconds: float) -> dict:
-    """`clients` threads, each sending one sentence per request back to back for `seconds`."""
-    latencies: list[float] = []
-    lock = threading.Lock()
-    stop = time.time() + seconds
+def wrk(url: str, clients: int, seconds: float, script: Path, bodies: Path) -> dict:
+    res = subprocess.run(["wrk", "-t", str(min(clients, 2)), "-c", str(clients), "-d", f"{seconds:g}s", "--latency",
+                          "-s", str(script), url], capture_output=True, text=True, env={**os.environ, "ZS_BODIES": str(bodies)},
+                         timeout=seconds + 120)
+    if res.returncode != 0:
+        raise SystemExit(f"wrk failed: {res.stderr[-500:]}")
+    text = res.stdout
 
-    def client(k: int) -> None:
-        i, mine = k, []
-        while time.time() < stop:
-            start = time.perf_counter()
-            post(url, [texts[i % len(texts)]])
-            mine.append(time.perf_counter() - start)
-            i += clients
-        with lock:
-            latencies.extend(mine)
+    def ms(label: str) -> float:
+        match = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+        value, unit = float(match.group(1)), match.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
-    started = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
-    ms = np.array(latencies) * 1000
-    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-            "per_s": len(latencies) / wall, "requests": len(latencies)}
+    non2xx = int(re.search(r"ZS non2xx (\d+)", text).group(1))
+    return {"per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1)), "p50_ms": ms("50%"),
+            "p99_ms": ms("99%"), "non2xx": non2xx}
 
 
-def in_process(bundle: Path, texts: list[str], threads: int, seconds: float) -> dict:
-    """The Predictor called directly: one sentence per call (b=1), and batches of 32."""
+def in_process_b32(bundle: Path, texts: list[str], threads: int, seconds: float) -> float:
     from export.runtime import Predictor
 
     pred = Predictor.load(bundle, threads=threads)
     pred.predict(texts[:32])
-    single, stop, i = [], time.time() + seconds / 2, 0
-    while time.time() < stop:
-        start = time.perf_counter()
-        pred.predict(texts[i % len(texts)])
-        single.append((time.perf_counter() - start) * 1000)
-        i += 1
-    batches, stop = [], time.time() + seconds / 2
+    times, i, stop = [], 0, time.time() + seconds
     while time.time() < stop:
         group = [texts[(i + j) % len(texts)] for j in range(32)]
         start = time.perf_counter()
         pred.predict(group, batch_size=32)
-        batches.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
         i += 32
-    return {"variant": pred.variant, "p50_ms": float(np.percentile(single, 50)),
-            "p99_ms": float(np.percentile(single, 99)), "b32_per_s": 32 / statistics.median(batches)}
+    return 32 / statistics.median(times)
+
+
+def servers(bundle: Path, threads: int, port: int) -> dict[str, list[str]]:
+    zeroship = str(BIN / "zeroship")
+    common = ["--port", str(port), "--threads-per-replica", str(threads)]
+    return {"hand-written FastAPI + uvicorn": [sys.executable, str(ROOT / "benchmarks" / "handwritten_server.py"),
+                                               str(bundle), str(port), str(threads)],
+            "zeroship serve (one box)": [zeroship, "serve", str(bundle), *common],
+            "zeroship serve --ray-serve (1 replica)": [zeroship, "serve", str(bundle), "--ray-serve", *common]}
+
+
+def measure(name: str, cmd: list[str], url: str, seconds: float, script: Path, bodies: Path) -> dict:
+    with tempfile.TemporaryDirectory(prefix="zs-", dir="/tmp") as ray_dir:
+        proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env={**os.environ, "ZEROSHIP_RAY_TMPDIR": ray_dir})
+        try:
+            wait_ready(proc, url)
+            wrk(f"{url}/predict", 4, 3, script, bodies)  # warm-up
+            rows = {}
+            for clients in CLIENTS:
+                before = get(f"{url}/stats") if "zeroship" in name else None
+                rows[clients] = wrk(url, clients, seconds, script, bodies)
+                if before is not None:
+                    after = get(f"{url}/stats")
+                    rows[clients]["per_call"] = ((after["texts"] - before["texts"])
+                                                 / max(1, after["model_calls"] - before["model_calls"]))
+                print(f"{name}, {clients} clients: {rows[clients]}", flush=True)
+            return rows
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def main() -> None:
@@ -124,44 +151,51 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", default="latest")
     ap.add_argument("--runs", default="runs")
-    ap.add_argument("--threads", type=int, default=2, help="threads of the replica and of the in-process Predictor")
-    ap.add_argument("--seconds", type=float, default=20, help="load time per client count")
+    ap.add_argument("--threads", type=int, default=2, help="onnxruntime threads of every server and of the ceiling")
+    ap.add_argument("--seconds", type=float, default=15, help="load time per row")
     ap.add_argument("--sentences", type=int, default=512)
     args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: apt-get install wrk")
     run = resolve_run(args.run, args.runs)
     bundle = run.dir / "onnx"
     if not (bundle / "manifest.json").is_file():
         raise SystemExit(f"{bundle}: not exported; run `zeroship export onnx {run.id} --runs {args.runs}` first")
     texts = [" ".join(s) for s in random.Random(0).sample(sentences("test.txt"), args.sentences)]
-    local = in_process(bundle, texts, args.threads, args.seconds)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory(prefix="zs-", dir="/tmp") as ray_dir:
-        proc = start_server(bundle, args.threads, port, ray_dir)
-        try:
-            rows = {}
-            for clients in CLIENTS:
-                before = get(f"{url}/stats")
-                rows[clients] = load(f"{url}/predict", texts, clients, args.seconds)
-                after = get(f"{url}/stats")
-                calls = after["model_calls"] - before["model_calls"]
-                rows[clients]["batching"] = (after["texts"] - before["texts"]) / max(1, calls)
-                print(f"{clients} clients: {rows[clients]}", flush=True)
-        finally:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=120)
-    lines = ["| engine | clients | p50 ms | p99 ms | sentences/s | texts per model call |", "|---|---|---|---|---|---|",
-             f"| Predictor in process ({local['variant']}), b=1 | 1 | {local['p50_ms']:.2f} | {local['p99_ms']:.2f} "
-             f"| {1000 / local['p50_ms']:.0f} | 1 |",
-             f"| Predictor in process ({local['variant']}), b=32 | - | - | - | {local['b32_per_s']:.0f} | 32 |"]
-    lines += [f"| zeroship serve (HTTP, 1 replica) | {c} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['per_s']:.0f} "
-              f"| {r['batching']:.2f} |" for c, r in rows.items()]
-    table = "\n".join(lines) + (f"\n\nModel: {run.id} bundle ({local['variant']}), {args.threads} threads; one CoNLL-2003"
-                                f" test sentence per request, {args.seconds:g} s per row, clients on the same cores.")
+    ceiling = in_process_b32(bundle, texts, args.threads, 10)
+    with tempfile.TemporaryDirectory(prefix="zs-bench-") as tmp:
+        bodies, script = Path(tmp) / "bodies.jsonl", Path(tmp) / "post.lua"
+        bodies.write_text("".join(json.dumps({"texts": [t]}) + "\n" for t in texts))
+        script.write_text(WRK_SCRIPT)
+        with socket.socket() as sock:  # a free loopback port for the servers, one after the other
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        results = {name: measure(name, cmd, url, args.seconds, script, bodies)
+                   for name, cmd in servers(bundle, args.threads, port).items()}
+    hand, local, ray = (results[name] for name in servers(bundle, args.threads, 0))
+    lines = ["| server | clients | req/s | p50 ms | p99 ms | non-2xx | texts per model call |",
+             "|---|---|---|---|---|---|---|"]
+    for name, rows in results.items():
+        for clients, r in rows.items():
+            per_call = f"{r['per_call']:.2f}" if "per_call" in r else "1 (no batching)"
+            lines.append(f"| {name} | {clients} | {r['per_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
+                         f"| {r['non2xx']} | {per_call} |")
+    lines.append(f"| Predictor in process, batch 32 (the ceiling) | - | {ceiling:.0f} sentences/s | - | - | - | 32 |")
+    ratios = [
+        f"one box ÷ hand-written, 1 client: {local[1]['per_s'] / hand[1]['per_s']:.2f}× req/s, p50 "
+        f"{local[1]['p50_ms'] - hand[1]['p50_ms']:+.2f} ms (target ≥ 1.0×, within +1 ms)",
+        f"one box ÷ hand-written, 32 clients: {local[32]['per_s'] / hand[32]['per_s']:.2f}× req/s (target ≥ 1.1×); "
+        f"{local[32]['per_s'] / ceiling:.2f} of the in-process batch-32 ceiling; {local[32]['per_call']:.2f} texts per call",
+        f"Ray Serve ÷ hand-written, 32 clients: {ray[32]['per_s'] / hand[32]['per_s']:.2f}× req/s (target ≥ 0.7×)",
+    ]
+    table = "\n".join(lines) + "\n\n" + "\n".join(f"- {r}" for r in ratios) + (
+        f"\n\nModel: {run.id} bundle ({json.loads((bundle / 'manifest.json').read_text())['task']}), "
+        f"{args.threads} onnxruntime threads per server; wrk with 1/8/32 connections, {args.seconds:g} s per row, one "
+        "CoNLL-2003 test sentence per request, client and server on the same cores.")
     print(table)
-    append_results("serve_http: zeroship serve under load", " ".join(["benchmarks/serve_http.py", *sys.argv[1:]]), table)
+    append_results("serve_http: hand-written server vs zeroship serve (one box, Ray Serve)",
+                   " ".join(["benchmarks/serve_http.py", *sys.argv[1:]]), table)
 
 
 if __name__ == "__main__":

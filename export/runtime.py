@@ -371,6 +371,9 @@ class Predictor:
         texts = [texts] if single else texts
         if not isinstance(texts, (list, tuple)):
             raise TypeError(f"predict() takes a string or a list of strings, got {type(texts).__name__}")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"predict(): item {i} is {type(text).__name__}, not str")
         check_texts(texts)  # a TextError (a ValueError) naming the text; nothing reaches the tokenizer
         if not texts:
             return []

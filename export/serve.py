@@ -27,126 +27,47 @@ inter-deployment gRPC server included: launcher.ray_compat).
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations at
 # runtime, and under Serve's ingress a string "Request" is taken for a query parameter.
 import asyncio
-import json
 import logging
 import os
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, model_validator
 from ray import serve
 
-from export.runtime import VARIANT_FILES, Predictor, TextError, text_problem
+from export.service import (  # noqa: F401 - RequestError, parse_texts, predict_isolated: used by tests and callers
+    BundleService,
+    Overloaded,
+    RequestError,
+    ServeOptions,
+    parse_texts,
+    predict_isolated,
+)
 
 logger = logging.getLogger("ray.serve")
 
 APP_NAME = "zeroship"
 
 
-class ServeOptions(BaseModel):
-    """Everything a replica needs; also the `args` of the Serve config file."""
-
-    bundle: str
-    variant: str = "auto"
-    threads_per_replica: int = Field(1, ge=1, le=256)
-    replicas: int = Field(1, ge=1, le=1024)
-    autoscale: tuple[int, int] | None = None  # (min, max) replicas, scaled on ongoing requests
-    max_batch_size: int = Field(32, ge=1, le=4096)
-    batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
-    max_texts: int = Field(256, ge=1, le=100_000)  # texts per request
-    max_chars: int = Field(20_000, ge=1, le=10_000_000)  # characters per text
-    ready_file: str | None = None  # set by run_forever on a private Ray: /readyz is 503 once it is gone
-
-    @model_validator(mode="after")
-    def _autoscale_range(self) -> "ServeOptions":
-        if self.autoscale is not None and not 0 <= self.autoscale[0] <= self.autoscale[1] >= 1:
-            raise ValueError(f"autoscale: need 0 <= MIN <= MAX and MAX >= 1, got {self.autoscale}")
-        return self
-
-
-class RequestError(Exception):
-    def __init__(self, status: int, error: str, detail: Any):
-        super().__init__(error)
-        self.status, self.error, self.detail = status, error, detail
-
-
-def parse_texts(body: bytes, max_texts: int, max_chars: int) -> list[str]:
-    """The texts of a /predict body, or a RequestError that says what is wrong with it."""
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, not UTF-8, an integer past 4300 digits
-        raise RequestError(400, "malformed JSON", str(exc).split(";")[0][:200]) from None
-    if not isinstance(payload, dict):
-        raise RequestError(422, "expected a JSON object", 'send {"texts": ["...", ...]}')
-    extra = sorted(set(payload) - {"texts"})
-    if extra:
-        raise RequestError(422, "unknown fields", {"fields": extra[:10], "allowed": ["texts"]})
-    texts = payload.get("texts")
-    if not isinstance(texts, list):
-        raise RequestError(422, "texts must be a list of strings", 'send {"texts": ["...", ...]}')
-    if not texts:
-        raise RequestError(422, "texts is empty", "send at least one text")
-    if len(texts) > max_texts:
-        raise RequestError(413, "too many texts", {"got": len(texts), "limit": max_texts})
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise RequestError(422, "texts must be a list of strings", {"index": i, "got": type(text).__name__})
-        if len(text) > max_chars:
-            raise RequestError(413, "text too long", {"index": i, "chars": len(text), "limit": max_chars})
-        problem = text_problem(text)
-        if problem:  # a lone surrogate ("\\ud800" is legal JSON) would fail the tokenizer for the whole batch
-            raise RequestError(422, "invalid text", {"index": i, "problem": problem})
-    return texts
-
-
-def predict_isolated(predict, texts: list[str], batch_size: int) -> list[Any]:
-    """`predict(texts)`, one result per text; when the batched call fails, each text is predicted on its
-    own and a text that still fails gets its exception in place of a result, so texts batched together
-    from other requests are still answered."""
-    try:
-        return predict(texts, batch_size)
-    except Exception:
-        results: list[Any] = []
-        for text in texts:
-            try:
-                results.append(predict([text], batch_size)[0])
-            except Exception as exc:
-                results.append(exc)
-        return results
-
-
-def error_response(status: int, error: str, detail: Any) -> JSONResponse:
-    return JSONResponse({"error": error, "detail": detail}, status_code=status)
-
-
 api = FastAPI(title="zeroship", description="Predictions from an exported zeroship bundle.")
-
-
 @serve.deployment(name="BundleServer", health_check_period_s=5)
 @serve.ingress(api)
-class BundleServer:
+class BundleServer(BundleService):
+    """The bundle on a Ray Serve replica: export.service's routes, texts batched by `serve.batch`."""
+
+    log = logger
+
     def __init__(self, options: dict):
-        self.opts = ServeOptions(**options)
         from launcher.ray_compat import bind_replica_grpc_to
 
         bind_replica_grpc_to(ray.util.get_node_ip_address())  # not every interface (Ray 2.60 binds "[::]")
-        self.predictor = Predictor.load(self.opts.bundle, variant=self.opts.variant,
-                                        threads=self.opts.threads_per_replica)
-        manifest = self.predictor.manifest
-        model_file = VARIANT_FILES[self.predictor.variant]
-        self.model_info = {"run": manifest.get("run"), "variant": self.predictor.variant,
-                           "sha256": manifest["files"][model_file]["sha256"]}
-        self._batch.set_max_batch_size(self.opts.max_batch_size)
-        self._batch.set_batch_wait_timeout_s(self.opts.batch_wait_ms / 1000)
-        self.counts = {"model_calls": 0, "texts": 0, "requests": 0}
-        self.predictor.predict(["warm up"])  # /readyz answers only once the model has answered
-        self.ready = True
+        self._batch.set_max_batch_size(ServeOptions(**options).max_batch_size)
+        self._batch.set_batch_wait_timeout_s(ServeOptions(**options).batch_wait_ms / 1000)
+        self.load(options)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _batch(self, texts: list[str]) -> list[Any]:
@@ -157,49 +78,28 @@ class BundleServer:
         return await asyncio.to_thread(predict_isolated, self.predictor.predict, list(texts),
                                        self.opts.max_batch_size)
 
+    async def submit(self, texts: list[str]) -> list[Any]:
+        return list(await asyncio.gather(*(self._batch(t) for t in texts)))
+
     @api.post("/predict")
     async def predict(self, request: Request) -> JSONResponse:
-        try:
-            texts = parse_texts(await request.body(), self.opts.max_texts, self.opts.max_chars)
-            self.counts["requests"] += 1
-            predictions = await asyncio.gather(*(self._batch(t) for t in texts))
-            failed = next((p for p in predictions if isinstance(p, Exception)), None)
-            if failed is not None:
-                raise failed
-            return JSONResponse({"model": self.model_info, "predictions": predictions})
-        except RequestError as exc:
-            return error_response(exc.status, exc.error, exc.detail)
-        except TextError as exc:
-            return error_response(422, "invalid text", {"index": exc.index, "problem": exc.problems[0].what})
-        except Exception:
-            request_id = uuid.uuid4().hex[:12]
-            logger.exception("request %s failed", request_id)
-            return error_response(500, "internal error", {"request_id": request_id})
+        return await self.handle_predict(await request.body())
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @api.get("/readyz")
-    async def readyz(self) -> JSONResponse:
-        if not getattr(self, "ready", False):
-            return error_response(503, "not ready", "the model is still loading")
-        if self.opts.ready_file is not None and not os.path.exists(self.opts.ready_file):
-            return error_response(503, "not ready", "the server is stopping")
-        return JSONResponse({"status": "ready", "model": self.model_info})
+    @api.get("/readyz", name="readyz")
+    async def readyz_route(self) -> JSONResponse:
+        return self.readyz()
 
-    @api.get("/metadata")
-    async def metadata(self) -> dict:
-        m = self.predictor.manifest
-        return {"model": self.model_info, "task": m["task"], "labels": m["labels"], "metric": m.get("metric"),
-                "max_length": m["max_length"], "stride": m["stride"], "versions": m.get("versions", {}),
-                "limits": {"max_texts": self.opts.max_texts, "max_chars": self.opts.max_chars},
-                "batching": {"max_batch_size": self.opts.max_batch_size, "batch_wait_ms": self.opts.batch_wait_ms}}
+    @api.get("/metadata", name="metadata")
+    async def metadata_route(self) -> dict:
+        return self.metadata()
 
-    @api.get("/stats")
-    async def stats(self) -> dict:
-        calls = self.counts["model_calls"]
-        return {**self.counts, "mean_texts_per_call": self.counts["texts"] / calls if calls else 0.0}
+    @api.get("/stats", name="stats")
+    async def stats_route(self) -> dict:
+        return self.stats()
 
     def check_health(self) -> None:  # Serve restarts a replica whose model is gone
         if self.predictor is None:
@@ -214,8 +114,11 @@ def build_app(args: dict) -> serve.Application:
         lo, hi = opts.autoscale
         scaling = {"autoscaling_config": {"min_replicas": lo, "max_replicas": hi, "initial_replicas": max(lo, 1),
                                           "target_ongoing_requests": 2 * opts.max_batch_size}}
+    # beyond max_queue requests waiting at a replica Serve's proxy answers 503 itself (backpressure)
     deployment = BundleServer.options(ray_actor_options={"num_cpus": opts.threads_per_replica},
-                                      max_ongoing_requests=4 * opts.max_batch_size, **scaling)
+                                      max_ongoing_requests=4 * opts.max_batch_size,
+                                      max_queued_requests=opts.max_queue,
+                                      logging_config={"enable_access_log": opts.access_log}, **scaling)
     return deployment.bind(opts.model_dump())
 
 
@@ -298,7 +201,7 @@ def call_with_deadline(fn, seconds: float) -> Any:
     return box[0] if box else TimeoutError(f"no answer in {seconds:.0f} s")
 
 
-def run_forever(opts: ServeOptions, host: str, port: int, say, warn=None) -> int:
+def run_forever(opts: ServeOptions, host: str, port: int, say, warn=None, verbose: bool = False) -> int:
     """Start the application on Ray (joined or local), print where, serve until SIGINT/SIGTERM (exit 0)
     or until its Ray or the application dies (exit 1, with the reason; /readyz turns 503 first).
     Ctrl-C at any point after Ray is up, start-up included, shuts Serve down and exits 0."""
@@ -311,7 +214,9 @@ def run_forever(opts: ServeOptions, host: str, port: int, say, warn=None) -> int
         raise KeyboardInterrupt
 
     warn = warn or say
-    where = init_ray()
+    if not verbose:  # the console shows the URL, routes and errors: not Ray's banners and Serve's start-up
+        logging.getLogger("ray.serve").setLevel(logging.ERROR)
+    where = init_ray(log_to_driver=verbose, logging_level=None if verbose else logging.ERROR)
     local = not where.startswith("cluster")
     signal.signal(signal.SIGTERM, stop)
     failure = ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from launcher.cli import _Parser, console, out, run_cli
@@ -9,7 +10,8 @@ from launcher.errors import Problem, ZeroshipError
 
 
 def serve_parser() -> _Parser:
-    p = _Parser(prog="zeroship serve", description="Serve an exported bundle over HTTP on Ray Serve.")
+    p = _Parser(prog="zeroship serve", description="Serve an exported bundle over HTTP: in this process on one box, "
+                "on Ray Serve to scale out (--replicas/--autoscale, RAY_ADDRESS set, --ray-serve, --config-only).")
     p.add_argument("bundle", help="bundle folder, or a run id whose runs/RUN/onnx to serve")
     p.add_argument("--runs", default="runs", metavar="DIR", help="storage root for run ids (default: runs)")
     p.add_argument("--variant", default="auto", choices=["auto", "fp32", "optimized", "int8", "fp16"])
@@ -18,7 +20,13 @@ def serve_parser() -> _Parser:
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--replicas", type=int, default=1, metavar="N", help="fixed number of replicas (default 1)")
     scale.add_argument("--autoscale", metavar="MIN:MAX", help="scale replicas between MIN and MAX on load")
-    p.add_argument("--threads-per-replica", type=int, default=1, metavar="T", help="CPUs and onnxruntime threads")
+    p.add_argument("--threads-per-replica", type=int, default=None, metavar="T",
+                   help="CPUs and onnxruntime threads (default: all cores in this process, 1 per Ray Serve replica)")
+    p.add_argument("--ray-serve", action="store_true", help="serve on Ray Serve even with one replica on one box")
+    p.add_argument("--max-queue", type=int, default=512, metavar="N",
+                   help="texts waiting for the model before requests get 503 + Retry-After (default 512)")
+    p.add_argument("--access-log", metavar="FILE", help="append one line per request to FILE")
+    p.add_argument("-v", "--verbose", action="store_true", help="one line per request on the console, and Ray's logs")
     p.add_argument("--max-batch-size", type=int, default=32, metavar="N", help="texts per model call (default 32)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, metavar="MS",
                    help="how long a batch waits for more texts (default 5)")
@@ -37,6 +45,7 @@ def serve_command(argv: list[str]) -> int:
 
         from export.runtime import Predictor
         from export.serve import ServeOptions, config_yaml, run_forever
+        from export.serve_local import access_logger
         from launcher.runs import bundle_folder
 
         if not 0 < args.port < 65536:
@@ -48,21 +57,34 @@ def serve_command(argv: list[str]) -> int:
                 raise ZeroshipError(Problem("--autoscale", f"expected MIN:MAX, got {args.autoscale!r}", "e.g. 1:4"))
             autoscale = (int(lo), int(hi))
         bundle = bundle_folder(args.bundle, args.runs)
+        on_ray = bool(args.ray_serve or args.replicas > 1 or autoscale or args.config_only
+                      or os.environ.get("RAY_ADDRESS"))
+        threads = args.threads_per_replica or (1 if on_ray else os.cpu_count() or 1)
         # the whole bundle, checked here before Ray starts (export.runtime.check_bundle): a bad one is exit 2
         # with its field, never a replica that fails to deploy or answers wrongly
         Predictor.load(bundle, variant=args.variant, threads=1)
+        if on_ray and args.access_log:
+            raise ZeroshipError(Problem("--access-log", "is for the one-box server", "on Ray Serve, -v logs one "
+                                        "line per request in the replicas' logs"))
+        access = access_logger(args.access_log, args.verbose) if not args.config_only else None
         try:
             opts = ServeOptions(bundle=str(bundle.resolve()), variant=args.variant, replicas=args.replicas,
-                                autoscale=autoscale, threads_per_replica=args.threads_per_replica,
+                                autoscale=autoscale, threads_per_replica=threads,
                                 max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                                max_texts=args.max_texts, max_chars=args.max_chars)
+                                max_texts=args.max_texts, max_chars=args.max_chars, max_queue=args.max_queue,
+                                access_log=access is not None)
         except ValidationError as exc:
             raise ZeroshipError([Problem("--" + str(e["loc"][0]).replace("_", "-") if e["loc"] else "options",
                                          e["msg"]) for e in exc.errors()]) from None
         if args.config_only:
             sys.stdout.write(config_yaml(opts, args.host, args.port))
             return 0
+        say = lambda msg: out.print(msg, highlight=False, markup=False)  # noqa: E731
+        if not on_ray:
+            from export.serve_local import run_local
+
+            return run_local(opts, args.host, args.port, say, access)
         return run_forever(opts, args.host, args.port, lambda msg: out.print(msg, highlight=False, markup=False),
-                           warn=lambda msg: console.print(msg, highlight=False, markup=False))
+                           warn=lambda msg: console.print(msg, highlight=False, markup=False), verbose=args.verbose)
 
     return run_cli(go)

@@ -12,20 +12,26 @@ from typing import Any
 _LEAN = False  # init_ray started a private Ray without a dashboard (see lean)
 
 
-def init_ray(env_vars: dict[str, str] | None = None, log_to_driver: bool = True, dashboard: bool = False) -> str:
+def init_ray(env_vars: dict[str, str] | None = None, log_to_driver: bool = True, dashboard: bool = False,
+             logging_level: int | None = None) -> str:
     """`ray.init` against RAY_ADDRESS when set (as under `ray job submit`), else a local Ray whose
     listeners bind 127.0.0.1 (ZEROSHIP_RAY_TMPDIR picks its temp folder). Returns where it is.
     `log_to_driver`: stream the workers' stdout/stderr to this process's console (else only Ray's files).
-    `dashboard`: give the local Ray its dashboard, for Ray Train's placement-group cleaner (a sweep's)."""
+    `dashboard`: give the local Ray its dashboard, for Ray Train's placement-group cleaner (a sweep's).
+    `logging_level`: of this process's "ray" logger (`zeroship serve` keeps Ray's banners off its console)."""
     import ray
 
     if ray.is_initialized():
         return "existing ray session"
     runtime_env = {"env_vars": dict(env_vars or {})}
+    if logging_level is not None:
+        import logging
+
+        logging.getLogger("ray").setLevel(logging_level)  # before init: its own warnings come early
+    kwargs: dict[str, Any] = {} if logging_level is None else {"logging_level": logging_level}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env, log_to_driver=log_to_driver)
+        ray.init(runtime_env=runtime_env, log_to_driver=log_to_driver, **kwargs)
         return f"cluster at {os.environ['RAY_ADDRESS']}"
-    kwargs: dict[str, Any] = {}
     # Loopback-only listeners need RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is imported:
     # the CLI entry points set it (launcher.cli.process_defaults).
     if os.environ.get("ZEROSHIP_RAY_TMPDIR"):

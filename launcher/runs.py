@@ -230,7 +230,8 @@ class Registry:
         if run_id is None:
             readable = [run for run in self.runs() if _readable(run)]
             if not readable:
-                raise RunError(Problem(str(self.root), "no readable runs yet", "launch a recipe first"))
+                raise RunError(Problem(str(self.root), "no runs yet" + (" that can be read" if self.runs() else ""),
+                                       "launch a recipe first"))
             run_id = readable[-1].id
         path = self.root / run_id
         if self.remote is not None and self.remote.exists(f"{run_id}/status.json"):

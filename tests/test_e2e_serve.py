@@ -1,4 +1,5 @@
-"""`zeroship serve` for real: Ray Serve on 127.0.0.1 in a subprocess, real HTTP from this process."""
+"""`zeroship serve` for real, both runners: in process (one box, the default) and on Ray Serve on
+127.0.0.1 (`--ray-serve`), each in a subprocess, real HTTP from this process."""
 
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ class Server:
     """`zeroship serve` in its own process session, with its own Ray temp dir."""
 
     def __init__(self, bundle: Path, *args: str):
+        self.runner = "ray" if {"--ray-serve", "--replicas", "--autoscale"} & set(args) else "local"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ray_dir = tempfile.mkdtemp(prefix="zs-", dir="/tmp")
@@ -96,9 +98,10 @@ def bundle(ner_run, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def server(bundle):
-    srv = Server(bundle, "--batch-wait-ms", "50", "--max-texts", "8", "--max-chars", "500")
+@pytest.fixture(scope="module", params=["local", "ray"])
+def server(bundle, request):
+    runner = ["--ray-serve"] if request.param == "ray" else []
+    srv = Server(bundle, "--batch-wait-ms", "50", "--max-texts", "8", "--max-chars", "500", *runner)
     yield srv
     srv.stop()
 
@@ -168,7 +171,7 @@ def test_metadata_and_openapi(server, bundle):
     status, meta = http(f"{server.url}/metadata")
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert status == 200 and meta["labels"] == manifest["labels"] and meta["task"] == "token_classification"
-    assert meta["max_length"] == manifest["max_length"] and meta["limits"] == {"max_texts": 8, "max_chars": 500}
+    assert meta["max_length"] == manifest["max_length"] and meta["limits"] == {"max_texts": 8, "max_chars": 500, "max_queue": 512}
     status, spec = http(f"{server.url}/openapi.json")
     assert status == 200 and {"/predict", "/healthz", "/readyz", "/metadata"} <= set(spec["paths"])
 
@@ -202,9 +205,20 @@ def test_one_clients_bad_text_never_fails_another_clients_request(server, bundle
 def test_every_listener_of_the_server_is_on_loopback(server):
     listeners = listeners_of(server.proc.pid)
     names = {name for name, _, _ in listeners}
-    assert any(port == server.port for _, _, port in listeners), listeners  # the check sees the HTTP proxy
-    assert any("ServeRepli" in name for name in names), names  # and the replica (its gRPC server)
+    assert any(port == server.port for _, _, port in listeners), listeners  # the check sees the HTTP listener
+    if server.runner == "ray":
+        assert any("ServeRepli" in name for name in names), names  # and the replica (its gRPC server)
+    else:
+        assert names == {"zeroship"}, listeners  # one process, one listener
     assert all(is_loopback(ip) for _, ip, _ in listeners), listeners
+
+
+def test_the_console_shows_no_line_per_request(server):
+    for _ in range(5):
+        assert predict(server.url, ["Mara Okafor"])[0] == 200
+    output = server.output()
+    assert "POST /predict" not in output and "Ctrl-C stops it" in output, output
+    assert "INFO" not in output, output  # no Ray banners or Serve start-up chatter
 
 
 def test_sigint_exits_0_and_frees_the_port(server):
@@ -293,7 +307,7 @@ def test_when_its_ray_dies_serve_turns_unready_and_exits_1(bundle):
     dead process, not a healthy one serving nothing)."""
     import psutil
 
-    srv = Server(bundle)
+    srv = Server(bundle, "--ray-serve")
     try:
         tree = [srv.proc.pid] + [p.pid for p in psutil.Process(srv.proc.pid).children(recursive=True)]
         core = [p for p in psutil.Process(srv.proc.pid).children() if p.name() in ("gcs_server", "raylet")]
@@ -321,3 +335,46 @@ def test_when_its_ray_dies_serve_turns_unready_and_exits_1(bundle):
         assert left == [], left
     finally:
         srv.stop()
+
+
+def test_overload_gets_503_with_retry_after_and_the_server_recovers(bundle, tmp_path):
+    """A queue of 16 texts, 24 clients sending 8 texts at once: every request is answered right or gets a
+    503 with Retry-After, /stats counts the rejections, and the server answers normally afterwards. The
+    access log has one line per request, and the console none."""
+    log = tmp_path / "access.log"
+    srv = Server(bundle, "--max-queue", "16", "--max-texts", "8", "--max-batch-size", "4", "--access-log", str(log))
+    try:
+        reference = spans(Predictor.load(bundle).predict(TEXTS[:8]))
+        barrier, answers = threading.Barrier(24), [None] * 24
+
+        def client(i: int) -> None:
+            barrier.wait()
+            req = urllib.request.Request(f"{srv.url}/predict", data=json.dumps({"texts": TEXTS[:8]}).encode(),
+                                         method="POST", headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=120) as resp:
+                    answers[i] = (resp.status, json.loads(resp.read()), None)
+            except urllib.error.HTTPError as exc:
+                answers[i] = (exc.code, json.loads(exc.read()), exc.headers.get("Retry-After"))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        ok = [a for a in answers if a[0] == 200]
+        rejected = [a for a in answers if a[0] == 503]
+        assert len(ok) + len(rejected) == 24, answers
+        assert ok and rejected, [a[0] for a in answers]
+        assert all(spans(a[1]["predictions"]) == reference for a in ok)
+        assert all(a[1]["error"] == "overloaded" and a[2] == "1" for a in rejected), rejected[:2]
+        stats = http(f"{srv.url}/stats")[1]
+        assert stats["rejected"] == len(rejected) and stats["queue_depth"] == 0 and stats["queue_limit"] == 16
+        assert predict(srv.url, TEXTS[:8])[0] == 200  # recovered
+        lines = log.read_text().splitlines()
+        assert lines[0].startswith("# zeroship serve access log")
+        assert sum(" POST /predict 503 " in line for line in lines) == len(rejected)
+        assert sum(" POST /predict 200 " in line for line in lines) == len(ok) + 1
+        assert "POST /predict" not in srv.output()
+    finally:
+        assert srv.stop(signal.SIGTERM) == 0, srv.output()

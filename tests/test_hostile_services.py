@@ -367,7 +367,7 @@ def test_the_registry_ignores_what_is_not_a_run(tmp_path):
 def test_latest_with_only_unreadable_runs_says_so(tmp_path):
     reg = Registry(tmp_path)
     reg.allocate().status_path.write_text("{broken")
-    with pytest.raises(RunError, match="no readable runs yet"):
+    with pytest.raises(RunError, match="no runs yet that can be read"):
         reg.get("latest")
 
 

@@ -127,3 +127,53 @@ def test_unexpected_failure_is_a_500_whose_request_id_is_in_the_log():
     assert response.status_code == 500 and body["error"] == "internal error"
     request_id = body["detail"]["request_id"]
     assert any(request_id in r.getMessage() and r.exc_info and "boom" in str(r.exc_info[1]) for r in records)
+
+
+def test_the_local_batcher_batches_what_waits_and_bounds_the_queue():
+    """The one fake: a model that takes 50 ms a call. One client's text goes straight to the model (no
+    wait); texts queued together go in one call, up to max_batch_size; a request that would overfill
+    the queue is refused."""
+    import asyncio
+    import time
+
+    from export.serve_local import LocalBatcher, LocalService
+    from export.service import Overloaded
+
+    calls: list[list[str]] = []
+
+    class SlowModel:
+        def predict(self, texts, batch_size):
+            calls.append(list(texts))
+            time.sleep(0.05)
+            return [t.upper() for t in texts]
+
+    service = object.__new__(LocalService)
+    service.opts = ServeOptions(bundle="b", max_batch_size=4, max_texts=4, max_queue=8)
+    service.counts = {"model_calls": 0, "texts": 0, "requests": 0, "rejected": 0}
+    service.predictor = SlowModel()
+    service.batcher = LocalBatcher(service)
+
+    async def scenario():
+        service.batcher.start()
+        start = time.perf_counter()
+        assert await service.submit(["a"]) == ["A"]
+        alone = time.perf_counter() - start
+        answers = await asyncio.gather(*(service.submit([f"t{i}"]) for i in range(7)))
+        assert [a[0] for a in answers] == [f"T{i}" for i in range(7)]  # each request its own answer
+        first = asyncio.ensure_future(service.submit(["x1", "x2", "x3", "x4"]))
+        await asyncio.sleep(0.01)  # the model is busy with it
+        waiting = [asyncio.ensure_future(service.submit(["y1", "y2", "y3", "y4"])) for _ in range(2)]
+        await asyncio.sleep(0)
+        try:
+            await service.submit(["z1"])
+            refused = False
+        except Overloaded:
+            refused = True
+        await asyncio.gather(first, *waiting)
+        return alone, refused
+
+    alone, refused = asyncio.run(scenario())
+    assert calls[0] == ["a"] and alone < 0.045 + 0.05  # no batching wait on top of the model's 50 ms
+    assert calls[1] == ["t0", "t1", "t2", "t3"] and calls[2] == ["t4", "t5", "t6"]  # queued together: batched
+    assert refused  # 8 texts waiting: the queue is full
+    assert service.counts["model_calls"] == len(calls) and service.counts["texts"] == sum(map(len, calls))

@@ -1,0 +1,24 @@
+"""The server a user would write by hand around the bundle (benchmarks/serve_http.py's baseline):
+FastAPI + uvicorn, one process, no batching. Usage: handwritten_server.py BUNDLE PORT THREADS"""
+import sys
+
+import uvicorn
+from fastapi import FastAPI
+
+from export.runtime import Predictor
+
+predictor = Predictor.load(sys.argv[1], threads=int(sys.argv[3]))
+app = FastAPI()
+
+
+@app.post("/predict")
+def predict(body: dict) -> dict:
+    return {"predictions": predictor.predict(body["texts"])}
+
+
+@app.get("/readyz")
+def readyz() -> dict:
+    return {"status": "ready"}
+
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", access_log=False)
