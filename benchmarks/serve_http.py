@@ -7,7 +7,8 @@ one CoNLL-2003 test sentence (real lengths, rotating through `--sentences` of th
 - hand-written: `benchmarks/handwritten_server.py`, FastAPI + uvicorn around `Predictor`, one process,
   no batching (what the README's Python snippet plus a route gives);
 - zeroship serve: the one-box runner (this process's uvicorn, export.serve_local's batcher);
-- zeroship serve --ray-serve: the same app on Ray Serve, 1 replica.
+- zeroship serve --ray-serve: the same app on Ray Serve, 1 replica (and again with -v: Serve's
+  per-request log on, to measure what logging costs).
 
 Also the Predictor in process at batch 32 (the ceiling on this box), and each zeroship row's texts per
 model call (from /stats). Appends the table and the ratios the targets are stated in to RESULTS.md.
@@ -75,9 +76,10 @@ def wait_ready(proc: subprocess.Popen, url: str, seconds: int = 240) -> None:
     raise SystemExit(f"not ready in {seconds} s: {proc.args}")
 
 
-def wrk(url: str, clients: int, seconds: float, script: Path, bodies: Path) -> dict:
+def wrk(url: str, clients: int, seconds: float, script: Path | None, bodies: Path) -> dict:
+    """wrk's figures; with `script` each request POSTs the next sentence, without it a plain GET of `url`."""
     res = subprocess.run(["wrk", "-t", str(min(clients, 2)), "-c", str(clients), "-d", f"{seconds:g}s", "--latency",
-                          "-s", str(script), url], capture_output=True, text=True, env={**os.environ, "ZS_BODIES": str(bodies)},
+                          *(["-s", str(script)] if script else []), url], capture_output=True, text=True, env={**os.environ, "ZS_BODIES": str(bodies)},
                          timeout=seconds + 120)
     if res.returncode != 0:
         raise SystemExit(f"wrk failed: {res.stderr[-500:]}")
@@ -88,7 +90,8 @@ def wrk(url: str, clients: int, seconds: float, script: Path, bodies: Path) -> d
         value, unit = float(match.group(1)), match.group(2)
         return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
-    non2xx = int(re.search(r"ZS non2xx (\d+)", text).group(1))
+    found = re.search(r"ZS non2xx (\d+)", text) or re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    non2xx = int(found.group(1)) if found else 0
     return {"per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1)), "p50_ms": ms("50%"),
             "p99_ms": ms("99%"), "non2xx": non2xx}
 
@@ -114,7 +117,9 @@ def servers(bundle: Path, threads: int, port: int) -> dict[str, list[str]]:
     return {"hand-written FastAPI + uvicorn": [sys.executable, str(ROOT / "benchmarks" / "handwritten_server.py"),
                                                str(bundle), str(port), str(threads)],
             "zeroship serve (one box)": [zeroship, "serve", str(bundle), *common],
-            "zeroship serve --ray-serve (1 replica)": [zeroship, "serve", str(bundle), "--ray-serve", *common]}
+            "zeroship serve --ray-serve (1 replica)": [zeroship, "serve", str(bundle), "--ray-serve", *common],
+            "zeroship serve --ray-serve -v (Serve's request log on)": [zeroship, "serve", str(bundle), "--ray-serve",
+                                                                      "-v", *common]}
 
 
 def measure(name: str, cmd: list[str], url: str, seconds: float, script: Path, bodies: Path) -> dict:
@@ -133,6 +138,9 @@ def measure(name: str, cmd: list[str], url: str, seconds: float, script: Path, b
                     rows[clients]["per_call"] = ((after["texts"] - before["texts"])
                                                  / max(1, after["model_calls"] - before["model_calls"]))
                 print(f"{name}, {clients} clients: {rows[clients]}", flush=True)
+            # the fixed cost of a request through this server, without the model: GET /healthz
+            rows["healthz"] = wrk(f"{url}/healthz", 32, seconds / 3, None, bodies)
+            print(f"{name}, GET /healthz at 32 clients: {rows['healthz']}", flush=True)
             return rows
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -173,21 +181,31 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         results = {name: measure(name, cmd, url, args.seconds, script, bodies)
                    for name, cmd in servers(bundle, args.threads, port).items()}
-    hand, local, ray = (results[name] for name in servers(bundle, args.threads, 0))
+    hand, local, ray, ray_logged = (results[name] for name in servers(bundle, args.threads, 0))
     lines = ["| server | clients | req/s | p50 ms | p99 ms | non-2xx | texts per model call |",
              "|---|---|---|---|---|---|---|"]
     for name, rows in results.items():
         for clients, r in rows.items():
+            if clients == "healthz":
+                continue
             per_call = f"{r['per_call']:.2f}" if "per_call" in r else "1 (no batching)"
             lines.append(f"| {name} | {clients} | {r['per_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
                          f"| {r['non2xx']} | {per_call} |")
     lines.append(f"| Predictor in process, batch 32 (the ceiling) | - | {ceiling:.0f} sentences/s | - | - | - | 32 |")
+    lines += ["", "| server | GET /healthz at 32 clients: req/s | p50 ms | (no model: the server's own cost per request) |",
+              "|---|---|---|---|"]
+    lines += [f"| {name} | {rows['healthz']['per_s']:.0f} | {rows['healthz']['p50_ms']:.2f} | |"
+              for name, rows in results.items()]
     ratios = [
         f"one box ÷ hand-written, 1 client: {local[1]['per_s'] / hand[1]['per_s']:.2f}× req/s, p50 "
         f"{local[1]['p50_ms'] - hand[1]['p50_ms']:+.2f} ms (target ≥ 1.0×, within +1 ms)",
         f"one box ÷ hand-written, 32 clients: {local[32]['per_s'] / hand[32]['per_s']:.2f}× req/s (target ≥ 1.1×); "
         f"{local[32]['per_s'] / ceiling:.2f} of the in-process batch-32 ceiling; {local[32]['per_call']:.2f} texts per call",
-        f"Ray Serve ÷ hand-written, 32 clients: {ray[32]['per_s'] / hand[32]['per_s']:.2f}× req/s (target ≥ 0.7×)",
+        f"Ray Serve ÷ hand-written, 32 clients: {ray[32]['per_s'] / hand[32]['per_s']:.2f}× req/s (target ≥ 0.7×); "
+        f"its proxy and router alone serve {ray['healthz']['per_s']:.0f} GET /healthz a second at 32 clients "
+        f"({1000 / ray['healthz']['per_s']:.2f} ms of the box's time per request, one box: "
+        f"{1000 / local['healthz']['per_s']:.2f} ms); Serve's request log costs "
+        f"{1 - ray_logged[32]['per_s'] / ray[32]['per_s']:.0%} of its req/s at 32 clients (off unless -v)",
     ]
     table = "\n".join(lines) + "\n\n" + "\n".join(f"- {r}" for r in ratios) + (
         f"\n\nModel: {run.id} bundle ({json.loads((bundle / 'manifest.json').read_text())['task']}), "
