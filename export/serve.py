@@ -65,9 +65,9 @@ class BundleServer(BundleService):
         from launcher.ray_compat import bind_replica_grpc_to
 
         bind_replica_grpc_to(ray.util.get_node_ip_address())  # not every interface (Ray 2.60 binds "[::]")
-        self._batch.set_max_batch_size(ServeOptions(**options).max_batch_size)
-        self._batch.set_batch_wait_timeout_s(ServeOptions(**options).batch_wait_ms / 1000)
         self.load(options)
+        self._batch.set_max_batch_size(self.opts.max_batch_size)
+        self._batch.set_batch_wait_timeout_s(self.opts.batch_wait_ms / 1000)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _batch(self, texts: list[str]) -> list[Any]:

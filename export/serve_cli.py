@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import sys
 
+from export.service import ServeError
 from launcher.cli import _Parser, console, out, run_cli
-from launcher.errors import Problem, ZeroshipError
+from launcher.errors import Problem
 
 
 def serve_parser() -> _Parser:
@@ -49,12 +50,12 @@ def serve_command(argv: list[str]) -> int:
         from launcher.runs import bundle_folder
 
         if not 0 < args.port < 65536:
-            raise ZeroshipError(Problem("--port", f"must be 1-65535, got {args.port}"))
+            raise ServeError(Problem("--port", f"must be 1-65535, got {args.port}"))
         autoscale = None
         if args.autoscale:
             lo, sep, hi = args.autoscale.partition(":")
             if not (sep and lo.isascii() and lo.isdigit() and hi.isascii() and hi.isdigit()):
-                raise ZeroshipError(Problem("--autoscale", f"expected MIN:MAX, got {args.autoscale!r}", "e.g. 1:4"))
+                raise ServeError(Problem("--autoscale", f"expected MIN:MAX, got {args.autoscale!r}", "e.g. 1:4"))
             autoscale = (int(lo), int(hi))
         bundle = bundle_folder(args.bundle, args.runs)
         on_ray = bool(args.ray_serve or args.replicas > 1 or autoscale or args.config_only
@@ -64,7 +65,7 @@ def serve_command(argv: list[str]) -> int:
         # with its field, never a replica that fails to deploy or answers wrongly
         Predictor.load(bundle, variant=args.variant, threads=1)
         if on_ray and args.access_log:
-            raise ZeroshipError(Problem("--access-log", "is for the one-box server", "on Ray Serve, -v logs one "
+            raise ServeError(Problem("--access-log", "is for the one-box server", "on Ray Serve, -v logs one "
                                         "line per request in the replicas' logs"))
         access = access_logger(args.access_log, args.verbose) if not args.config_only else None
         try:
@@ -74,7 +75,8 @@ def serve_command(argv: list[str]) -> int:
                                 max_texts=args.max_texts, max_chars=args.max_chars, max_queue=args.max_queue,
                                 access_log=access is not None)
         except ValidationError as exc:
-            raise ZeroshipError([Problem("--" + str(e["loc"][0]).replace("_", "-") if e["loc"] else "options",
+            raise ServeError([Problem("--" + str(e["loc"][0]).replace("_", "-") if e["loc"] else
+                                     "--max-queue" if "max_queue" in e["msg"] else "options",
                                          e["msg"]) for e in exc.errors()]) from None
         if args.config_only:
             sys.stdout.write(config_yaml(opts, args.host, args.port))

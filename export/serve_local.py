@@ -23,7 +23,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from export.service import BundleService, Overloaded, ServeOptions, predict_isolated
+from export.service import BundleService, Overloaded, ServeError, ServeOptions, predict_isolated
 
 ACCESS_LOG_HEADER = "# zeroship serve access log: time request_id client method path status ms\n"
 
@@ -171,7 +171,7 @@ def run_local(opts: ServeOptions, host: str, port: int, say, access: logging.Log
     """Serve until SIGINT/SIGTERM (uvicorn's handlers: in-flight requests finish, exit 0)."""
     import uvicorn
 
-    from launcher.errors import Problem, ZeroshipError
+    from launcher.errors import Problem
 
     errors = logging.getLogger(BundleService.log.name)  # a 500's traceback, with its request id, on the console
     if not errors.handlers:
@@ -182,7 +182,7 @@ def run_local(opts: ServeOptions, host: str, port: int, say, access: logging.Log
     try:
         sock = bind(host, port)
     except OSError as exc:
-        raise ZeroshipError(Problem(f"--host {host} --port {port}", f"cannot listen there ({exc.strerror})",
+        raise ServeError(Problem(f"--host {host} --port {port}", f"cannot listen there ({exc.strerror})",
                                     "pick a free port, e.g. --port 8001")) from None
     config = uvicorn.Config(build_local_app(service, access), log_level="warning", access_log=False,
                             timeout_graceful_shutdown=10, lifespan="on")
@@ -203,7 +203,7 @@ def access_logger(path: str | None, verbose: bool) -> logging.Logger | None:
     import sys
     from pathlib import Path
 
-    from launcher.errors import Problem, ZeroshipError
+    from launcher.errors import Problem
     from launcher.outputs import run_folder_of
 
     if not path and not verbose:
@@ -219,16 +219,16 @@ def access_logger(path: str | None, verbose: bool) -> logging.Logger | None:
         target = Path(path)
         fix = "give a new file, or an access log of an earlier zeroship serve"
         if run_folder_of(target) is not None or target.is_dir() or target.is_symlink():
-            raise ZeroshipError(Problem(f"--access-log {path}", "is a folder, a link or inside a run folder", fix))
+            raise ServeError(Problem(f"--access-log {path}", "is a folder, a link or inside a run folder", fix))
         try:
             if target.exists():
                 with open(target, encoding="utf-8", errors="replace") as fh:
                     if fh.readline() != ACCESS_LOG_HEADER:
-                        raise ZeroshipError(Problem(f"--access-log {path}", "exists and is not a zeroship access log",
+                        raise ServeError(Problem(f"--access-log {path}", "exists and is not a zeroship access log",
                                                     fix))
             else:
                 target.write_text(ACCESS_LOG_HEADER, encoding="utf-8")
             log.addHandler(logging.FileHandler(target, encoding="utf-8"))
         except OSError as exc:
-            raise ZeroshipError(Problem(f"--access-log {path}", f"cannot be written ({exc.strerror})", fix)) from None
+            raise ServeError(Problem(f"--access-log {path}", f"cannot be written ({exc.strerror})", fix)) from None
     return log

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, model_validator
 
 from export.runtime import VARIANT_FILES, Predictor, TextError, text_problem
+from launcher.errors import ZeroshipError
 
 
 class ServeOptions(BaseModel):
@@ -111,6 +112,10 @@ def predict_isolated(predict, texts: list[str], batch_size: int) -> list[Any]:
 
 def error_response(status: int, error: str, detail: Any, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+class ServeError(ZeroshipError):
+    """zeroship serve cannot start with these options."""
 
 
 class Overloaded(Exception):

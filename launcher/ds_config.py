@@ -32,7 +32,7 @@ def build_ds_config(recipe: dict, world_size: int) -> dict[str, Any]:
         "zero_optimization": zero,
         "bf16": {"enabled": ds["precision"] == "bf16"},
         "fp16": {"enabled": ds["precision"] == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        # A plain torch AdamW avoids the JIT-compiled fused/CPU Adam builds (see STACK.md).
+        # A plain torch AdamW avoids the JIT-compiled fused/CPU Adam builds (tens of seconds per node).
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,

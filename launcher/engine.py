@@ -80,7 +80,7 @@ def skip_shm_comm_build() -> None:
     """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce op on CPU workers. It serves
     only `inference_all_reduce` (tensor-parallel inference), which training never calls, and building
     it costs 30-80 s of `deepspeed.initialize` on each node's first launch, again whenever another
-    environment's build replaced it in the shared `~/.cache/torch_extensions` (measured, STACK.md).
+    environment's build replaced it in the shared `~/.cache/torch_extensions` (measured on 2-core CPU workers).
     DeepSpeed keeps `deepspeed.ops.__compatible_ops__` as one dict so that edits to it persist."""
     import deepspeed.ops
 

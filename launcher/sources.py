@@ -161,15 +161,20 @@ def read_bytes(source: str, field: str = "", limit: int | None = None) -> bytes:
             return fh.read(-1 if limit is None else limit)
     import pyarrow
 
-    def read() -> bytes:
+    def open_stream():
         fs, path = _filesystem(source, field or source)
         try:
-            with fs.open_input_stream(path) as fh:
-                return fh.read(limit)
+            return fs.open_input_stream(path)
         except (pyarrow.ArrowException, OSError) as exc:
             raise DataError(Problem(source, f"cannot read: {exc}", "check the URI and its credentials")) from None
 
-    return within_deadline(read, source, field or source)
+    # only the first contact is bounded: reading a large shard from a store that answers may take long
+    stream = within_deadline(open_stream, source, field or source)
+    try:
+        with stream as fh:
+            return fh.read(limit)
+    except (pyarrow.ArrowException, OSError) as exc:
+        raise DataError(Problem(source, f"cannot read: {exc}", "check the URI and its credentials")) from None
 
 
 def describe(files: list[Source]) -> str:

@@ -61,7 +61,7 @@ def test_no_import_circle():
     assert "launcher.train_loop" in graph["launcher.worker"]
     circles = _circles(graph)
     assert not circles, "import circles:\n" + "\n".join(circles)
-    # DESIGN.md: everything after training may use the launcher, never the other way round
+    # the layering (docs/architecture.md): everything after training may use the launcher, never the other way round
     upward = sorted(f"{a} → {b}" for a, deps in graph.items() if a.startswith("launcher.")
                     for b in deps if b.startswith("export."))
     assert not upward, upward

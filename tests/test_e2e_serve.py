@@ -106,6 +106,21 @@ def server(bundle, request):
     srv.stop()
 
 
+def at_once(clients: int, client) -> None:
+    """`client(i)` in `clients` threads released together by a barrier, joined (2 minutes each at most)."""
+    barrier = threading.Barrier(clients)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        client(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+
+
 def spans(predictions: list) -> list:
     return [[(e["label"], e["start"], e["end"], e["text"]) for e in p] for p in predictions]
 
@@ -129,17 +144,12 @@ def test_http_predictions_equal_the_predictor(server, bundle):
 def test_concurrent_clients_get_their_own_answers_batched_together(server, bundle):
     reference = spans(Predictor.load(bundle).predict(TEXTS[:32]))
     before = http(f"{server.url}/stats")[1]
-    barrier, answers = threading.Barrier(32), [None] * 32
+    answers = [None] * 32
 
     def client(i: int) -> None:
-        barrier.wait()
         answers[i] = predict(server.url, [TEXTS[i]])
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    at_once(32, client)
     assert all(a is not None and a[0] == 200 for a in answers), answers
     assert [spans(a[1]["predictions"])[0] for a in answers] == reference
     after = http(f"{server.url}/stats")[1]
@@ -181,20 +191,15 @@ def test_one_clients_bad_text_never_fails_another_clients_request(server, bundle
     one gets its own right answer, every invalid one a 422 that names its text."""
     reference = spans(Predictor.load(bundle).predict(TEXTS[:40]))
     bad_body = b'{"texts": ["fine", "half an emoji \\ud83d here"]}'
-    barrier, answers = threading.Barrier(40), [None] * 40
+    answers = [None] * 40
 
     def client(i: int) -> None:
-        barrier.wait()
         if i % 4 == 3:
             answers[i] = http(f"{server.url}/predict", bad_body)
         else:
             answers[i] = predict(server.url, [TEXTS[i]])
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(40)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    at_once(40, client)
     for i, (status, body) in enumerate(answers):
         if i % 4 == 3:
             assert status == 422 and body["detail"]["index"] == 1 and "U+D83D" in body["detail"]["problem"], body
@@ -345,10 +350,9 @@ def test_overload_gets_503_with_retry_after_and_the_server_recovers(bundle, tmp_
     srv = Server(bundle, "--max-queue", "16", "--max-texts", "8", "--max-batch-size", "4", "--access-log", str(log))
     try:
         reference = spans(Predictor.load(bundle).predict(TEXTS[:8]))
-        barrier, answers = threading.Barrier(24), [None] * 24
+        answers = [None] * 24
 
         def client(i: int) -> None:
-            barrier.wait()
             req = urllib.request.Request(f"{srv.url}/predict", data=json.dumps({"texts": TEXTS[:8]}).encode(),
                                          method="POST", headers={"Content-Type": "application/json"})
             try:
@@ -357,11 +361,7 @@ def test_overload_gets_503_with_retry_after_and_the_server_recovers(bundle, tmp_
             except urllib.error.HTTPError as exc:
                 answers[i] = (exc.code, json.loads(exc.read()), exc.headers.get("Retry-After"))
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(24)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(180)
+        at_once(24, client)
         ok = [a for a in answers if a[0] == 200]
         rejected = [a for a in answers if a[0] == 503]
         assert len(ok) + len(rejected) == 24, answers
@@ -376,5 +376,17 @@ def test_overload_gets_503_with_retry_after_and_the_server_recovers(bundle, tmp_
         assert sum(" POST /predict 503 " in line for line in lines) == len(rejected)
         assert sum(" POST /predict 200 " in line for line in lines) == len(ok) + 1
         assert "POST /predict" not in srv.output()
+    finally:
+        assert srv.stop(signal.SIGTERM) == 0, srv.output()
+
+
+def test_verbose_prints_one_line_per_request_with_its_id(bundle):
+    """-v: the access lines on the console (the default keeps them off: test_the_console_shows_no_line_per_request)."""
+    srv = Server(bundle, "-v")
+    try:
+        assert predict(srv.url, ["Mara Okafor"])[0] == 200
+        assert http(f"{srv.url}/predict", b"{bad")[0] == 400
+        output = srv.output()
+        assert " POST /predict 200 " in output and " POST /predict 400 " in output, output
     finally:
         assert srv.stop(signal.SIGTERM) == 0, srv.output()
