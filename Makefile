@@ -65,7 +65,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not e2e"
 
 lint: install
-	$(BIN)/ruff check launcher export tests benchmarks
+	$(BIN)/ruff check zeroship launcher export tests benchmarks
 
 data:
 	$(PY) recipes/data/make_toy_data.py

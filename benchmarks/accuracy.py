@@ -42,7 +42,7 @@ CANDIDATES = {
     "head + mention replacement 0.3": ["model.head.layers=1", "regularization.weight_decay=0.01",
                                        "regularization.max_grad_norm=1",
                                        "data.augmentation.mention_replacement=0.3"],
-    # MiniLM's tokenizer lowercases: the casing classes as token types (launcher.casing)
+    # MiniLM's tokenizer lowercases: the casing classes as token types (zeroship.casing)
     "head + mention replacement 0.3 + casing": ["model.head.layers=1", "regularization.weight_decay=0.01",
                                                 "regularization.max_grad_norm=1",
                                                 "data.augmentation.mention_replacement=0.3", "model.casing=true"],

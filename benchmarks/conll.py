@@ -43,7 +43,7 @@ def fetch(folder: Path = FOLDER) -> Path:
 
 def sentences(split: str = "test.txt") -> list[list[str]]:
     """The split's sentences as token lists (for benchmarks that need real lengths, not labels)."""
-    from launcher.data import read_conll
+    from launcher.data.parse import read_conll
 
     return [ex.tokens for ex in read_conll(str(fetch() / split))]
 

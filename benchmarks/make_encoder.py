@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 def make_encoder(out: Path, hidden: int, layers: int) -> int:
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from launcher.recipe import resolve_encoder
+    from launcher.recipe.schema import resolve_encoder
 
     source = resolve_encoder("packaged:all-MiniLM-L6-v2")
     config = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers,

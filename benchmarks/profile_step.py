@@ -1,5 +1,5 @@
 """Where a training step's time goes: torch.profiler over the same optimizer steps of the plain
-PyTorch loop and of the launcher's own step (`launcher.engine.train_step` on the DeepSpeed engine
+PyTorch loop and of the launcher's own step (`launcher.worker.engine.train_step` on the DeepSpeed engine
 `launch` builds, at a ZeRO stage), in one process with the same threads, model, batches and AdamW
 groups. Prints each side's top operators by self CPU time and the operators whose per-step time
 differs most, and appends them to RESULTS.md.
@@ -29,7 +29,7 @@ from benchmarks.train_overhead import plain_step, setup  # noqa: E402
 
 
 def batches_for(recipe, feats, batch_size: int, steps: int) -> list[list[int]]:
-    from launcher.features import length_grouped_batches
+    from launcher.data.features import length_grouped_batches
 
     batches = length_grouped_batches([len(f.input_ids) for f in feats], batch_size, recipe.train.seed, True)
     return [batches[i % len(batches)] for i in range(steps)]
@@ -65,15 +65,15 @@ def worker_step(stage: int, threads: int, steps: int, batch_size: int | None = N
                       MASTER_PORT=os.environ.get("MASTER_PORT", "29531"))
     import torch
 
-    from launcher.engine import import_deepspeed, skip_shm_comm_build
+    from launcher.worker.engine import import_deepspeed, skip_shm_comm_build
 
     deepspeed = import_deepspeed()
     skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend="gloo")
-    from launcher.ds_config import build_ds_config
-    from launcher.engine import skip_single_rank_allreduce, train_step
-    from launcher.features import collate
-    from launcher.regularize import TaskLoss
+    from launcher.data.features import collate
+    from launcher.recipe.ds_config import build_ds_config
+    from launcher.worker.engine import skip_single_rank_allreduce, train_step
+    from launcher.worker.regularize import TaskLoss
 
     recipe, resolved, tok, feats, model, opt = setup(threads)
     batch_size = batch_size or recipe.train.batch_size

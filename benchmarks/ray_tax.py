@@ -1,6 +1,6 @@
 """What Ray's own processes cost the workers' step on a small CPU box, measured paired in time.
 
-One process runs the workers' step (`launcher.engine.train_step` on the engine `launch` builds, batch 32,
+One process runs the workers' step (`launcher.worker.engine.train_step` on the engine `launch` builds, batch 32,
 `--threads` threads, 2 by default; no Ray inside it) continuously. Around it, a private Ray as `launch`
 starts one (raylet, GCS, agents) holds `--actors` idle actor processes, standing in for those a launch
 keeps beside its worker (Ray Train's controller and synchronization actor, the progress board, Ray
@@ -130,7 +130,7 @@ def main() -> None:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback listeners, as the CLI sets it
     import ray
 
-    from launcher.ray_session import init_ray
+    from zeroship.ray_session import init_ray
 
     with tempfile.TemporaryDirectory(prefix="zs-ray-tax-") as tmp:
         os.environ["ZEROSHIP_RAY_TMPDIR"] = tmp

@@ -6,7 +6,7 @@ one CoNLL-2003 test sentence (real lengths, rotating through `--sentences` of th
 
 - hand-written: `benchmarks/handwritten_server.py`, FastAPI + uvicorn around `Predictor`, one process,
   no batching (what the README's Python snippet plus a route gives);
-- zeroship serve: the one-box runner (this process's uvicorn, export.serve_local's batcher);
+- zeroship serve: the one-box runner (this process's uvicorn, export.serve.local's batcher);
 - zeroship serve --ray-serve: the same app on Ray Serve, 1 replica (and again with -v: Serve's
   per-request log on, to measure what logging costs).
 

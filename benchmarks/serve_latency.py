@@ -65,7 +65,7 @@ def engines(run, threads: int, gpu: bool = False) -> dict:
     import torch
 
     from export.runtime import VARIANT_FILES, Predictor, read_manifest
-    from launcher.model import load_model
+    from launcher.nn.model import load_model
 
     torch.set_num_threads(threads)
     bundle = run.dir / "onnx"
@@ -182,7 +182,7 @@ def int8_variants(run, threads: int, texts: list[str], repeats: int, keep: int) 
     from export.onnx import DEFAULT_MAX_METRIC_DROP, evaluate_with, int8_builder, load_validation
     from export.quantize import MAX_EXCLUDED_SHARE, smallest_passing
     from export.runtime import Predictor, make_session, read_manifest
-    from launcher.model import load_model
+    from launcher.nn.model import load_model
 
     bundle = run.dir / "onnx"
     manifest = read_manifest(bundle)

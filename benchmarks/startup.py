@@ -103,7 +103,7 @@ def one_launch(runs: Path, overrides: list[str]) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    from launcher.startup import PHASES
+    from launcher.driver.startup import PHASES
 
     med = statistics.median
     names = [name for name, _, _ in PHASES]

@@ -38,11 +38,11 @@ def setup(threads: int):
     import torch
     from transformers import AutoTokenizer
 
-    from launcher.data import load_dataset
-    from launcher.engine import adamw
-    from launcher.features import encode
-    from launcher.model import build_model, param_groups
-    from launcher.recipe import load_recipe, resolve_encoder
+    from launcher.data.features import encode
+    from launcher.data.parse import load_dataset
+    from launcher.nn.model import build_model, param_groups
+    from launcher.recipe.schema import load_recipe, resolve_encoder
+    from launcher.worker.engine import adamw
 
     torch.set_num_threads(threads)
     recipe, resolved = load_recipe(RECIPE)
@@ -61,7 +61,7 @@ def plain_step(model, opt, tok, feats, ids: list[int]) -> None:
     import torch
     import torch.nn.functional as F
 
-    from launcher.features import collate
+    from launcher.data.features import collate
 
     batch = collate([feats[j] for j in ids], tok.pad_token_id, model.uses_token_type_ids)
     labels = batch.pop("labels")
@@ -75,7 +75,7 @@ def plain_step(model, opt, tok, feats, ids: list[int]) -> None:
 
 def plain_loop(steps: int, threads: int) -> dict:
     """A single-process PyTorch loop over the launcher's length-grouped batches."""
-    from launcher.features import length_grouped_batches
+    from launcher.data.features import length_grouped_batches
 
     recipe, _, tok, feats, model, opt = setup(threads)
     batch_size = recipe.train.batch_size * recipe.scaling.workers
@@ -102,7 +102,7 @@ def hf_trainer(steps: int, threads: int, gpu: bool = False, zero_stage: int | No
     import torch.nn.functional as F
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from launcher.features import collate
+    from launcher.data.features import collate
 
     recipe, resolved, tok, feats, model, opt = setup(threads)
 
@@ -123,8 +123,8 @@ def hf_trainer(steps: int, threads: int, gpu: bool = False, zero_stage: int | No
     if gpu or zero_stage is not None:
         import os
 
-        from launcher.ds_config import build_ds_config
-        from launcher.engine import skip_shm_comm_build
+        from launcher.recipe.ds_config import build_ds_config
+        from launcher.worker.engine import skip_shm_comm_build
 
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
@@ -219,7 +219,7 @@ def launch_stage(stage: int, workers: int, epochs: int, runs: Path, gpu: bool = 
 
 def startup_table(rows: dict) -> str:
     """Where each launch's time before its first optimizer step went (metrics.jsonl's first record)."""
-    from launcher.startup import PHASES
+    from launcher.driver.startup import PHASES
 
     names = [name for name, _, _ in PHASES]
     lines = ["| launch | to first step (s) | " + " | ".join(n.replace("_", " ") for n in names) + " |",

@@ -17,8 +17,8 @@ from rich.table import Table
 
 from export.onnx import load_validation, ort_forward, resolve_run
 from export.runtime import VARIANT_FILES, batch_independent, make_session, read_manifest
-from launcher.features import collate
-from launcher.model import load_model
+from launcher.data.features import collate
+from launcher.nn.model import load_model
 
 
 def _time(fn, repeats: int) -> list[float]:

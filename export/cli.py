@@ -14,12 +14,13 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from launcher.cli import _Parser, bounded, console, launch, out, process_defaults, run_cli, runs_command
+from launcher.cli import launch, runs_command
+from zeroship.cli import Parser, bounded, console, out, process_defaults, run_cli
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Export a run's winning checkpoint to ONNX, and use the bundle.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = Parser(prog=prog, description="Export a run's winning checkpoint to ONNX, and use the bundle.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     o = sub.add_parser("onnx", help="export RUN (run-42, 42 or latest) to a verified ONNX bundle")
     o.add_argument("run")
     o.add_argument("--runs", default="runs", metavar="DIR", help="storage root (default: runs)")
@@ -83,7 +84,7 @@ def cmd_onnx(args) -> int:
 
 def cmd_predict(args) -> int:
     from export.runtime import Predictor, check_texts
-    from launcher.runs import bundle_folder
+    from launcher.runs.registry import bundle_folder
 
     check_texts(args.texts)  # before the bundle loads: `text 1: byte 0xf6 … is not UTF-8`, exit 2
     predictor = Predictor.load(bundle_folder(args.bundle, args.runs), variant=args.variant, device=args.device)
@@ -122,7 +123,7 @@ def zeroship(argv: list[str] | None = None) -> int:
     if cmd == "export":
         return main(rest, prog="zeroship export")
     if cmd == "serve":
-        from export.serve_cli import serve_command
+        from export.serve.cli import serve_command
 
         return serve_command(rest)
     if cmd == "runs":

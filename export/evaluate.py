@@ -9,14 +9,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from launcher.cli import _Parser, out, run_cli
-from launcher.errors import Problem, ZeroshipError
+from zeroship.cli import Parser, out, run_cli
+from zeroship.errors import Problem, ZeroshipError
 
 PURPOSE = "zeroship evaluate"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="zeroship evaluate", description="Evaluate a run (or its ONNX bundle) on a data file.")
+    p = Parser(prog="zeroship evaluate", description="Evaluate a run (or its ONNX bundle) on a data file.")
     p.add_argument("run", help="run-42, 42 or latest")
     p.add_argument("--data", required=True, metavar="FILE", help="a file in the run's data format")
     p.add_argument("--runs", default="runs", metavar="DIR")
@@ -35,11 +35,11 @@ def evaluate(args) -> int:
 
     from export.onnx import ort_forward, resolve_run
     from export.runtime import BundleError, Predictor
-    from launcher.data import load_dataset
-    from launcher.evaluate import evaluate_model
-    from launcher.model import load_model
-    from launcher.outputs import check_output, write_output
-    from launcher.report import print_report
+    from launcher.data.parse import load_dataset
+    from launcher.eval.evaluate import evaluate_model
+    from launcher.eval.report import print_report
+    from launcher.nn.model import load_model
+    from launcher.runs.outputs import check_output, write_output
 
     if args.json:  # refused before the evaluation's work, not after it
         check_output(Path(args.json), PURPOSE, "--json", force=args.force)

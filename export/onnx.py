@@ -33,12 +33,12 @@ from export.quantize import (
     sample_indices,
 )
 from export.runtime import VARIANT_FILES, make_session, manifest_problem, run_bound, sha256_file
-from launcher.data import load_dataset
-from launcher.errors import ExportError, Problem
-from launcher.evaluate import predict, score
-from launcher.features import Feature, encode, length_grouped_batches
-from launcher.model import ZeroshipModel, load_model
-from launcher.runs import Registry, Run
+from launcher.data.features import Feature, encode, length_grouped_batches
+from launcher.data.parse import load_dataset
+from launcher.eval.evaluate import predict, score
+from launcher.nn.model import ZeroshipModel, load_model
+from launcher.runs.registry import Registry, Run
+from zeroship.errors import ExportError, Problem
 
 PARITY_MAX_ABS = 1e-4
 # fp16 rounds logits to ~3 significant digits, which can flip a near-tie: the variant must agree with
@@ -153,8 +153,8 @@ def check_parity(model: ZeroshipModel, session, names: list[str], val: Validatio
     """Max |Δ logits| and argmax agreement over real (unpadded) positions of validation batches; with
     `labelled_only`, over the positions that carry a label (NER: each word's first subtoken), the only
     ones whose argmax reaches an answer — the rest were never trained and hold near-ties."""
-    from launcher.device import module_device, to_device
-    from launcher.features import collate
+    from launcher.data.features import collate
+    from launcher.nn.device import module_device, to_device
 
     forward = ort_forward(session, names, io_binding)
     device = module_device(model)
@@ -298,108 +298,58 @@ def hf_config(model: ZeroshipModel, meta: dict) -> dict:
     return config
 
 
-def export_run(run_id: str, runs_dir: str | Path, opts: ExportOptions) -> tuple[Path, dict]:
-    import onnx
-    import onnxruntime
-    from transformers import AutoTokenizer
+@dataclass
+class Variant:
+    """One graph of the bundle: its manifest entry and its metrics on the validation split."""
 
-    log = opts.log
+    name: str
+    path: Path
+    entry: dict
+    metrics: dict
+
+
+@dataclass
+class Export:
+    """What each phase of one export works on."""
+
+    run: Run
+    model: ZeroshipModel
+    meta: dict
+    tokenizer: Any
+    val: Validation
+    max_length: int
+    tmp: Path  # the bundle being written; renamed into place only when complete
+    opts: ExportOptions
+    names: list[str] = field(default_factory=list)  # the graph's inputs, set by the fp32 phase
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def evaluate(self, forward) -> dict:
+        return evaluate_with(forward, self.model, self.val, self.pad_id)
+
+    def parity(self, session, io_binding: bool = False) -> dict:
+        return check_parity(self.model, session, self.names, self.val, self.pad_id, self.opts.parity_batches,
+                            io_binding)
+
+
+def export_run(run_id: str, runs_dir: str | Path, opts: ExportOptions) -> tuple[Path, dict]:
+    """The phases: verify fp32 → build the variants → gate them on the metric budget → write the bundle."""
     run = resolve_run(run_id, runs_dir)
     # abspath, not resolve: ".." is folded without following a link that `out` itself may be
     out = Path(os.path.abspath(opts.out)) if opts.out else run.bundle_dir
     check_out(out)
-    model, meta = load_model(run.best_dir, attn="eager")
-    tokenizer = AutoTokenizer.from_pretrained(str(run.best_dir))
-    max_length = opts.max_length or meta["max_length"]
-    positions = getattr(model.encoder.config, "max_position_embeddings", None)
-    if isinstance(positions, int) and max_length > positions:
-        raise ExportError(Problem("--max-length", f"{max_length} is more than the encoder's {positions} positions",
-                                  f"give at most {positions}"))
+    model, meta, tokenizer, max_length = load_for_export(run, opts)
     val = load_validation(run, meta, tokenizer, max_length)
-    pad_id = tokenizer.pad_token_id
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; services read the bundle as another user
     try:
-        started = time.time()
-        fp32 = tmp / VARIANT_FILES["fp32"]
-        names = export_graph(model, fp32, opts.opset)
-        onnx.checker.check_model(str(fp32))
-        log(f"exported {fp32.name} (opset {opts.opset}, inputs {', '.join(names)}) in {time.time() - started:.1f}s")
-        session = make_session(fp32)
-        parity = check_parity(model, session, names, val, pad_id, opts.parity_batches)
-        log(f"parity vs PyTorch on {parity['batches']} validation batches: max |Δ| {parity['max_abs_diff']:.2e},"
-            f" argmax agreement {parity['argmax_agreement']:.2%}")
-        if parity["max_abs_diff"] > PARITY_MAX_ABS or parity["argmax_agreement"] < 1.0:
-            raise ParityError(f"ONNX output differs from PyTorch: max |Δ| {parity['max_abs_diff']:.2e} "
-                              f"(limit {PARITY_MAX_ABS:g}), argmax agreement {parity['argmax_agreement']:.4%}")
-        with torch.no_grad():
-            metrics = {"torch": evaluate_with(model, model, val, pad_id)}
-        metrics["onnx"] = evaluate_with(ort_forward(session, names), model, val, pad_id)
-        variants = {"fp32": {"file": fp32.name}}
-        source = fp32
-        if opts.optimize:
-            dst = tmp / VARIANT_FILES["optimized"]
-            fusions = optimize_graph(fp32, dst, model)
-            log(f"fusions: {fusions or 'none matched'}")
-            variants["optimized"] = {"file": dst.name, "fusions": fusions}
-            metrics["optimized"] = evaluate_with(ort_forward(make_session(dst), names), model, val, pad_id)
-            source = dst
-        if opts.quantize:
-            variants["int8"], metrics["int8"] = build_int8(opts.quantize, fp32, source, tmp, model, names, val,
-                                                           pad_id, metrics["torch"], opts)
-        if opts.fp16:
-            dst = tmp / VARIANT_FILES["fp16"]
-            convert_fp16(source, dst)
-            session16, provider = fp16_session(dst)
-            bound = provider == "CUDAExecutionProvider"
-            parity16 = {**check_parity(model, session16, names, val, pad_id, opts.parity_batches, bound),
-                        "provider": provider, "io_binding": bound}
-            log(f"fp16 parity on {provider}: max |Δ| {parity16['max_abs_diff']:.2e},"
-                f" argmax agreement {parity16['argmax_agreement']:.2%}")
-            if parity16["argmax_agreement"] < FP16_MIN_AGREEMENT:
-                raise ParityError(f"fp16 variant agrees with PyTorch on {parity16['argmax_agreement']:.2%} of"
-                                  f" positions (needs {FP16_MIN_AGREEMENT:.0%})")
-            variants["fp16"] = {"file": dst.name, "from": source.name, "parity": parity16}
-            metrics["fp16"] = evaluate_with(ort_forward(session16, names, bound), model, val, pad_id)
-        metric = val.metric
-        drops = {}
-        for name in ("optimized", "int8", "fp16"):
-            if name in metrics:
-                drop = metric_drop(metric, metrics["torch"], metrics[name])
-                drops[name] = drop
-                log(f"{name}: {metric} {metrics[name][metric]:.4f} vs torch {metrics['torch'][metric]:.4f}"
-                    f" (drop {drop:+.2f} points)")
-                if drop > opts.max_metric_drop:
-                    raise ParityError(f"{name} variant loses {drop:.2f} points of {metric} "
-                                      f"(limit --max-metric-drop {opts.max_metric_drop:g})")
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "config.json").write_text(json.dumps(hf_config(model, meta), indent=2) + "\n")
-        manifest = {
-            "format_version": 1,
-            "run": run.id,
-            "task": model.task,
-            "labels": model.labels,
-            "metric": metric,
-            "max_length": max_length,
-            "stride": meta["stride"],
-            "pad_token_id": pad_id,
-            "casing": model.casing,  # token_type_ids carry casing classes (launcher.casing)
-            "opset": opts.opset,
-            "inputs": {n: ["batch", "sequence"] for n in names},
-            "outputs": {OUTPUT: ["batch", "sequence", "labels"] if model.task == "token_classification"
-                        else ["batch", "labels"]},
-            "variants": variants,
-            "parity": parity,
-            "metrics": metrics,
-            "metric_drop_points": drops,
-            "metric_budget_points": opts.max_metric_drop,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
-                         "onnxruntime": onnxruntime.__version__},
-            "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                      for p in sorted(tmp.iterdir()) if p.is_file()},
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        ex = Export(run, model, meta, tokenizer, val, max_length, tmp, opts)
+        fp32, parity, reference = verify_fp32(ex)
+        variants = [fp32, *build_variants(ex, fp32, reference)]
+        drops = gate(ex, reference, variants)
+        manifest = write_bundle(ex, variants, parity, reference, drops)
         _swap_into_place(tmp, out)
         if not opts.out:
             run.push("onnx")  # storage on a URI: the bundle goes there too (manifest last)
@@ -407,6 +357,131 @@ def export_run(run_id: str, runs_dir: str | Path, opts: ExportOptions) -> tuple[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def load_for_export(run: Run, opts: ExportOptions) -> tuple[ZeroshipModel, dict, Any, int]:
+    """The winner with eager attention (onnxruntime's fusions match its graph), its tokenizer, the window."""
+    from transformers import AutoTokenizer
+
+    model, meta = load_model(run.best_dir, attn="eager")
+    tokenizer = AutoTokenizer.from_pretrained(str(run.best_dir))
+    max_length = opts.max_length or meta["max_length"]
+    positions = getattr(model.encoder.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and max_length > positions:
+        raise ExportError(Problem("--max-length", f"{max_length} is more than the encoder's {positions} positions",
+                                  f"give at most {positions}"))
+    return model, meta, tokenizer, max_length
+
+
+def verify_fp32(ex: Export) -> tuple[Variant, dict, dict]:
+    """Phase 1: the fp32 graph, checked by onnx and held to PyTorch (max |Δ| and identical argmax, else
+    ParityError). Returns the variant, its parity and PyTorch's own metrics (the reference)."""
+    import onnx
+
+    started = time.time()
+    fp32 = ex.tmp / VARIANT_FILES["fp32"]
+    ex.names = export_graph(ex.model, fp32, ex.opts.opset)
+    onnx.checker.check_model(str(fp32))
+    ex.opts.log(f"exported {fp32.name} (opset {ex.opts.opset}, inputs {', '.join(ex.names)}) in "
+                f"{time.time() - started:.1f}s")
+    session = make_session(fp32)
+    parity = ex.parity(session)
+    ex.opts.log(f"parity vs PyTorch on {parity['batches']} validation batches: max |Δ| "
+                f"{parity['max_abs_diff']:.2e}, argmax agreement {parity['argmax_agreement']:.2%}")
+    if parity["max_abs_diff"] > PARITY_MAX_ABS or parity["argmax_agreement"] < 1.0:
+        raise ParityError(f"ONNX output differs from PyTorch: max |Δ| {parity['max_abs_diff']:.2e} "
+                          f"(limit {PARITY_MAX_ABS:g}), argmax agreement {parity['argmax_agreement']:.4%}")
+    with torch.no_grad():
+        reference = ex.evaluate(ex.model)
+    return Variant("fp32", fp32, {"file": fp32.name}, ex.evaluate(ort_forward(session, ex.names))), parity, reference
+
+
+def build_variants(ex: Export, fp32: Variant, reference: dict) -> list[Variant]:
+    """Phase 2: the variants asked for — fused, int8 (held to the budget inside, export/quantize.py), fp16."""
+    built, source = [], fp32.path
+    if ex.opts.optimize:
+        dst = ex.tmp / VARIANT_FILES["optimized"]
+        fusions = optimize_graph(fp32.path, dst, ex.model)
+        ex.opts.log(f"fusions: {fusions or 'none matched'}")
+        built.append(Variant("optimized", dst, {"file": dst.name, "fusions": fusions},
+                             ex.evaluate(ort_forward(make_session(dst), ex.names))))
+        source = dst
+    if ex.opts.quantize:
+        entry, metrics = build_int8(ex.opts.quantize, fp32.path, source, ex.tmp, ex.model, ex.names, ex.val,
+                                    ex.pad_id, reference, ex.opts)
+        built.append(Variant("int8", ex.tmp / entry["file"], entry, metrics))
+    if ex.opts.fp16:
+        built.append(build_fp16(ex, source))
+    return built
+
+
+def build_fp16(ex: Export, source: Path) -> Variant:
+    """fp16 for GPUs: checked on CUDA with IO binding where there is one; its argmax must agree with
+    PyTorch's on FP16_MIN_AGREEMENT of positions."""
+    dst = ex.tmp / VARIANT_FILES["fp16"]
+    convert_fp16(source, dst)
+    session, provider = fp16_session(dst)
+    bound = provider == "CUDAExecutionProvider"
+    parity = {**ex.parity(session, bound), "provider": provider, "io_binding": bound}
+    ex.opts.log(f"fp16 parity on {provider}: max |Δ| {parity['max_abs_diff']:.2e},"
+                f" argmax agreement {parity['argmax_agreement']:.2%}")
+    if parity["argmax_agreement"] < FP16_MIN_AGREEMENT:
+        raise ParityError(f"fp16 variant agrees with PyTorch on {parity['argmax_agreement']:.2%} of"
+                          f" positions (needs {FP16_MIN_AGREEMENT:.0%})")
+    return Variant("fp16", dst, {"file": dst.name, "from": source.name, "parity": parity},
+                   ex.evaluate(ort_forward(session, ex.names, bound)))
+
+
+def gate(ex: Export, reference: dict, variants: list[Variant]) -> dict[str, float]:
+    """Phase 3: each variant beyond fp32 within --max-metric-drop points of PyTorch's metric, else ParityError."""
+    metric, drops = ex.val.metric, {}
+    for v in variants:
+        if v.name == "fp32":
+            continue
+        drops[v.name] = drop = metric_drop(metric, reference, v.metrics)
+        ex.opts.log(f"{v.name}: {metric} {v.metrics[metric]:.4f} vs torch {reference[metric]:.4f}"
+                    f" (drop {drop:+.2f} points)")
+        if drop > ex.opts.max_metric_drop:
+            raise ParityError(f"{v.name} variant loses {drop:.2f} points of {metric} "
+                              f"(limit --max-metric-drop {ex.opts.max_metric_drop:g})")
+    return drops
+
+
+def write_bundle(ex: Export, variants: list[Variant], parity: dict, reference: dict, drops: dict) -> dict:
+    """Phase 4: tokenizer, config.json and, last, the manifest with every file's checksum."""
+    import onnx
+    import onnxruntime
+
+    model, tmp = ex.model, ex.tmp
+    ex.tokenizer.save_pretrained(str(tmp))
+    (tmp / "config.json").write_text(json.dumps(hf_config(model, ex.meta), indent=2) + "\n")
+    metrics = {"torch": reference, **{("onnx" if v.name == "fp32" else v.name): v.metrics for v in variants}}
+    manifest = {
+        "format_version": 1,
+        "run": ex.run.id,
+        "task": model.task,
+        "labels": model.labels,
+        "metric": ex.val.metric,
+        "max_length": ex.max_length,
+        "stride": ex.meta["stride"],
+        "pad_token_id": ex.pad_id,
+        "casing": model.casing,  # token_type_ids carry casing classes (zeroship.casing)
+        "opset": ex.opts.opset,
+        "inputs": {n: ["batch", "sequence"] for n in ex.names},
+        "outputs": {OUTPUT: ["batch", "sequence", "labels"] if model.task == "token_classification"
+                    else ["batch", "labels"]},
+        "variants": {v.name: v.entry for v in variants},
+        "parity": parity,
+        "metrics": metrics,
+        "metric_drop_points": drops,
+        "metric_budget_points": ex.opts.max_metric_drop,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+        "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                  for p in sorted(tmp.iterdir()) if p.is_file()},
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
 
 def check_out(out: Path) -> None:

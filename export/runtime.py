@@ -23,8 +23,8 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from launcher.casing import casing_ids_in_text
-from launcher.errors import Problem, ZeroshipError, text_problem
+from zeroship.casing import casing_ids_in_text
+from zeroship.errors import Problem, ZeroshipError, text_problem
 
 CUDA_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 VARIANT_FILES = {"fp32": "model.onnx", "optimized": "model_optimized.onnx", "int8": "model_int8.onnx",
@@ -256,7 +256,7 @@ def check_bundle(bundle: Path, manifest: dict, session: ort.InferenceSession, to
     if unknown:
         raise BundleError(Problem(f"{bundle}", f"the model takes inputs the runtime does not feed: {sorted(unknown)}"))
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-    types = 5 if manifest.get("casing", False) else 1  # launcher.casing's classes are token types 0-4
+    types = 5 if manifest.get("casing", False) else 1  # zeroship.casing's classes are token types 0-4
 
     def probe(length: int, ids: list[int], type_id: int) -> np.ndarray | None:
         row = (ids * length)[:length]
@@ -306,7 +306,7 @@ class Predictor:
         self.input_names = [i.name for i in session.get_inputs()]
         self.tokenizer = tokenizer
         self.pad_id = manifest["pad_token_id"]
-        self.casing: bool = manifest.get("casing", False)  # token types are casing classes (launcher.casing)
+        self.casing: bool = manifest.get("casing", False)  # token types are casing classes (zeroship.casing)
         # a model whose answers depend on the batch (dynamic int8) is fed one window per call, so a text's
         # answer never depends on what else is predicted with it (batch_independent in the manifest)
         self.batch_independent = batch_independent(manifest, variant)

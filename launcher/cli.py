@@ -8,69 +8,20 @@ Exit codes: 0 ok, 2 user error (bad recipe, data, arguments, run id), 1 unexpect
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from launcher.errors import Problem, ZeroshipError
-
-console = Console(stderr=True)
-out = Console()
+from zeroship.cli import Parser, out, process_defaults, run_cli
+from zeroship.errors import Problem, ZeroshipError
 
 
-def run_cli(fn: Callable[[], int | None]) -> int:
-    """Run a command: user errors → message + exit 2, bugs → traceback + exit 1."""
-    try:
-        return fn() or 0
-    except ZeroshipError as exc:
-        console.print(f"[bold red]error:[/] {escape(exc.title)}", highlight=False)
-        for problem in exc.problems:
-            console.print(f"  [red]-[/] {escape(str(problem))}", highlight=False, soft_wrap=True)
-        return 2
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
-        return 130
-    except OSError as exc:
-        if exc.errno != errno.ENAMETOOLONG:  # only a path the user typed can be too long: theirs to fix
-            raise
-        name = str(exc.filename or "")
-        console.print(f"[bold red]error:[/] a path is longer than the file system allows: "
-                      f"{escape(name[:60])}{'…' if len(name) > 60 else ''} ({len(name)} characters; "
-                      "fix: give a shorter path)", highlight=False, soft_wrap=True)
-        return 2
-
-
-def bounded(kind: type, low: float, high: float):
-    """An argparse type: an int or a finite float within [low, high] (nan, inf and 10**5000 refused)."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except (ValueError, OverflowError):
-            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not low <= value <= high:  # also false for nan
-            raise argparse.ArgumentTypeError(f"{text[:40]} is out of range: give {low:g} to {high:g}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse exits 2 already; keep our format
-        self.print_usage(sys.stderr)
-        console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-        raise SystemExit(2)
-
-
-# ------------------------------------------------------------------ launch
 def launch_parser(prog: str = "launch") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Validate a recipe and run its fine-tuning on Ray Train + DeepSpeed.")
+    p = Parser(prog=prog, description="Validate a recipe and run its fine-tuning on Ray Train + DeepSpeed.")
     p.add_argument("recipe", nargs="?", help="path to a recipe YAML")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-5 scaling.workers=4")
     p.add_argument("--resume", metavar="RUN", help="continue RUN (its driver died) from its latest checkpoint")
@@ -85,8 +36,8 @@ def launch(argv: list[str] | None = None, prog: str = "launch") -> int:
     args = launch_parser(prog).parse_intermixed_args(argv)  # options may come after the overrides
 
     def go() -> int:
-        from launcher.plan import build_plan, print_plan
-        from launcher.recipe import load_recipe
+        from launcher.driver.plan import build_plan, print_plan
+        from launcher.recipe.schema import load_recipe
 
         if args.resume:
             return resume(args)
@@ -101,7 +52,7 @@ def launch(argv: list[str] | None = None, prog: str = "launch") -> int:
             if os.environ.get("RAY_ADDRESS"):  # on a cluster: joining starts nothing, and lets us check it
                 import ray
 
-                from launcher.cluster import connect_ray
+                from launcher.driver.cluster import connect_ray
 
                 where = connect_ray(recipe, resolved["run"]["storage"])
                 nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
@@ -109,7 +60,7 @@ def launch(argv: list[str] | None = None, prog: str = "launch") -> int:
                           f"{resolved['run']['storage']}", highlight=False)
             out.print("[green]recipe OK[/] (--check: nothing started)")
             return 0
-        from launcher.driver import launch_run
+        from launcher.driver.launch import launch_run
 
         return launch_run(recipe, resolved, plan, recipe_path=args.recipe, overrides=args.overrides,
                           verbose=args.verbose)
@@ -118,9 +69,9 @@ def launch(argv: list[str] | None = None, prog: str = "launch") -> int:
 
 
 def resume(args) -> int:
-    from launcher.driver import execute, resume_run
-    from launcher.plan import build_plan, print_plan
-    from launcher.runs import Registry
+    from launcher.driver.launch import execute, resume_run
+    from launcher.driver.plan import build_plan, print_plan
+    from launcher.runs.registry import Registry
 
     if args.recipe or args.overrides:
         raise ZeroshipError(Problem("--resume", "takes no recipe or overrides: the run's recipe.yaml is used"))
@@ -134,14 +85,14 @@ def resume(args) -> int:
 
 # ------------------------------------------------------------------ runs
 def runs_command(argv: list[str]) -> int:
-    p = _Parser(prog="zeroship runs", description="List runs, or show one.")
+    p = Parser(prog="zeroship runs", description="List runs, or show one.")
     p.add_argument("action", nargs="?", default="list", choices=["list", "show"])
     p.add_argument("run", nargs="?", help="run id for `show` (run-42, 42, latest)")
     p.add_argument("--runs", metavar="DIR", default="runs", help="storage root (default: runs)")
     args = p.parse_args(argv)
 
     def go() -> int:
-        from launcher.runs import Registry
+        from launcher.runs.registry import Registry
 
         reg = Registry(args.runs)
         if args.action == "show":
@@ -186,8 +137,8 @@ def recipe_diff(run) -> tuple[str, list[tuple[str, str, str]]]:
     Shows the command-line overrides, `--runs`, and any edit made to the file since the launch."""
     import yaml
 
-    from launcher.observe import flatten
-    from launcher.recipe import load_recipe
+    from launcher.recipe.schema import load_recipe
+    from launcher.runs.observe import flatten
 
     st = run.status()
     base = st.get("recipe")
@@ -245,20 +196,11 @@ def show_run(run) -> int:
         out.print(table)
     report_file = run.best_dir / "report.json"
     if report_file.is_file():
-        from launcher.report import print_report
+        from launcher.eval.report import print_report
 
         for split, report in json.loads(report_file.read_text()).items():
             print_report(report, f"{run.id} {split}: per-label report", out)
     return 0
-
-
-def process_defaults() -> None:
-    """Environment for a CLI process, set before anything imports Ray (which reads it at import)."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not os.environ.get("RAY_ADDRESS"):
-        # The private local Ray binds loopback only; without this its gRPC servers listen on every
-        # interface. Not when joining a cluster: other nodes must reach this driver.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def launch_entry() -> None:

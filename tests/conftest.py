@@ -30,9 +30,9 @@ def cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: i
 EVAL_BEST = """
 import json, sys
 from transformers import AutoTokenizer
-from launcher.data import load_dataset
-from launcher.evaluate import evaluate_model
-from launcher.model import load_model
+from launcher.data.parse import load_dataset
+from launcher.eval.evaluate import evaluate_model
+from launcher.nn.model import load_model
 best, data = sys.argv[1], json.loads(sys.argv[2])
 model, meta = load_model(best)
 ds = load_dataset(data, meta["task"])
@@ -56,7 +56,7 @@ DEEPSPEED_PRELUDE = r"""
 import json, os, sys
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
 import deepspeed, torch
-from launcher.engine import skip_shm_comm_build
+from launcher.worker.engine import skip_shm_comm_build
 skip_shm_comm_build()  # as the workers do
 deepspeed.init_distributed(dist_backend="gloo")
 torch.set_num_threads(1)
@@ -66,9 +66,9 @@ MODEL = {"encoder": "packaged:all-MiniLM-L6-v2", "task": "token_classification",
 
 # A two-sentence NER batch for those scripts: LABELS, tok, ex and batch (labels still in it).
 TOY_BATCH = r"""
-from launcher.data import Example
-from launcher.features import collate, encode_ner
-from launcher.recipe import resolve_encoder
+from launcher.data.parse import Example
+from launcher.data.features import collate, encode_ner
+from launcher.recipe.schema import resolve_encoder
 from transformers import AutoTokenizer
 
 LABELS = ["O", "B-PER", "I-PER", "B-LOC"]
@@ -129,7 +129,7 @@ def toy_ner_shards(folder: Path, fmt: str, shards: int, split: str = "train") ->
     """A toy NER split cut into `shards` files (`part-0000.conll`, … or `.jsonl`), sentences in
     order, next to what shard writers leave around them: an empty `_SUCCESS` marker and a hidden
     checksum file that is not UTF-8 (a reader that opened either would fail or change the data)."""
-    from launcher.data import read_conll
+    from launcher.data.parse import read_conll
 
     examples = read_conll(str(TOY_NER / f"{split}.conll"))
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,2 @@
+"""Corpora: sources, parsing, augmentation, the Ray Data pipeline (run in Ray Data tasks) and the
+worker-side stream of features."""

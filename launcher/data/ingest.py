@@ -1,0 +1,306 @@
+"""Corpora through Ray Data: each split is read and parsed by Ray Data tasks (the same parsers as
+launcher.data.parse, one file or shard per task: a bad line is still `shard:line`), augmented (train; each copy
+seeded by its example) and tokenized (launcher.data.features, one tokenizer per task process) as the
+workers stream their shards (launcher.data.stream): lazily, in every epoch and every evaluation, so nothing
+of the corpus is kept anywhere between passes (the price: tokenization runs once per epoch, on CPUs
+beside the workers, overlapped with their steps; a counting pass before the first step). A train split bigger than what the driver plans from is checked here in one pass whose
+summary rows are all the driver receives (counts, labels seen, the first unknown label with its line).
+The driver never holds the training corpus.
+
+Ray Data's tasks ask for a quarter CPU each: Ray Train keeps the workers' CPUs out of Ray Data's budget,
+so a run leaves one CPU beside its workers (plan.DATA_CPUS; a local Ray declares one more than the machine
+has). One file is one parse task: a corpus in a single huge file parses in one process (shard it for
+parallel reading).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from typing import Any
+
+from launcher.data.augment import CLS_OPS, NER_OPS, Augmenter
+from launcher.data.parse import (
+    Dataset,
+    Example,
+    check_labels,
+    count_invalid_bio,
+    decode_lines,
+    label_order,
+    parse_lines,
+    token_line,
+)
+from launcher.data.sources import expand
+from zeroship.errors import DataError, Problem, excerpt
+
+DATA_CPU = 0.25  # what each Ray Data task asks for: the workers hold whole CPUs
+BLOCK_EXAMPLES = 1024  # examples per block after parsing: the unit of tokenization tasks and of sharding
+
+
+class ParseFile:
+    """One file's bytes → its examples as rows, with the parsers of launcher.data.parse (so the same
+    `file:line` problems; a DataError raised here reaches the driver through `unwrap`)."""
+
+    def __init__(self, data: dict, task: str, names: dict[str, str]):
+        self.data, self.task, self.names = data, task, names
+
+    def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        name = self.names.get(row["path"], row["path"])
+        examples = parse_lines(decode_lines(row["bytes"], name), name, self.data, self.task)
+        if self.task == "token_classification":
+            return [{"tokens": ex.tokens, "tags": ex.tags, "where": ex.where} for ex in examples]
+        return [{"text": ex.text, "label": ex.label, "where": ex.where} for ex in examples]
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The innermost user error inside Ray's wrappers (RayTaskError(DataError) is itself a DataError
+    subclass, made on the fly, whose text carries a traceback), else `exc`."""
+    found, seen = exc, exc
+    while seen is not None:
+        if isinstance(seen, DataError):
+            found = seen
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    return found
+
+
+def read_split(spec: str, data: dict, task: str, field: str):
+    import ray.data
+
+    # a parser's DataError comes back to the driver as itself (inside RayTaskError), not as a
+    # UserCodeException that keeps only its text
+    ray.data.DataContext.get_current().raise_original_map_exception = True
+    files = expand(spec, field)
+    # Ray Data reports a file by its filesystem path (no scheme): map it back to the name users gave
+    names = {_fs_path(f.name): f.name for f in files}
+    ds = ray.data.read_binary_files([f.name for f in files], include_paths=True, num_cpus=DATA_CPU)
+    return ds.flat_map(ParseFile(data, task, names), num_cpus=DATA_CPU), files
+
+
+def _fs_path(name: str) -> str:
+    if "://" not in name:
+        return name
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(name)[1]
+
+
+def summarize(batch: dict[str, Any], task: str, conll: bool, known: list[str] | None) -> dict[str, list]:
+    """One summary row per batch: examples, labels seen, invalid-BIO sentences, and the first label that
+    is not in `known` (the recipe's data.labels) with where it is."""
+    labels: set[str] = set()
+    invalid, unknown = 0, ""
+    closed = set(known or ())
+    for i, where in enumerate(batch["where"]):
+        values = [str(t) for t in batch["tags"][i]] if task == "token_classification" else [str(batch["label"][i])]
+        labels.update(values)
+        if task == "token_classification":
+            invalid += count_invalid_bio(values)
+        if closed and not unknown:
+            bad = next((j for j, v in enumerate(values) if v not in closed), None)
+            if bad is not None:
+                line = token_line(Example(where=str(where)), bad) if conll else str(where)
+                unknown = json.dumps([line, values[bad]])
+    return {"examples": [len(batch["where"])], "invalid_bio": [invalid], "labels": [sorted(labels)],
+            "unknown": [unknown]}
+
+
+def check_split(ds, task: str, conll: bool = False, known: list[str] | None = None) -> dict[str, Any]:
+    """The check pass: every line parsed (in Ray Data tasks), one summary per block back to the driver."""
+    try:
+        rows = ds.map_batches(summarize, fn_kwargs={"task": task, "conll": conll, "known": known},
+                              batch_format="numpy", batch_size=None, num_cpus=DATA_CPU).take_all()
+    except Exception as exc:  # noqa: BLE001  (a DataError from a task comes back wrapped)
+        err = unwrap(exc)
+        if not isinstance(err, DataError):
+            raise
+        raise err from None
+    unknown = [json.loads(r["unknown"]) for r in rows if r["unknown"]]
+    return {"examples": sum(int(r["examples"]) for r in rows),
+            "invalid_bio": sum(int(r["invalid_bio"]) for r in rows),
+            "labels": sorted({label for r in rows for label in r["labels"]}), "unknown": unknown}
+
+
+def check_train(dataset: Dataset, data: dict, task: str) -> None:
+    """A launch on a train split too big for the driver (planned from a sample, launcher.data.parse.load_dataset):
+    every line is parsed and checked by Ray Data tasks, and the label set, the count and the invalid-BIO
+    count become the whole split's. The driver receives one summary row per block."""
+    split = dataset.splits["train"]
+    if split.sampled_bytes is None:
+        return  # read whole by the plan
+    ds, _ = read_split(split.path, data, task, "data.train")
+    summary = check_split(ds, task, data["format"] == "conll", data.get("labels"))
+    if summary["unknown"]:
+        line, label = summary["unknown"][0]
+        raise DataError(Problem(line, f"label {excerpt(label)} is not in data.labels in the recipe",
+                                f"known labels: {', '.join(data['labels'][:12])}"))
+    if not summary["examples"]:
+        raise DataError(Problem(split.path, "the train split has no examples"))
+    split.sampled_bytes, split.invalid_bio = None, summary["invalid_bio"]
+    if not data.get("labels"):
+        dataset.labels = label_order(task, set(summary["labels"]))
+        check_labels(dataset.splits, dataset.labels, data, task, skip=["train"])
+
+
+def stable_hash(text: str) -> int:
+    """A hash of an example's `where` (file:line) that is the same in every process and run (Python's
+    own `hash` of a str is salted per process): k-fold assignment and augmentation seeds use it."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(source: str, max_length: int, stride: int):
+    """One tokenizer per Ray worker process (tasks reuse their processes), not one per batch: the model
+    folder's tokenizer.json through `tokenizers` alone (transformers, and the torch it imports, would cost
+    a fresh process ~7 s on 2 cores); a hub name or a folder without one goes through transformers."""
+    import os
+
+    import tokenizers
+
+    from launcher.data.features import backend
+
+    path = os.path.join(source, "tokenizer.json")
+    if os.path.isfile(path):
+        return backend(tokenizers.Tokenizer.from_file(path), max_length, stride)
+    from transformers import AutoTokenizer
+
+    return backend(AutoTokenizer.from_pretrained(source), max_length, stride)
+
+
+def tokenize_batch(batch: dict[str, Any], source: str, task: str, labels: list[str], max_length: int,
+                   stride: int, casing: bool = False) -> dict[str, list]:
+    """Examples → features (launcher.data.features: the same alignment and windows as the small path).
+    Columns: input_ids, attention_mask, token_type_ids (when the model has them; with `casing`, the tokens'
+    casing classes), labels, `where` (the source example), and for NER each window's word ids (-1 for
+    none), first-subtoken flags and the sentence's gold tags (evaluation stitches windows back into sentences with them)."""
+    from launcher.data.features import encode_cls, encode_ner
+    from launcher.data.parse import Example
+
+    ner = task == "token_classification"
+    tokenizer, label2id = _tokenizer(source, max_length, stride if ner else 0), {label: i for i, label in enumerate(labels)}
+    if task == "token_classification":
+        examples = [Example(tokens=list(t), tags=list(g), where=str(w))
+                    for t, g, w in zip(batch["tokens"], batch["tags"], batch["where"])]
+        feats = encode_ner(tokenizer, examples, label2id, max_length, stride, casing)
+    else:
+        examples = [Example(text=str(t), label=str(lab), where=str(w))
+                    for t, lab, w in zip(batch["text"], batch["label"], batch["where"])]
+        feats = encode_cls(tokenizer, examples, label2id, max_length, casing)
+    out: dict[str, list] = {"input_ids": [f.input_ids for f in feats],
+                            "attention_mask": [f.attention_mask for f in feats],
+                            "labels": [f.labels for f in feats],
+                            "where": [examples[f.example].where for f in feats]}
+    if feats and feats[0].token_type_ids is not None:
+        out["token_type_ids"] = [f.token_type_ids for f in feats]
+    if task == "token_classification":
+        out["word_ids"] = [[-1 if w is None else w for w in f.word_ids] for f in feats]
+        out["starts"] = [f.starts for f in feats]
+        out["tags"] = [examples[f.example].tags for f in feats]
+    return out
+
+
+def tokenize(ds, source: str, task: str, labels: list[str], max_length: int, stride: int, casing: bool):
+    """The tokenization transform: Ray Data tasks (fused with the parse), a batch of examples per call."""
+    return ds.map_batches(tokenize_batch, fn_kwargs=dict(source=source, task=task, labels=labels, max_length=max_length,
+                                                         stride=stride, casing=casing),
+                          batch_size=256, batch_format="numpy", num_cpus=DATA_CPU)
+
+
+class AugmentRows:
+    """A training example's row, then its augmented copies (launcher.data.augment: each copy seeded by the
+    example's `where`, so the stream's copies are the plan's preview's). The mention and O-word pools
+    come from the examples the driver read: the whole split, or its sample when the split is big."""
+
+    def __init__(self, cfg: dict, pool: list[Example], task: str, seed: int):
+        self.augmenter, self.task, self.seed = Augmenter(cfg, pool, task), task, seed
+
+    def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        if self.task == "token_classification":
+            ex = Example(tokens=list(row["tokens"]), tags=list(row["tags"]), where=row["where"])
+            return [row] + [{"tokens": c.tokens, "tags": c.tags, "where": c.where}
+                            for c, _ in self.augmenter.copies(ex, self.seed)]
+        ex = Example(text=row["text"], label=row["label"], where=row["where"])
+        return [row] + [{"text": c.text, "label": c.label, "where": c.where} for c, _ in self.augmenter.copies(ex, self.seed)]
+
+
+def build_datasets(resolved: dict, task: str, labels: list[str], source: str, pool: list[Example]) -> tuple[dict, Any]:
+    """The run's train (augmented when the recipe says so) and validation splits as lazy Ray Datasets:
+    read, parsed and tokenized by Ray Data tasks as the workers stream their shards, epoch after epoch
+    (nothing of the corpus is kept between epochs, in the driver or anywhere). Also a reference to the
+    counting pass (`count_splits`), which runs while the worker group starts."""
+    import ray
+    import ray.data
+
+    # blocks in the order of the files and lines, whichever task finishes first: the same shards and
+    # batches in every pass and every launch of the recipe (a resumed run replays its epoch exactly)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    dcfg = resolved["data"]
+    datasets = {}
+    for split in ("train", "validation"):
+        rows, _ = read_split(dcfg[split], dcfg, task, f"data.{split}")
+        # a big file parses into one block: cut it, so that tokenization spreads over tasks and the
+        # validation sentences over the ranks (a block goes whole to one rank)
+        rows = rows.repartition(target_num_rows_per_block=BLOCK_EXAMPLES)
+        ops = NER_OPS if task == "token_classification" else CLS_OPS
+        if split == "train" and any(dcfg["augmentation"].get(op) for op in ops):
+            rows = rows.flat_map(AugmentRows(dcfg["augmentation"], pool, task, resolved["train"]["seed"]),
+                                 num_cpus=DATA_CPU)
+        datasets[split] = tokenize(rows, source, task, labels, dcfg["max_length"], dcfg["stride"],
+                                   resolved["model"].get("casing", False))
+    return datasets, count_splits(datasets)
+
+
+def count_splits(datasets: dict) -> Any:
+    """A Ray task (no CPU of its own: its Ray Data tasks ask for theirs) that runs each split once and
+    returns {split: {"examples": tokenized, "windows": made}}; the workers wait for it (the schedule
+    needs the training windows) and the driver records it."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def count(datasets: dict) -> dict:
+        import ray.data
+
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        out = {}
+        for name, ds in datasets.items():
+            done = ds.materialize()  # one pass; its blocks are freed when this task returns
+            out[name] = {"examples": tokenized_examples(done), "windows": done.count()}
+        return out
+
+    return count.remote(datasets)
+
+
+def tokenized_examples(ds) -> int | None:
+    """How many examples the tokenization transform took in, from Ray Data's own statistics (counted
+    in the tasks, summed over them; None if this Ray's statistics look different)."""
+    from zeroship.ray_compat import operator_input_rows
+
+    return operator_input_rows(ds, "tokenize_batch")
+
+
+def fold_of(where: str, k: int) -> int:
+    """The fold a training example validates in (k-fold): a stable hash of its `where`."""
+    return stable_hash(where) % k
+
+
+def fold_sizes(data: dict, task: str, k: int) -> list[int]:
+    """How many training examples each fold holds out (a counting pass in Ray Data tasks)."""
+    rows, _ = read_split(data["train"], data, task, "data.train")
+
+    def count(batch: dict[str, Any]) -> dict[str, list]:
+        sizes = [0] * k
+        for where in batch["where"]:
+            sizes[fold_of(str(where), k)] += 1
+        return {"sizes": [sizes]}
+
+    parts = rows.map_batches(count, batch_format="numpy", batch_size=None, num_cpus=DATA_CPU).take_all()
+    return [sum(int(p["sizes"][f]) for p in parts) for f in range(k)]
+
+
+def fold_datasets(train, k: int, fold: int) -> tuple[dict, Any]:
+    """k-fold: the training windows whose sentence hashes to `fold` validate, the rest train. A
+    sentence's windows share its `where`, so a fold holds whole sentences, the same in every trial."""
+    validation = train.filter(lambda row: fold_of(str(row["where"]), k) == fold, num_cpus=DATA_CPU)
+    rest = train.filter(lambda row: fold_of(str(row["where"]), k) != fold, num_cpus=DATA_CPU)
+    folded = {"train": rest, "validation": validation}
+    return folded, count_splits(folded)

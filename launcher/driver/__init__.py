@@ -1,0 +1,1 @@
+"""The driver process: plan, cluster, the Ray Train trainer, sweeps and k-fold, the winner, the console."""

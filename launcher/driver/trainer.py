@@ -1,0 +1,122 @@
+"""Building the Ray Train `TorchTrainer` for one run or one sweep trial: what every worker receives
+(`worker_config`) and how many workers, with what resources, failures and checkpoints (`make_trainer`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from launcher.driver.plan import Plan
+from launcher.recipe.schema import Recipe, tokenizer_source
+from launcher.worker.entry import train_worker
+
+
+def run_datasets(recipe: Recipe, resolved: dict, plan: Plan, run) -> tuple[dict, Any]:
+    """The run's splits as lazy Ray Datasets and the reference to their counting pass
+    (launcher.data.ingest.build_datasets); `record_data` reports the counts once training is done."""
+    import time
+
+    from launcher.data.ingest import build_datasets
+
+    datasets, counts = build_datasets(resolved, recipe.model.task, plan.dataset.labels,
+                                      tokenizer_source(resolved["model"]), plan.dataset.splits["train"].examples)
+    if run.data_counts is None:  # a sweep's first variant (data_key) is the one status.json reports
+        run.data_counts = counts
+    run.stamps.setdefault("datasets", time.time())  # the start-up record's ray_data phase (launcher.driver.startup)
+    return datasets, counts
+
+
+def data_key(resolved: dict) -> str:
+    """What a run's tokenized data depends on beyond the files: a sweep whose points change one of these
+    (data.max_length, data.stride, model.encoder) gets datasets per value; all others share one."""
+    import json
+
+    return json.dumps([tokenizer_source(resolved["model"]), resolved["data"]["max_length"],
+                       resolved["data"]["stride"]])
+
+
+def record_data(run) -> None:
+    """What Ray Data's counting pass found, on the console and in status.json (`data`)."""
+    import ray
+
+    from launcher.driver.console import console
+
+    made = ray.get(run.data_counts, timeout=600)  # the workers waited for it already
+    console.print("data (Ray Data): " + ", ".join(f"{name} {c['examples']} examples → {c['windows']} windows"
+                                                  for name, c in made.items()), highlight=False)
+    run.update(data=made)
+
+
+def worker_config(recipe: Recipe, resolved: dict, plan: Plan, board, counts: Any, trial: str = "") -> dict:
+    """What every worker receives: the resolved recipe, labels, a reference to the data's counts (the
+    data itself comes as Ray Datasets, `make_trainer`), the progress board."""
+    return {"recipe": resolved, "labels": plan.dataset.labels, "counts": counts, "progress": board,
+            "metric": recipe.metric, "mode": recipe.mode, "trial": trial}
+
+
+def shard_config():
+    """Ray Train's DataConfig, but validation split unevenly: `equal=True` (the default, right for
+    training: the same number of batches on every rank) would drop validation rows. Order is kept, so
+    a rank's shard is the same in every attempt (a resume replays its epoch exactly)."""
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    from zeroship.ray_compat import execution_options
+
+    class ShardConfig(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            # Ray Train (V2) asks for one dataset at a time
+            train = {name: ds for name, ds in datasets.items() if name != "validation"}
+            out = super().configure(train, world_size, worker_handles, worker_node_ids, **kwargs)
+            if "validation" in datasets:
+                val = datasets["validation"].copy(datasets["validation"])
+                val.context.execution_options = execution_options(self, "validation")
+                for i, split in enumerate(val.streaming_split(world_size, equal=False)):
+                    out[i]["validation"] = split
+            return out
+
+    return ShardConfig(execution_options=ExecutionOptions(preserve_order=True))
+
+
+def trainer_class(lean: bool):
+    """Ray Train's TorchTrainer; on a lean private Ray (zeroship.ray_session.lean: one run, no
+    dashboard) without the placement-group cleaner Ray Train adds to every run. The cleaner is a
+    detached actor that frees a run's placement group when its controller dies while Ray lives on.
+    A single run's controller dies only with the driver, and a private Ray with it, placement
+    groups and all; so there it would only cost a Python process, and with no dashboard to answer
+    its State API queries log a warning every second. A sweep keeps it (and the dashboard): Tune
+    stops a pruned trial by killing its actor, controller included, and the trial's leaked
+    placement group would hold its worker's CPU until the launch ends (measured: an ASHA sweep on
+    2 cores then starved Ray Data of its CPU and hung)."""
+    from ray.train.torch import TorchTrainer
+
+    if not lean:
+        return TorchTrainer
+    from zeroship.ray_compat import without_placement_group_cleaner
+
+    return without_placement_group_cleaner(TorchTrainer)
+
+
+def make_trainer(recipe: Recipe, config: dict, storage: str, name: str, datasets: dict,
+                 callbacks: list | None = None, lean: bool = False):
+    import ray.train
+    from ray.train.torch import TorchConfig
+
+    sc = recipe.scaling
+    resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
+    return trainer_class(lean)(
+        train_worker,
+        train_loop_config=config,
+        datasets=datasets, dataset_config=shard_config(),
+        # Ray Train picks the backend from use_gpu (NCCL on GPUs, gloo on CPUs); the timeout bounds
+        # every collective, so a rank that hangs fails the run instead of stalling it forever
+        torch_config=TorchConfig(timeout_s=sc.timeout_s),
+        scaling_config=ray.train.ScalingConfig(num_workers=sc.workers, use_gpu=sc.use_gpu,
+                                               resources_per_worker=resources,
+                                               placement_strategy=sc.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage, callbacks=callbacks or [],
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=recipe.run.keep_best, checkpoint_score_attribute=recipe.metric,
+                checkpoint_score_order=recipe.mode),
+            failure_config=ray.train.FailureConfig(max_failures=recipe.run.max_failures)),
+    )

@@ -1,0 +1,77 @@
+"""The winner: the best reported checkpoint, merged from its ZeRO shards into `best/` (fp32), checked
+by evaluating the merged model again."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from launcher.driver.plan import Plan
+from launcher.runs.registry import Run, atomic_write_json
+from launcher.worker.checkpoint import merged_state_dict, read_state
+from zeroship.errors import RunFailed
+
+
+# ------------------------------------------------------------------ winner → best/
+def pick_winner(result, metric: str, mode: str) -> tuple[Any, dict]:
+    candidates = [(ckpt, m) for ckpt, m in (result.best_checkpoints or []) if metric in m]
+    if not candidates:
+        raise RunFailed("training finished without a reported checkpoint")
+    key = (lambda cm: cm[1][metric]) if mode == "max" else (lambda cm: -cm[1][metric])
+    return max(candidates, key=key)
+
+
+def write_best(run: Run, resolved: dict, labels: list[str], ckpt_dir: Path, winner: dict,
+               plan: Plan) -> dict:
+    """Merge the winning shards into best/ (fp32, whatever the training precision) and check the
+    merged model reproduces the metric, evaluating it on the driver's GPU when it has one."""
+    from transformers import AutoTokenizer
+
+    from launcher.eval.evaluate import evaluate_model
+    from launcher.nn.device import driver_device
+    from launcher.nn.model import apply_lora, build_model, merge_lora, warm_start
+
+    if resolved["model"].get("init_from"):  # same shapes as the parent's encoder, this run's head
+        model = warm_start(resolved["model"]["init_from"], labels, resolved["model"]["head"],
+                           resolved["model"]["init_from_head"], resolved["model"].get("casing", False))
+    else:
+        model = build_model(resolved["model"], labels, pretrained=False)
+    if resolved["model"].get("lora"):
+        apply_lora(model, resolved["model"]["lora"])
+    with run.logs.quiet() if run.logs else contextlib.nullcontext():  # zero_to_fp32 prints to stdout
+        state = merged_state_dict(ckpt_dir)  # verifies the checkpoint's signatures first
+    ckpt_state = read_state(ckpt_dir)  # epoch, step, ZeRO stage, precision of the winning checkpoint
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    persistent = {n for n, _ in model.named_parameters()} | set(model.state_dict())
+    missing = [k for k in missing if k in persistent]
+    if missing or unexpected:
+        raise RunFailed(f"merged checkpoint does not fit the model: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    model = merge_lora(model.eval()).to(driver_device())  # best/ holds a plain encoder: export needs no peft
+    tokenizer = AutoTokenizer.from_pretrained(plan.encoder_source)
+    dcfg = resolved["data"]
+    metrics, reports = {}, {}
+    for split in ("validation", "test"):
+        if split in plan.dataset.splits:
+            result = evaluate_model(model, tokenizer, model.task, labels, plan.dataset.splits[split].examples,
+                                    dcfg["max_length"], dcfg["stride"], with_report=True)
+            reports[split] = result.pop("report")
+            metrics[split] = result
+    metrics["reported"] = winner
+    tmp = run.dir / ".best.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(tmp, tokenizer=tokenizer, extra={
+        "max_length": dcfg["max_length"], "stride": dcfg["stride"], "run": run.id,
+        "metric": resolved["train"]["metric"] or winner["metric"],
+        # the precision it was trained in; the weights in best/ are the fp32 masters
+        "training_precision": ckpt_state.get("precision", resolved["deepspeed"]["precision"]),
+        "zero_stage": ckpt_state["zero_stage"]})
+    atomic_write_json(tmp / "metrics.json", metrics)
+    atomic_write_json(tmp / "report.json", reports)
+    shutil.rmtree(run.best_dir, ignore_errors=True)
+    os.replace(tmp, run.best_dir)
+    run.push("best")  # before the status says succeeded, so a reader of the URI never sees half of it
+    return metrics

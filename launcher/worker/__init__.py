@@ -1,0 +1,1 @@
+"""What runs inside a Ray Train worker: the training loop, DeepSpeed engine, regularization, checkpoints."""

@@ -1,0 +1,273 @@
+"""One Ray Train worker's part of a run, as named phases: `setup()` (data, model, DeepSpeed engine, resume),
+`train()` (epochs of steps; evaluate and checkpoint on the recipe's schedule), `evaluate()`,
+`save_checkpoint()`. Only workers import this module (it imports torch, transformers and DeepSpeed);
+`launcher.worker.entry.train_worker` is the entry Ray Train calls.
+
+Device and precision: the worker computes on `launcher.nn.device.worker_device()`; every batch reaches
+it through `train_step` / `evaluate.predict` (`to_device`), and θ₀ for L2-SP is kept there. DeepSpeed
+owns precision (its `bf16`/`fp16` sections, loss scaling for fp16); losses and metrics are fp32. The
+loss terms stay on the device between logging points (`MetricsWindow`), so a step never waits on the GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import deepspeed  # launcher.worker.entry imported it first, without mlflow (engine.import_deepspeed)
+import ray.train
+import torch
+import torch.distributed as dist
+from deepspeed.utils import logger as ds_logger
+from transformers import AutoTokenizer
+
+from launcher.data.features import collate, length_grouped_batches
+from launcher.data.stream import Shards, batches_in_epoch, lockstep, stand_in
+from launcher.eval.evaluate import gold_and_pred, metrics_of, predict
+from launcher.nn.device import worker_device
+from launcher.nn.model import apply_freeze, apply_lora, build_model, param_groups, warm_start
+from launcher.recipe import zero_auto
+from launcher.recipe.ds_config import build_ds_config
+from launcher.recipe.schema import tokenizer_source
+from launcher.worker.checkpoint import CKPT_TAG, STATE_FILE, save_stage0_fp32
+from launcher.worker.engine import (
+    adamw,
+    bound_collective_timeouts,
+    lr_lambda,
+    seed_everything,
+    skip_shm_comm_build,
+    skip_single_rank_allreduce,
+    train_step,
+)
+from launcher.worker.loop_state import Board, EarlyStopping, MetricsWindow, ResumeState, step_hook
+from launcher.worker.regularize import PartitionedL2SP, TaskLoss
+from launcher.worker.signing import sign_checkpoint, verify_checkpoint, worker_key
+
+
+class TrainingRun:
+    """Everything in `config` (the resolved recipe, the label set, the parsed examples, a handle to the
+    driver's progress board); nothing is read from module globals. `stamps` times the start-up phases
+    (launcher.driver.startup); they are reported after the first optimizer step."""
+
+    def __init__(self, config: dict[str, Any], stamps: dict[str, float]):
+        self.config, self.stamps = config, stamps
+        self.recipe, self.labels = config["recipe"], config["labels"]
+        self.mcfg, self.dcfg = self.recipe["model"], self.recipe["data"]
+        self.tcfg, self.rcfg = self.recipe["train"], self.recipe["regularization"]
+        self.task, self.metric = self.mcfg["task"], config["metric"]
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = worker_device()
+        self.board = Board(config.get("progress"), self.rank, config.get("trial", ""))
+        self.early = EarlyStopping(config["mode"], self.tcfg.get("early_stopping"))
+        self.window = MetricsWindow()
+        self.resume = ResumeState()
+        self.resumed = False  # True when this worker group restarted from a checkpoint
+        self.step = 0  # optimizer steps taken
+        self.last_eval_step = -1
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        bound_collective_timeouts(self.recipe["scaling"]["timeout_s"])
+        skip_shm_comm_build()
+        torch.set_num_threads(max(1, int(self.recipe["scaling"]["cpus_per_worker"])))
+        ds_logger.setLevel("WARNING")
+        seed_everything(self.tcfg["seed"])
+        self.signing_key = worker_key()
+        self.setup_data()
+        self.stamps["data"] = time.time()
+        model = self.build_model()
+        self.stamps["model"] = time.time()
+        self.setup_engine(model)
+        self.restore()
+        self.hook = step_hook(self.rank)
+        self.stamps["engine"] = time.time()
+
+    def setup_data(self) -> None:
+        """This rank's shards (launcher.data.stream) and the schedule's step counts: every rank gets the same
+        number of training windows (`streaming_split(equal=True)`), so the same number of batches."""
+        tc = self.tcfg
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(self.mcfg))
+        self.data = Shards(self.task, self.labels, tc["batch_size"], tc["seed"])
+        if ray.train.get_checkpoint() is None:  # a fresh start's first epoch (a resume's is in its checkpoint)
+            self.data.prefetch(self.resume.next_epoch)
+        counts = ray.get(self.config["counts"])  # Ray Data's counting pass, started by the driver
+        rows = counts["train"]["windows"] // self.world
+        steps_per_epoch = max(1, batches_in_epoch(rows, tc["batch_size"]) // tc["grad_accum"])
+        self.micro_per_epoch = steps_per_epoch * tc["grad_accum"]  # whole optimizer steps only
+        self.total_steps = tc.get("max_steps") or steps_per_epoch * tc["epochs"]  # max_steps overrides epochs
+        self.last_epoch = -(-self.total_steps // steps_per_epoch)
+
+    def build_model(self):
+        mcfg, rcfg = self.mcfg, self.rcfg
+        if mcfg.get("init_from"):  # warm start from an earlier run's winner
+            model = warm_start(mcfg["init_from"], self.labels, mcfg["head"], mcfg["init_from_head"],
+                               mcfg.get("casing", False))
+        else:
+            model = build_model(mcfg, self.labels, dropout={"hidden": rcfg.get("hidden_dropout"),
+                                                            "attention": rcfg.get("attention_dropout")})
+        apply_freeze(model, mcfg["freeze"])
+        if mcfg.get("lora"):
+            apply_lora(model, mcfg["lora"])
+        return model
+
+    def setup_engine(self, model) -> None:
+        """ZeRO stage (`auto` resolved here, the same on every rank), loss, optimizer, schedule, engine."""
+        self.zero_choice = None
+        if self.recipe["deepspeed"]["zero_stage"] == "auto":
+            self.recipe, self.zero_choice = zero_auto.resolve(self.recipe, model, *zero_auto.worker_memory(self.device))
+        self.stage, self.precision = self.recipe["deepspeed"]["zero_stage"], self.recipe["deepspeed"]["precision"]
+        zero3, tc, rc = self.stage == 3, self.tcfg, self.rcfg
+        # takes θ₀ for L2-SP before DeepSpeed touches (casts, moves, partitions) the weights
+        self.task_loss = TaskLoss(model, rc, partitioned=zero3, device=self.device)
+        self.with_type_ids = model.uses_token_type_ids
+        optimizer = adamw(param_groups(model, rc["weight_decay"], tc["lr"], tc.get("head_lr"), tc.get("layer_decay", 1.0)),
+                          tc["lr"])
+        warmup = int(tc["warmup_ratio"] * self.total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc["schedule"], warmup, self.total_steps))
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=build_ds_config(self.recipe, self.world))
+        skip_single_rank_allreduce(self.engine, self.world, self.stage)
+        self.l2_sp_z3 = (PartitionedL2SP(self.engine.module, rc["l2_sp"], self.device)
+                         if zero3 and rc.get("l2_sp") else None)
+
+    def restore(self) -> None:
+        """After a worker failure Ray Train restarts the group with the last reported checkpoint:
+        model, optimizer, schedule, each rank's RNG and the position in the epoch come back."""
+        restored = ray.train.get_checkpoint()
+        if restored is None:
+            return
+        with restored.as_directory() as folder:
+            verify_checkpoint(folder, self.signing_key)  # before DeepSpeed unpickles anything in it
+            _, client = self.engine.load_checkpoint(folder, tag=CKPT_TAG)  # model, optimizer, scheduler
+            rng = torch.load(os.path.join(folder, f"rng_rank{self.rank}.pt"), weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        self.resume = ResumeState.from_dict(client["zeroship_resume"])
+        self.early.best, self.early.bad = self.resume.best_value, self.resume.bad_evals
+        self.resumed, self.step = True, self.resume.step
+        self.last_eval_step = self.step
+
+    # ---------------------------------------------------------------- train
+    def train(self) -> None:
+        self.board.push({"kind": "start", "total_steps": self.total_steps, "world": self.world,
+                         "resumed_from_step": self.step if self.resumed else None,
+                         "zero_auto": self.zero_choice})
+        self.initial = None
+        if self.mcfg.get("init_from") and not self.resumed:  # where the parent leaves off, before any step
+            self.initial = {"kind": "initial", **self.evaluate(), "epoch": 0, "step": 0}  # after the startup record
+        self.started = time.time()
+        stopped = None
+        for epoch in range(self.resume.next_epoch, self.last_epoch + 1):
+            stopped = self.train_epoch(epoch)
+            if stopped or self.step >= self.total_steps:
+                break
+        if "first_step" not in self.stamps and self.initial is not None:  # no step was taken (nothing left)
+            self.board.push(self.initial, wait=True)
+        if stopped is None and self.tcfg.get("max_steps"):
+            stopped = f"reached train.max_steps ({self.total_steps} optimizer steps)"
+        self.board.push({"kind": "end", "step": self.step, "stop_reason": stopped or "completed all epochs"}, wait=True)
+
+    def train_epoch(self, epoch: int) -> str | None:
+        """One epoch (or what is left of it after a resume); returns why training stops, if it does."""
+        accum, eval_every = self.tcfg["grad_accum"], self.tcfg["eval_every"]
+        self.engine.train()
+        step_started = time.perf_counter()
+        for micro, feats in enumerate(self.data.epoch(epoch)):
+            if micro >= self.micro_per_epoch or self.resume.consumed(epoch, micro):
+                continue  # read to the end: every rank's stream finishes the epoch together
+            if self.step >= self.total_steps:
+                break
+            terms = self.train_micro_batch(feats)
+            if (micro + 1) % accum:
+                continue  # DeepSpeed accumulates; an optimizer step happens every grad_accum micro-batches
+            self.after_step(epoch, terms, time.perf_counter() - step_started)
+            if isinstance(eval_every, int) and self.step % eval_every == 0:
+                nxt = (epoch, micro + 1) if micro + 1 < self.micro_per_epoch else (epoch + 1, 0)
+                if self.evaluate_and_save(epoch, nxt):
+                    return self.early.reason(self.metric)
+            step_started = time.perf_counter()  # step time excludes evaluation and checkpointing
+        done = self.step >= self.total_steps
+        if self.last_eval_step != self.step and (eval_every == "epoch" or epoch == self.last_epoch or done):
+            # a max_steps stop mid-epoch resumes (if the worker dies now) where it stopped: at the end
+            nxt = (epoch, self.micro_per_epoch) if done else (epoch + 1, 0)
+            if self.evaluate_and_save(epoch, nxt):
+                return self.early.reason(self.metric)
+        return None
+
+    def train_micro_batch(self, feats: list) -> dict[str, Any]:
+        batch = collate(feats, self.tokenizer.pad_token_id, self.with_type_ids)
+        terms = train_step(self.engine, self.task_loss, batch, self.device, self.l2_sp_z3)
+        self.window.add_batch(len(feats), sum(len(f.input_ids) for f in feats), terms)  # host-side counts
+        return terms
+
+    def after_step(self, epoch: int, terms: dict[str, Any], seconds: float) -> None:
+        """Bookkeeping after an optimizer step: the start-up record, the hook, the progress bar."""
+        self.step += 1
+        if "first_step" not in self.stamps:  # the start-up record comes first in metrics.jsonl
+            self.stamps["first_step"] = time.time()
+            self.board.push({"kind": "startup", "stamps": self.stamps,
+                             "resumed_from_step": self.resume.step if self.resumed else None})
+            if self.initial is not None:
+                self.board.push(self.initial, wait=True)
+        self.hook.after_step(self.step)
+        self.window.add_step_time(seconds)
+        if self.rank == 0 and (self.step % max(1, self.total_steps // 100) == 0 or self.step == self.total_steps):
+            # the one host sync outside evaluation: at most ~100 per run, for the progress bar
+            self.board.push({"kind": "step", "step": self.step, "epoch": epoch, "loss": float(terms["loss"]),
+                             "lr": self.scheduler.get_last_lr()[0], "elapsed": time.time() - self.started})
+
+    # ---------------------------------------------------------------- evaluate + checkpoint
+    def evaluate(self) -> dict[str, float]:
+        """Every rank predicts its validation shard (whole sentences); the scored pairs are gathered."""
+        self.engine.eval()
+        examples, feats = self.data.validation_examples()
+        batches = length_grouped_batches([len(f.input_ids) for f in feats], self.tcfg["batch_size"], 0, shuffle=False)
+        batches, real = lockstep(batches, self.device)
+        run_on = feats or [stand_in(self.task, self.tokenizer)]  # a rank whose shard is empty still runs
+        preds, loss_sum, count = predict(self.engine, run_on, batches, real, self.tokenizer.pad_token_id,
+                                         self.with_type_ids, self.device)
+        gold, pred = gold_and_pred(self.task, self.labels, examples, feats, preds)
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, (gold, pred, loss_sum, count))
+        self.engine.train()
+        return metrics_of(self.task, self.labels, [g for part in gathered for g in part[0]],
+                          [p for part in gathered for p in part[1]], sum(part[2] for part in gathered),
+                          sum(part[3] for part in gathered))
+
+    def evaluate_and_save(self, epoch: int, next_pos: tuple[int, int]) -> bool:
+        """Evaluate, save and report; True when early stopping says stop (rank 0 decides, every rank
+        stops at the same step). `next_pos`: (epoch, micro-batch) where a resume from here continues."""
+        self.last_eval_step = self.step
+        metrics = {**self.evaluate(), **self.window.read(self.world), "lr": self.scheduler.get_last_lr()[0]}
+        if torch.cuda.is_available():  # the GPU benchmark reads it (benchmarks/gpu.sh)
+            metrics["train_peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        stop = [self.early.update(metrics[self.metric])]
+        dist.broadcast_object_list(stop, src=0)
+        state = ResumeState(self.step, next_pos[0], next_pos[1], self.early.best, self.early.bad, epoch)
+        self.save_checkpoint(metrics, state)
+        return stop[0]
+
+    def save_checkpoint(self, metrics: dict[str, float], state: ResumeState) -> None:
+        """Every rank saves its ZeRO shard (rank 0 also the fp32 weights at stage 0 and the run state),
+        signs what it wrote, and reports the checkpoint with the metrics to Ray Train."""
+        record = {**metrics, "epoch": state.epoch, "step": state.step, "trial": self.config.get("trial", "")}
+        tmp = tempfile.mkdtemp(prefix="zeroship-ckpt-")
+        try:
+            self.engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"zeroship_resume": state.to_dict()})
+            # each rank's RNG, so dropout after a resume repeats the uninterrupted run exactly
+            torch.save({"torch": torch.get_rng_state()}, os.path.join(tmp, f"rng_rank{self.rank}.pt"))
+            if self.rank == 0:
+                if self.stage == 0:  # fp32 masters for best/ (see launcher.worker.checkpoint)
+                    save_stage0_fp32(self.engine, tmp)
+                with open(os.path.join(tmp, STATE_FILE), "w") as fh:
+                    json.dump({"epoch": state.epoch, "step": state.step, "metrics": metrics, "labels": self.labels,
+                               "zero_stage": self.stage, "precision": self.precision}, fh)
+            sign_checkpoint(tmp, self.signing_key, self.rank)  # last: it covers every file this rank wrote
+            self.board.push({"kind": "eval", **record}, wait=True)
+            ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,127 @@
+"""zeroship.ray_compat: each private Ray API zeroship relies on, checked against the installed Ray.
+
+When one of these fails after a Ray upgrade, the private API moved: fix zeroship.ray_compat (and
+only it), then the serving tests (tests/e2e/test_e2e_serve.py) show whether the behaviour came back.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from zeroship.ray_compat import CORE_PROCESSES, bind_replica_grpc_to
+
+
+def test_replica_still_binds_its_grpc_server_through_the_patched_name():
+    """Ray 2.60's replica starts its inter-deployment gRPC server with `add_port_to_grpc_server(server,
+    "[::]:0")`, looked up in its own module: the name bind_replica_grpc_to replaces."""
+    from ray.serve._private import replica
+
+    assert callable(replica.add_port_to_grpc_server)
+    source = inspect.getsource(replica)
+    assert 'add_port_to_grpc_server(self._server, "[::]:0")' in source
+
+
+def test_bind_replica_grpc_to_rewrites_only_the_wildcard_address():
+    from ray.serve._private import replica
+
+    seen = []
+    original = replica.add_port_to_grpc_server
+    try:
+        replica.add_port_to_grpc_server = lambda server, address: seen.append(address) or 1
+        bind_replica_grpc_to("127.0.0.1")
+        bind_replica_grpc_to("127.0.0.1")  # idempotent: not wrapped twice
+        replica.add_port_to_grpc_server(None, "[::]:0")
+        replica.add_port_to_grpc_server(None, "10.1.2.3:5")
+    finally:
+        replica.add_port_to_grpc_server = original
+    assert seen == ["127.0.0.1:0", "10.1.2.3:5"]
+
+
+EXITS = r"""
+import json, os, signal, time
+import ray
+import ray._private.worker as worker
+from zeroship.ray_compat import exited_ray_processes
+from zeroship.ray_session import init_ray
+before = exited_ray_processes()  # no Ray yet
+init_ray()
+alive = exited_ray_processes()
+kinds = sorted(worker._global_node.all_processes)
+raylet = worker._global_node.all_processes["raylet"][0].process
+os.kill(raylet.pid, signal.SIGKILL)
+raylet.wait(30)
+after = exited_ray_processes()
+print(json.dumps({"before": before, "alive": alive, "kinds": kinds, "after": after, "pid": raylet.pid}), flush=True)
+import psutil
+for child in psutil.Process().children(recursive=True):  # the rest of this script's own Ray
+    child.kill()
+os._exit(0)  # the driver's Ray is half dead: do not wait for it
+"""
+
+
+def test_exited_ray_processes_sees_a_killed_raylet(ray_tmp):
+    res = subprocess.run([sys.executable, "-c", EXITS], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={"PATH": "/usr/bin:/bin", "ZEROSHIP_RAY_TMPDIR": ray_tmp,
+                              "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["before"] == [] and got["alive"] == []
+    assert set(CORE_PROCESSES) <= set(got["kinds"])  # Ray still records its node's processes by these names
+    assert got["after"] == [f"raylet (pid {got['pid']}, exit code -9)"]
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_without_placement_group_cleaner_drops_only_that_callback(lean):
+    """Ray Train V2 adds its cleaner in the private `_create_default_callbacks`, which the lean trainer
+    overrides; Ray's own trainer must still list the cleaner, and the lean one every other callback."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from zeroship.ray_compat import without_placement_group_cleaner
+
+    scaling = ray.train.ScalingConfig(num_workers=1)
+    cls = without_placement_group_cleaner(TorchTrainer) if lean else TorchTrainer
+    names = [type(cb).__name__ for cb in cls(lambda config: None, scaling_config=scaling)._create_default_callbacks()]
+    rays = [type(cb).__name__ for cb in TorchTrainer(lambda config: None, scaling_config=scaling)
+            ._create_default_callbacks()]
+    assert "PlacementGroupCleanerCallback" in rays and "BackendSetupCallback" in rays
+    assert names == [n for n in rays if not (lean and n == "PlacementGroupCleanerCallback")]
+
+
+def test_execution_options_are_the_data_configs_own():
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    from zeroship.ray_compat import execution_options
+
+    options = execution_options(DataConfig(execution_options=ExecutionOptions(preserve_order=True)), "validation")
+    assert isinstance(options, ExecutionOptions) and options.preserve_order is True
+    assert execution_options(DataConfig(), "validation").preserve_order is False
+
+
+def test_operator_input_rows_reads_ray_datas_stats_summary():
+    """The fields read: Dataset._get_stats_summary().operators_stats[i].operator_name / .total_input_num_rows
+    (the e2e ingest test checks the count on a real run)."""
+    import dataclasses
+
+    import ray.data
+    from ray.data._internal.stats import DatasetStatsSummary, OperatorStatsSummary
+
+    from zeroship.ray_compat import operator_input_rows
+
+    assert callable(ray.data.Dataset._get_stats_summary)
+    assert "operators_stats" in {f.name for f in dataclasses.fields(DatasetStatsSummary)}
+    assert {"operator_name", "total_input_num_rows"} <= {f.name for f in dataclasses.fields(OperatorStatsSummary)}
+
+    class Summary:  # the one fake: a summary of an executed dataset with two operators
+        operators_stats = [type("Op", (), {"operator_name": "ReadText", "total_input_num_rows": 0}),
+                           type("Op", (), {"operator_name": "MapBatches(tokenize_batch)", "total_input_num_rows": 42})]
+
+    assert operator_input_rows(type("Ds", (), {"_get_stats_summary": lambda self: Summary()})(), "tokenize_batch") == 42
+    assert operator_input_rows(object(), "tokenize_batch") is None  # an unfamiliar Ray: no count, no crash

@@ -1,0 +1,100 @@
+"""Real sweeps on local Ray: a 2×2 grid under ASHA and a k-fold grid; trials are recorded, the winner is
+the best evaluation of all."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import yaml
+from conftest import cli, tiny_ner_recipe
+from test_e2e_train import evaluate_best_in_fresh_process
+
+pytestmark = pytest.mark.e2e
+
+
+def test_grid_sweep_with_asha_winner_is_best_evaluation_over_all_trials(tmp_path, ray_tmp):
+    # A 2×2 grid (head size × lr) under ASHA, two trials at a time. At lr 1e-7 (encoder and head) a
+    # trial barely learns: trial-3 reaches the first rung (step 10) behind trials that learned and is
+    # stopped there. eval_loss is continuous, so the winner is unambiguous (F1 ties on the toy data).
+    recipe = tiny_ner_recipe(
+        tmp_path, scaling={"workers": 1},
+        train={"epochs": 1, "max_steps": 20, "eval_every": 10, "metric": "eval_loss", "head_lr": None},
+        sweep={"method": "grid", "parameters": {"model.head.dim": [32, 64], "train.lr": [4e-4, 1e-7]},
+               "scheduler": "asha", "max_concurrent": 2})
+    res = cli("launch", str(recipe), env={"ZEROSHIP_RAY_TMPDIR": ray_tmp})
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    run = tmp_path / "runs" / "run-1"
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "succeeded"
+    assert [t["params"] for t in status["trials"]] == [
+        {"model.head.dim": d, "train.lr": lr} for d in (32, 64) for lr in (4e-4, 1e-7)]  # the grid, in order
+    states = {t["name"]: t["state"] for t in status["trials"]}
+    assert "pruned" in states.values() and states["trial-0"] == "done", states
+    assert "pruned" in res.stdout and "sweep trials" in res.stdout
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert sorted({e["trial"] for e in evals}) == ["trial-0", "trial-1", "trial-2", "trial-3"]
+    best = min(evals, key=lambda e: e["eval_loss"])
+    winner = status["winner"]
+    assert (winner["trial"], winner["step"]) == (best["trial"], best["step"])
+    assert winner["value"] == best["eval_loss"] and winner["params"]["train.lr"] == 4e-4
+    # each trial's resolved recipe is recorded, and the winner's params are the ones it ran with
+    trial_recipe = yaml.safe_load((run / "trials" / f"{winner['trial']}.yaml").read_text())
+    assert trial_recipe["train"]["lr"] == winner["params"]["train.lr"]
+    assert trial_recipe["model"]["head"]["dim"] == winner["params"]["model.head.dim"]
+    assert len(status["trials"]) == 4 and not any(t["error"] for t in status["trials"])
+    # best/ is the winner, rebuilt with the winner's head size, and reproduces its metric
+    meta = json.loads((run / "best" / "model.json").read_text())
+    assert meta["head"]["dim"] == winner["params"]["model.head.dim"]
+    again = evaluate_best_in_fresh_process(run / "best", trial_recipe["data"] | {"labels": None, "test": None})
+    assert again["eval_loss"] == pytest.approx(winner["value"], abs=1e-5)
+
+
+def test_kfold_with_grid_scores_points_by_fold_mean_and_refits(tmp_path, ray_tmp):
+    import statistics
+
+    from conftest import TOY_NER
+
+    from launcher.data.parse import read_conll
+
+    sentences = (TOY_NER / "train.conll").read_text().split("\n\n")[1:151]  # 150 sentences, no DOCSTART
+    small = tmp_path / "small.conll"
+    small.write_text("\n\n".join(sentences) + "\n")
+    n = len(read_conll(str(small)))
+    recipe = tiny_ner_recipe(
+        tmp_path, data={"train": str(small), "stride": 4}, scaling={"workers": 1},
+        train={"epochs": 1, "metric": "eval_loss"}, sweep={"kfold": 2, "parameters": {"data.max_length": [48, 12]}})
+    res = cli("launch", str(recipe), env={"ZEROSHIP_RAY_TMPDIR": ray_tmp})
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    run = tmp_path / "runs" / "run-1"
+    folds = json.loads((run / "trials" / "folds.json").read_text())
+    # each sentence validates in exactly one fold, chosen by the documented hash of its file:line
+    expected = [0, 0]
+    for ex in read_conll(str(small)):
+        expected[int.from_bytes(hashlib.blake2b(ex.where.encode(), digest_size=8).digest(), "big") % 2] += 1
+    assert folds["k"] == 2 and folds["held_out"] == expected and sum(expected) == n and min(expected) > 0
+    status = json.loads((run / "status.json").read_text())
+    assert len(status["trials"]) == 4
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    best = {}
+    for e in evals:
+        best[e["trial"]] = min(best.get(e["trial"], float("inf")), e["eval_loss"])
+    # each point trains on data tokenized at its own max_length: at 12 (windows of 10 subtokens, stride 4)
+    # these 150 sentences make about twice as many windows as at 48, so the same folds take more steps
+    steps = {}
+    for e in evals:
+        steps[e["trial"]] = max(steps.get(e["trial"], 0), e["step"])
+    for fold in range(2):
+        assert steps[f"trial-{2 + fold}"] > steps[f"trial-{fold}"], steps
+    for point in status["cross_validation"]:
+        names = [t["name"] for t in status["trials"] if t["point"] == point["point"]]
+        values = [best[name] for name in sorted(names, key=lambda x: int(x.split("-")[1]))]
+        assert point["folds"] == pytest.approx(values, abs=1e-12)
+        assert point["mean"] == pytest.approx(statistics.fmean(values), abs=1e-12)
+        assert point["std"] == pytest.approx(statistics.stdev(values), abs=1e-12)
+    top = min(status["cross_validation"], key=lambda p: p["mean"])
+    winner = status["winner"]
+    assert winner["trial"] == "refit" and winner["params"] == top["params"] and winner["cv_mean"] == top["mean"]
+    assert any(e["trial"] == "refit" for e in evals) and (run / "best" / "model.safetensors").is_file()
+    assert "2-fold cross-validation" in res.stdout

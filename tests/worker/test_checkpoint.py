@@ -1,0 +1,74 @@
+"""best/ holds fp32 master weights whatever the training precision: at ZeRO-0, where DeepSpeed's
+zero_to_fp32 does not reach, the worker writes them itself (launcher.worker.checkpoint). Real DeepSpeed on
+one CPU process (gloo) trains a few bf16 steps; the weights kept must be the optimizer's fp32 masters,
+not the bf16 copies the model ran on upcast, and must come back from the checkpoint folder unchanged."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import run_deepspeed_script
+
+pytestmark = pytest.mark.e2e
+
+SCRIPT = r"""
+import tempfile
+from launcher.worker.checkpoint import STATE_FILE, merged_state_dict, save_stage0_fp32, stage0_fp32_state_dict
+from launcher.recipe.ds_config import build_ds_config
+from launcher.worker.engine import adamw
+from launcher.nn.model import build_model, param_groups
+
+precision = sys.argv[2]
+torch.manual_seed(0)
+model = build_model(MODEL, ["O", "B-PER", "I-PER"])
+cfg = build_ds_config({"deepspeed": {"zero_stage": 0, "offload_optimizer": "none", "offload_params": "none",
+                                     "precision": precision, "config": {}},
+                       "train": {"batch_size": 2, "grad_accum": 1}, "regularization": {"max_grad_norm": 1.0}}, 1)
+opt = adamw(param_groups(model, 0.0, 1e-3, None), 1e-3)  # the workers' optimizer
+engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+torch.manual_seed(1)
+ids = torch.randint(0, 1000, (2, 9))
+for _ in range(3):
+    loss = engine(input_ids=ids, attention_mask=torch.ones_like(ids)).float().logsumexp(-1).mean()
+    engine.backward(loss)
+    engine.step()
+state = stage0_fp32_state_dict(engine)
+masters = {id(lp): hp for g16, g32 in zip(getattr(engine.optimizer, "fp16_groups", []),
+                                          getattr(engine.optimizer, "fp32_groups", [])) for lp, hp in zip(g16, g32)}
+folder = tempfile.mkdtemp()
+save_stage0_fp32(engine, folder)
+json.dump({"zero_stage": 0}, open(os.path.join(folder, STATE_FILE), "w"))
+from launcher.worker.signing import load_key, sign_checkpoint
+sign_checkpoint(folder, load_key(), 0)  # the driver merges only signed checkpoints
+back = merged_state_dict(folder)
+out = {"module_dtype": str(next(engine.module.parameters()).dtype), "masters": len(masters)}
+for name, p in engine.module.named_parameters():
+    if name != "classifier.weight":
+        continue
+    w = state[name]
+    out["dtype"] = str(w.dtype)
+    out["equals_master"] = bool(torch.equal(w, masters[id(p)].cpu())) if masters else None
+    out["equals_module"] = bool(torch.equal(w, p.detach().float().cpu()))
+    out["bf16_representable"] = bool(torch.equal(w, w.bfloat16().float()))
+out["round_trip"] = sorted(back) == sorted(state) and all(torch.equal(back[k], state[k]) for k in state)
+out["all_float_fp32"] = all(v.dtype == torch.float32 for v in back.values() if v.is_floating_point())
+print(json.dumps(out))
+"""
+
+
+def run(precision: str) -> dict:
+    return run_deepspeed_script(SCRIPT, precision)
+
+
+def test_bf16_stage0_keeps_the_fp32_masters():
+    got = run("bf16")
+    assert got["module_dtype"] == "torch.bfloat16" and got["masters"] > 0  # DeepSpeed's mixed-precision wrapper
+    assert got["dtype"] == "torch.float32" and got["equals_master"]
+    # the masters carry bits the bf16 copy cannot hold: an upcast of the module would lose them
+    assert not got["bf16_representable"] and not got["equals_module"]
+    assert got["round_trip"] and got["all_float_fp32"]
+
+
+def test_fp32_stage0_keeps_the_module_weights():
+    got = run("fp32")
+    assert got["module_dtype"] == "torch.float32" and got["masters"] == 0
+    assert got["equals_module"] and got["round_trip"] and got["all_float_fp32"]
