@@ -2,7 +2,7 @@
 (`recipes/conll2003_minilm.yaml`), side by side, same data, epochs, lr, batch and seed, packaged
 MiniLM. Prints test entity F1 (seqeval, micro) and wall time of each, and appends them to RESULTS.md.
 
-    .venv/bin/python benchmarks/accuracy.py [--epochs N]      # two full runs (the tuned recipe: 3 epochs, ~43 min on 2 cores)
+    .venv/bin/python benchmarks/accuracy.py [--epochs N]      # two full runs (tuned recipe: 3 epochs, ~43 min, 2 cores)
     .venv/bin/python benchmarks/accuracy.py --select           # how the recipe's settings were chosen
 
 `--select` trains each candidate setting for 1 epoch on the first 3,000 training sentences and ranks

@@ -151,7 +151,9 @@ def table(rows: list[dict]) -> str:
             lines.append(head + f"| {r['failed']} (after {r['wall_s']:.0f} s) | | | |")
         else:
             ray_data = "–" if r["ray_data_s"] is None else f"{r['ray_data_s']:.1f}"
-            lines.append(head + f"| {r['first_step_s']:.1f} | {r['plan_s']:.1f} | {ray_data} | {r['tokenization_s']:.1f} |")
+            lines.append(
+                head + f"| {r['first_step_s']:.1f} | {r['plan_s']:.1f} | {ray_data} | {r['tokenization_s']:.1f} |"
+            )
     return "\n".join(lines)
 
 

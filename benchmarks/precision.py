@@ -29,7 +29,9 @@ def main() -> None:
     from benchmarks.results import append_results
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--conll", type=int, metavar="N", help="CoNLL-2003 recipe on its first N training sentences, 1 epoch")
+    ap.add_argument(
+        "--conll", type=int, metavar="N", help="CoNLL-2003 recipe on its first N training sentences, 1 epoch"
+    )
     args = ap.parse_args()
     if args.conll:
         from benchmarks.conll import fetch

@@ -103,16 +103,32 @@ def table(plain_ops: dict, ours: dict, top: int) -> list[str]:
     names = set(plain_ops) | set(ours)
     diffs = sorted(names, key=lambda n: -abs(ours.get(n, 0) - plain_ops.get(n, 0)))[:top]
     lines = ["| operator (self CPU) | plain ms/step | zeroship ms/step | difference |", "|---|---|---|---|"]
-    lines += [f"| `{n}` | {plain_ops.get(n, 0):.2f} | {ours.get(n, 0):.2f} | {ours.get(n, 0) - plain_ops.get(n, 0):+.2f} |"
-              for n in diffs]
+    lines += [
+        f"| `{n}` | {plain_ops.get(n, 0):.2f} | {ours.get(n, 0):.2f} | {ours.get(n, 0) - plain_ops.get(n, 0):+.2f} |"
+        for n in diffs
+    ]
     return lines
 
 
 def side(args, which: str) -> tuple[float, dict]:
     """Each side in a fresh process: the second side of one process ran every operator ~25% slower
     (measured, whichever it was), which would read as overhead."""
-    cmd = [sys.executable, __file__, "--side", which, "--stage", str(args.stage), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--threads", str(args.threads), "--batch", str(args.batch)] + (["--keep-allreduce"] * args.keep_allreduce)
+    cmd = [
+        sys.executable,
+        __file__,
+        "--side",
+        which,
+        "--stage",
+        str(args.stage),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+        "--batch",
+        str(args.batch),
+    ] + (["--keep-allreduce"] * args.keep_allreduce)
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"the {which} side failed:\n{res.stderr[-3000:]}")
@@ -140,12 +156,15 @@ def main() -> None:
         return
     plain_s, plain_ops = side(args, "plain")
     ours_s, ours = side(args, "zeroship")
-    lines = [f"Median step under the profiler (batch {args.batch}, 1 process × {args.threads} threads, each side in its own "
-             f"process): plain loop {plain_s:.3f} s, zeroship ZeRO-{args.stage} step"
-             f"{' (DeepSpeed all-reduce kept)' if args.keep_allreduce else ''} {ours_s:.3f} s "
-             f"({ours_s / plain_s:.2f}×). Profiled totals per step: plain {sum(plain_ops.values()):.1f} ms, "
-             f"zeroship {sum(ours.values()):.1f} ms.",
-             "", *table(plain_ops, ours, args.top)]
+    lines = [
+        f"Median step under the profiler (batch {args.batch}, 1 process × {args.threads} threads, each side in its own "
+        f"process): plain loop {plain_s:.3f} s, zeroship ZeRO-{args.stage} step"
+        f"{' (DeepSpeed all-reduce kept)' if args.keep_allreduce else ''} {ours_s:.3f} s "
+        f"({ours_s / plain_s:.2f}×). Profiled totals per step: plain {sum(plain_ops.values()):.1f} ms, "
+        f"zeroship {sum(ours.values()):.1f} ms.",
+        "",
+        *table(plain_ops, ours, args.top),
+    ]
     print("\n".join(lines))
     from benchmarks.results import append_results
 

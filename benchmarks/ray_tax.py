@@ -153,10 +153,14 @@ def main() -> None:
         finally:
             signal_all(pids, signal.SIGCONT)
             ray.shutdown()
-    lines = [f"Ray on loopback with {args.actors} idle actors ({len(pids)} processes in all), paused and resumed every "
-             f"{args.period:g} s around the workers' step (batch 32, 1 process × {args.threads} thread{'s' if args.threads > 1 else ''}):", "",
-             "| stage | step, Ray idling around it (s) | step, Ray paused (s) | Ray's cost | steps (running / paused) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"Ray on loopback with {args.actors} idle actors ({len(pids)} processes in all), paused and resumed every "
+        f"{args.period:g} s around the workers' step (batch 32, 1 process × {args.threads} "
+        f"thread{'s' if args.threads > 1 else ''}):",
+        "",
+        "| stage | step, Ray idling around it (s) | step, Ray paused (s) | Ray's cost | steps (running / paused) |",
+        "|---|---|---|---|---|",
+    ]
     for stage, r in rows.items():
         lines.append(f"| ZeRO-{stage} | {r['running_s']:.3f} | {r['paused_s']:.3f} | "
                      f"{r['running_s'] / r['paused_s'] - 1:+.1%} | {r['n_running']} / {r['n_paused']} |")

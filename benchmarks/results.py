@@ -24,7 +24,8 @@ def machine() -> str:
         import torch
 
         if torch.cuda.is_available():
-            gpu = f", GPU {torch.cuda.get_device_name(0)} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
+            memory = torch.cuda.get_device_properties(0).total_memory / 2**30
+            gpu = f", GPU {torch.cuda.get_device_name(0)} ({memory:.0f} GiB)"
     except ImportError:
         pass
     return f"{os.cpu_count()} cores, {cpu}{gpu}"

@@ -78,9 +78,24 @@ def wait_ready(proc: subprocess.Popen, url: str, seconds: int = 240) -> None:
 
 def wrk(url: str, clients: int, seconds: float, script: Path | None, bodies: Path) -> dict:
     """wrk's figures; with `script` each request POSTs the next sentence, without it a plain GET of `url`."""
-    res = subprocess.run(["wrk", "-t", str(min(clients, 2)), "-c", str(clients), "-d", f"{seconds:g}s", "--latency",
-                          *(["-s", str(script)] if script else []), url], capture_output=True, text=True, env={**os.environ, "ZS_BODIES": str(bodies)},
-                         timeout=seconds + 120)
+    res = subprocess.run(
+        [
+            "wrk",
+            "-t",
+            str(min(clients, 2)),
+            "-c",
+            str(clients),
+            "-d",
+            f"{seconds:g}s",
+            "--latency",
+            *(["-s", str(script)] if script else []),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "ZS_BODIES": str(bodies)},
+        timeout=seconds + 120,
+    )
     if res.returncode != 0:
         raise SystemExit(f"wrk failed: {res.stderr[-500:]}")
     text = res.stdout
@@ -192,15 +207,19 @@ def main() -> None:
             lines.append(f"| {name} | {clients} | {r['per_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
                          f"| {r['non2xx']} | {per_call} |")
     lines.append(f"| Predictor in process, batch 32 (the ceiling) | - | {ceiling:.0f} sentences/s | - | - | - | 32 |")
-    lines += ["", "| server | GET /healthz at 32 clients: req/s | p50 ms | (no model: the server's own cost per request) |",
-              "|---|---|---|---|"]
+    lines += [
+        "",
+        "| server | GET /healthz at 32 clients: req/s | p50 ms | (no model: the server's own cost per request) |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {name} | {rows['healthz']['per_s']:.0f} | {rows['healthz']['p50_ms']:.2f} | |"
               for name, rows in results.items()]
     ratios = [
         f"one box ÷ hand-written, 1 client: {local[1]['per_s'] / hand[1]['per_s']:.2f}× req/s, p50 "
         f"{local[1]['p50_ms'] - hand[1]['p50_ms']:+.2f} ms (target ≥ 1.0×, within +1 ms)",
         f"one box ÷ hand-written, 32 clients: {local[32]['per_s'] / hand[32]['per_s']:.2f}× req/s (target ≥ 1.1×); "
-        f"{local[32]['per_s'] / ceiling:.2f} of the in-process batch-32 ceiling; {local[32]['per_call']:.2f} texts per call",
+        f"{local[32]['per_s'] / ceiling:.2f} of the in-process batch-32 ceiling; "
+        f"{local[32]['per_call']:.2f} texts per call",
         f"Ray Serve ÷ hand-written, 32 clients: {ray[32]['per_s'] / hand[32]['per_s']:.2f}× req/s (target ≥ 0.7×); "
         f"its proxy and router alone serve {ray['healthz']['per_s']:.0f} GET /healthz a second at 32 clients "
         f"({1000 / ray['healthz']['per_s']:.2f} ms of the box's time per request, one box: "

@@ -204,7 +204,9 @@ def int8_variants(run, threads: int, texts: list[str], repeats: int, keep: int) 
             scored = {}
 
             def score(k: int, method=method, builder=builder, ranked=ranked, scored=scored) -> bool:
-                path = builder.quantize(method, Path(tmp) / f"{method}-{k}.onnx", exclude=[r["node"] for r in ranked[:k]])
+                path = builder.quantize(
+                    method, Path(tmp) / f"{method}-{k}.onnx", exclude=[r["node"] for r in ranked[:k]]
+                )
                 scored[k] = (path, *builder.evaluate(path))
                 return scored[k][2] <= DEFAULT_MAX_METRIC_DROP
 
@@ -231,17 +233,22 @@ def int8_variants(run, threads: int, texts: list[str], repeats: int, keep: int) 
             alone = [pred.predict(t) for t in texts]
             batched = pred.predict(texts, batch_size=32)
             changed = sum(_spans(a) != _spans(b) for a, b in zip(alone, batched))
-            lines.append(f"| {label} | {value:.4f} | {drop:+.2f} | {kept} | {'yes' if pred.batch_independent else 'no'} "
-                         f"| {changed} of {len(texts)} | {timing['b1_p50_ms']:.2f} | {timing['b1_p99_ms']:.2f} "
-                         f"| {timing['b32_per_s']:.0f} |")
+            lines.append(
+                f"| {label} | {value:.4f} | {drop:+.2f} | {kept} | {'yes' if pred.batch_independent else 'no'} "
+                f"| {changed} of {len(texts)} | {timing['b1_p50_ms']:.2f} | {timing['b1_p99_ms']:.2f} "
+                f"| {timing['b32_per_s']:.0f} |"
+            )
             print(lines[-1], flush=True)
-    notes = [f"Model: {run.id} ({metric} on the validation split, drop against PyTorch); dynamic int8 from "
-             f"{fused.name}, static from model.onnx; {threads} threads; timing and neighbour test on {len(texts)} CoNLL-2003 test "
-             f"sentences; \"+ k fp32\" keeps the k nodes ranked most sensitive (KL divergence of the "
-             "logits from fp32 with the node quantized alone) in fp32: for a method over the "
-             f"{DEFAULT_MAX_METRIC_DROP}-point budget, the k `export onnx` finds; for one within it, k = {keep} "
-             "to show what exclusions cost. `export onnx --quantize int8` keeps the faster of dynamic/static "
-             "within the budget. b=1 and b=32 timings on this shared 2-core machine vary by ±20% run to run."]
+    notes = [
+        f"Model: {run.id} ({metric} on the validation split, drop against PyTorch); dynamic int8 from "
+        f"{fused.name}, static from model.onnx; {threads} threads; timing and neighbour test on "
+        f"{len(texts)} CoNLL-2003 test "
+        f'sentences; "+ k fp32" keeps the k nodes ranked most sensitive (KL divergence of the '
+        "logits from fp32 with the node quantized alone) in fp32: for a method over the "
+        f"{DEFAULT_MAX_METRIC_DROP}-point budget, the k `export onnx` finds; for one within it, k = {keep} "
+        "to show what exclusions cost. `export onnx --quantize int8` keeps the faster of dynamic/static "
+        "within the budget. b=1 and b=32 timings on this shared 2-core machine vary by ±20% run to run."
+    ]
     return lines, notes
 
 
@@ -277,7 +284,10 @@ def main() -> None:
         return
     results = {}
     for name, pred in engines(run, args.threads, args.gpu).items():
-        results[name] = {"real": real_lengths(pred, texts, args.repeats), "fixed": fixed_128(pred, args.repeats, args.gpu)}
+        results[name] = {
+            "real": real_lengths(pred, texts, args.repeats),
+            "fixed": fixed_128(pred, args.repeats, args.gpu),
+        }
         print(f"{name}: b=1 p50 {results[name]['real']['b1_p50_ms']:.2f} ms", flush=True)
     base = results["torch eager"]
     lines = ["| engine | real b=1 p50 ms | p99 ms | × eager | real b=32 sent/s | × eager "
@@ -285,10 +295,12 @@ def main() -> None:
     for name, r in results.items():
         re_, fx = r["real"], r["fixed"]
         lines.append(
-            f"| {name} | {re_['b1_p50_ms']:.2f} | {re_['b1_p99_ms']:.2f} | {base['real']['b1_p50_ms'] / re_['b1_p50_ms']:.2f} "
+            f"| {name} | {re_['b1_p50_ms']:.2f} | {re_['b1_p99_ms']:.2f} "
+            f"| {base['real']['b1_p50_ms'] / re_['b1_p50_ms']:.2f} "
             f"| {re_['b32_per_s']:.0f} | {re_['b32_per_s'] / base['real']['b32_per_s']:.2f} "
             f"| {fx['b1_p50_ms']:.2f} | {fx['b1_p99_ms']:.2f} | {base['fixed']['b1_p50_ms'] / fx['b1_p50_ms']:.2f} "
-            f"| {fx['b32_per_s']:.0f} | {fx['b32_per_s'] / base['fixed']['b32_per_s']:.2f} |")
+            f"| {fx['b32_per_s']:.0f} | {fx['b32_per_s'] / base['fixed']['b32_per_s']:.2f} |"
+        )
     metric = manifest["metric"]
     scores = manifest.get("metrics", {})
     drop = {k: v for k, v in manifest.get("metric_drop_points", {}).items()}
@@ -302,7 +314,11 @@ def main() -> None:
              f"Validation {metric} (from the export's own check): " + ", ".join(
                  f"{k} {v.get(metric, float('nan')):.4f}" for k, v in scores.items())
              + (f"; int8 drop {drop['int8']:.2f} points (target ≤ 0.5)" if "int8" in drop else "") + "."]
-    batch_lines = ["", "| engine | " + " | ".join(f"b={b} ms" for b in BATCHES) + " |", "|---" * (len(BATCHES) + 1) + "|"]
+    batch_lines = [
+        "",
+        "| engine | " + " | ".join(f"b={b} ms" for b in BATCHES) + " |",
+        "|---" * (len(BATCHES) + 1) + "|",
+    ]
     for name, r in results.items():
         batch_lines.append(f"| {name} | " + " | ".join(f"{r['real']['per_batch_ms'][b]:.1f}" for b in BATCHES) + " |")
     where = "CUDA" if args.gpu else f"{args.threads} threads"
@@ -310,7 +326,11 @@ def main() -> None:
     png = "serve_latency_gpu.png" if args.gpu else "serve_latency.png"
     table = "\n".join(lines + [""] + notes + batch_lines + ["", f"![latency vs batch size]({png}) ({figure})"])
     print(table)
-    append_results("serve_latency (GPU)" if args.gpu else "serve_latency", " ".join(["benchmarks/serve_latency.py", *sys.argv[1:]]), table)
+    append_results(
+        "serve_latency (GPU)" if args.gpu else "serve_latency",
+        " ".join(["benchmarks/serve_latency.py", *sys.argv[1:]]),
+        table,
+    )
 
 
 if __name__ == "__main__":

@@ -92,8 +92,12 @@ class CpuWatch:
 def one_launch(runs: Path, overrides: list[str]) -> dict:
     started = time.time()
     with CpuWatch() as watch:
-        res = subprocess.run([str(Path(sys.executable).parent / "launch"), str(RECIPE), *overrides, "--runs", str(runs)],
-                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        res = subprocess.run(
+            [str(Path(sys.executable).parent / "launch"), str(RECIPE), *overrides, "--runs", str(runs)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
     wall = time.time() - started
     if res.returncode != 0:
         raise SystemExit(f"launch failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
@@ -132,7 +136,11 @@ def main() -> None:
     overrides = args.overrides or ["train.max_steps=1"]
     with tempfile.TemporaryDirectory(prefix="zs-startup-") as tmp:
         results = [one_launch(Path(tmp) / "runs", overrides) for _ in range(args.launches)]
-    out = (f"{args.label}\n\n" if args.label else "") + f"Recipe: `recipes/quickstart_ner.yaml {' '.join(overrides)}`\n\n" + table(results)
+    out = (
+        (f"{args.label}\n\n" if args.label else "")
+        + f"Recipe: `recipes/quickstart_ner.yaml {' '.join(overrides)}`\n\n"
+        + table(results)
+    )
     print(out)
     from benchmarks.results import append_results
 

@@ -45,7 +45,8 @@ def setup(threads: int):
     from launcher.worker.engine import adamw
 
     torch.set_num_threads(threads)
-    recipe, resolved = load_recipe(RECIPE)
+    recipe = load_recipe(RECIPE)
+    resolved = recipe.as_dict()
     ds = load_dataset(resolved["data"], recipe.model.task)
     tok = AutoTokenizer.from_pretrained(resolve_encoder(recipe.model.encoder))
     feats = encode(recipe.model.task, tok, ds.splits["train"].examples, ds.labels, recipe.data.max_length,
@@ -133,10 +134,22 @@ def hf_trainer(steps: int, threads: int, gpu: bool = False, zero_stage: int | No
         resolved["train"]["batch_size"] = batch_size
         extra = {"bf16": gpu, "deepspeed": build_ds_config(resolved, world_size=1)}
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(out, per_device_train_batch_size=batch_size, max_steps=steps, use_cpu=not gpu, **extra,
-                                 report_to=[], save_strategy="no", logging_strategy="no", max_grad_norm=1.0,
-                                 train_sampling_strategy="group_by_length", dataloader_num_workers=0, seed=recipe.train.seed,
-                                 remove_unused_columns=False, disable_tqdm=True)
+        args = TrainingArguments(
+            out,
+            per_device_train_batch_size=batch_size,
+            max_steps=steps,
+            use_cpu=not gpu,
+            **extra,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            max_grad_norm=1.0,
+            train_sampling_strategy="group_by_length",
+            dataloader_num_workers=0,
+            seed=recipe.train.seed,
+            remove_unused_columns=False,
+            disable_tqdm=True,
+        )
         class SameOptimizer(Trainer):
             # transformers' DeepSpeed path drops an optimizer passed as `optimizers=` and builds its own
             # (2 groups, lr 5e-5); overriding create_optimizer is its documented way to keep ours
@@ -145,10 +158,15 @@ def hf_trainer(steps: int, threads: int, gpu: bool = False, zero_stage: int | No
                 return opt
 
         timer = StepTimer()
-        trainer = SameOptimizer(model=model, args=args, train_dataset=[{"input_ids": f.input_ids, "f": f} for f in feats],
-                          data_collator=lambda rows: collate([r["f"] for r in rows], tok.pad_token_id,
-                                                             model.uses_token_type_ids),
-                          optimizers=(opt, None), compute_loss_func=loss_fn, callbacks=[timer])
+        trainer = SameOptimizer(
+            model=model,
+            args=args,
+            train_dataset=[{"input_ids": f.input_ids, "f": f} for f in feats],
+            data_collator=lambda rows: collate([r["f"] for r in rows], tok.pad_token_id, model.uses_token_type_ids),
+            optimizers=(opt, None),
+            compute_loss_func=loss_fn,
+            callbacks=[timer],
+        )
         trainer.train()
     times = timer.times[3:]  # warm-up
     peak = {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if gpu else {}
@@ -289,8 +307,12 @@ def overhead_table(rounds: list[dict]) -> str:
 
     plain = next(iter(rounds[0]))
     each = len(rounds) > 1
-    lines = ["| setup | median step (s) | samples/s | × plain step time | × Trainer + DeepSpeed, same stage | launch wall (s) |"
-             + (" step in each round (s) |" if each else ""), "|---|---|---|---|---|---|" + ("---|" if each else "")]
+    lines = [
+        "| setup | median step (s) | samples/s | × plain step time | × Trainer + DeepSpeed, same stage "
+        "| launch wall (s) |"
+        + (" step in each round (s) |" if each else ""),
+        "|---|---|---|---|---|---|" + ("---|" if each else ""),
+    ]
     for name in rounds[0]:
         step = statistics.median(rows[name]["step_s"] for rows in rounds)
         samples = statistics.median(rows[name]["samples_per_s"] for rows in rounds)
@@ -298,8 +320,10 @@ def overhead_table(rounds: list[dict]) -> str:
         versus_ds = [rows[name]["step_s"] / anchor for rows in rounds if (anchor := trainer_ds_anchor(rows, name))]
         wall = statistics.median(rows[name].get("wall_s", 0) for rows in rounds)
         by_round = " / ".join(f"{rows[name]['step_s']:.3f}" for rows in rounds)
-        lines.append(f"| {name} | {step:.3f} | {samples:.1f} | {ratio(versus_plain)} | {ratio(versus_ds)} | {wall:.0f} |"
-                     + (f" {by_round} |" if each else ""))
+        lines.append(
+            f"| {name} | {step:.3f} | {samples:.1f} | {ratio(versus_plain)} | {ratio(versus_ds)} | {wall:.0f} |"
+            + (f" {by_round} |" if each else "")
+        )
     if each:
         lines += ["", f"{len(rounds)} rounds, each running every row once in the order above; the ratios are the "
                       "median of each round's ratio (lowest–highest in brackets)."]
@@ -309,7 +333,9 @@ def overhead_table(rounds: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--stages", type=int, nargs="+", default=[0, 2, 3])
-    ap.add_argument("--epochs", type=int, default=2, help="launch epochs; the figure is from the epochs after the first")
+    ap.add_argument(
+        "--epochs", type=int, default=2, help="launch epochs; the figure is from the epochs after the first"
+    )
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], choices=[1, 2])
     ap.add_argument("--plain-steps", type=int, default=25)
     ap.add_argument("--gpu", action="store_true", help="one GPU, bf16: launch vs Trainer+DeepSpeed per stage")
@@ -327,12 +353,16 @@ def main() -> None:
     if args.gpu:
         rows = gpu_rows(args.stages, args.epochs, args.plain_steps)
         lines = ["| setup | median step (s) | samples/s | peak GPU MB |", "|---|---|---|---|"]
-        lines += [f"| {n} | {r['step_s']:.3f} | {r['samples_per_s']:.1f} | {r['peak_gpu_mb']:.0f} |" for n, r in rows.items()]
+        lines += [
+            f"| {n} | {r['step_s']:.3f} | {r['samples_per_s']:.1f} | {r['peak_gpu_mb']:.0f} |" for n, r in rows.items()
+        ]
         lines += ["", "Start-up, from the `launch` process start to the first optimizer step:", "", startup_table(rows)]
         print("\n".join(lines))
         from benchmarks.results import append_results
 
-        append_results("train_overhead (GPU)", " ".join(["benchmarks/train_overhead.py", *sys.argv[1:]]), "\n".join(lines))
+        append_results(
+            "train_overhead (GPU)", " ".join(["benchmarks/train_overhead.py", *sys.argv[1:]]), "\n".join(lines)
+        )
         return
     rounds = [one_round(args) for _ in range(args.rounds)]
     table = overhead_table(rounds) + (

@@ -16,6 +16,7 @@ from rich.markup import escape
 
 from launcher.cli import launch, runs_command
 from zeroship.cli import Parser, bounded, console, out, process_defaults, run_cli
+from zeroship.tasks import Task
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -91,10 +92,12 @@ def cmd_predict(args) -> int:
     out.print(f"[dim]{predictor.bundle} ({predictor.variant})[/]")
     for text, result in zip(args.texts, predictor.predict(list(args.texts))):
         out.print(f"[bold]{escape(text)}[/]", highlight=False)
-        if predictor.task == "token_classification":
+        if predictor.task == Task.TOKEN:
             for ent in result or []:
-                out.print(escape(f"  {ent['label']:<6} {ent['text']!r} [{ent['start']}:{ent['end']}] {ent['score']:.3f}"),
-                          highlight=False)
+                out.print(
+                    escape(f"  {ent['label']:<6} {ent['text']!r} [{ent['start']}:{ent['end']}] {ent['score']:.3f}"),
+                    highlight=False,
+                )
             if not result:
                 out.print("  (no entities)")
         else:

@@ -35,10 +35,11 @@ from export.quantize import (
 from export.runtime import VARIANT_FILES, make_session, manifest_problem, run_bound, sha256_file
 from launcher.data.features import Feature, encode, length_grouped_batches
 from launcher.data.parse import load_dataset
-from launcher.eval.evaluate import predict, score
+from launcher.eval.evaluate import evaluate_features
 from launcher.nn.model import ZeroshipModel, load_model
 from launcher.runs.registry import Registry, Run
 from zeroship.errors import ExportError, Problem
+from zeroship.tasks import Task
 
 PARITY_MAX_ABS = 1e-4
 # fp16 rounds logits to ~3 significant digits, which can flip a near-tie: the variant must agree with
@@ -114,7 +115,7 @@ def export_graph(model: ZeroshipModel, path: Path, opset: int) -> list[str]:
     dummy = tuple(torch.ones(2, 8, dtype=torch.long) if n != "token_type_ids" else torch.zeros(2, 8, dtype=torch.long)
                   for n in names)
     axes = {n: {0: "batch", 1: "sequence"} for n in names}
-    axes[OUTPUT] = {0: "batch", 1: "sequence"} if model.task == "token_classification" else {0: "batch"}
+    axes[OUTPUT] = {0: "batch", 1: "sequence"} if model.task == Task.TOKEN else {0: "batch"}
     import warnings
 
     with warnings.catch_warnings():
@@ -166,7 +167,7 @@ def check_parity(model: ZeroshipModel, session, names: list[str], val: Validatio
             labels = batch.pop("labels")
             ref = model(**to_device(batch, device)).float().cpu()
             got = forward(**batch)
-            if model.task == "token_classification":
+            if model.task == Task.TOKEN:
                 mask = (labels != -100) if labelled_only else batch["attention_mask"].bool()
                 ref, got = ref[mask], got[mask]
             max_diff = max(max_diff, float((ref - got).abs().max()))
@@ -177,9 +178,9 @@ def check_parity(model: ZeroshipModel, session, names: list[str], val: Validatio
 
 
 def evaluate_with(forward, model: ZeroshipModel, val: Validation, pad_id: int) -> dict:
-    preds, loss_sum, count = predict(forward, val.features, val.batches, [True] * len(val.batches),
-                                     pad_id, model.uses_token_type_ids)
-    return score(model.task, model.labels, val.examples, val.features, preds, loss_sum, count)
+    """A variant's metrics on the validation split, through launcher.eval.evaluate like training's."""
+    return evaluate_features(forward, model.task, model.labels, val.examples, val.features, val.batches, pad_id,
+                             model.uses_token_type_ids)
 
 
 def optimize_graph(src: Path, dst: Path, model: ZeroshipModel) -> dict[str, int]:
@@ -187,7 +188,9 @@ def optimize_graph(src: Path, dst: Path, model: ZeroshipModel) -> dict[str, int]
     from onnxruntime.transformers.optimizer import optimize_model
 
     cfg = model.encoder.config
-    model_type = "bert" if cfg.model_type in ("bert", "roberta", "xlm-roberta", "distilbert", "electra") else cfg.model_type
+    model_type = (
+        "bert" if cfg.model_type in ("bert", "roberta", "xlm-roberta", "distilbert", "electra") else cfg.model_type
+    )
     opt = optimize_model(str(src), model_type=model_type, num_heads=cfg.num_attention_heads,
                          hidden_size=cfg.hidden_size, opt_level=1)
     opt.save_model_to_file(str(dst))
@@ -215,7 +218,7 @@ def int8_builder(source: Path, work: Path, model: ZeroshipModel, names: list[str
     sample = []
     for feed in pad_feeds(rows([val.features[i] for b in val.batches[:SENSITIVITY_BATCHES] for i in b]),
                           names, pad_id, 16):
-        mask = (feed["attention_mask"].astype(bool) if model.task == "token_classification"
+        mask = (feed["attention_mask"].astype(bool) if model.task == Task.TOKEN
                 else np.ones(feed["input_ids"].shape[0], dtype=bool))
         sample.append((feed, mask))
     serving = rows(val.features[:256])
@@ -261,10 +264,14 @@ def build_int8(kind: str, fp32: Path, fused: Path, tmp: Path, model: ZeroshipMod
     shutil.rmtree(work)
     summary = {m: {**r.summary(opts.max_metric_drop), "argmax_agreement": parity.get(m, {}).get("argmax_agreement")}
                for m, r in results.items()}
-    opts.log(f"int8: {chosen.method} chosen ("
-             + ", ".join(f"{m} {s['drop']:+.2f} points" + (f", {s['ms_per_window']:.2f} ms/window" if s["ms_per_window"]
-                                                        else "") for m, s in summary.items())
-             + f"); argmax agreement with PyTorch {parity[chosen.method]['argmax_agreement']:.2%} of labelled positions")
+    opts.log(
+        f"int8: {chosen.method} chosen ("
+        + ", ".join(
+            f"{m} {s['drop']:+.2f} points" + (f", {s['ms_per_window']:.2f} ms/window" if s["ms_per_window"] else "")
+            for m, s in summary.items()
+        )
+        + f"); argmax agreement with PyTorch {parity[chosen.method]['argmax_agreement']:.2%} of labelled positions"
+    )
     for node in chosen.excluded:
         opts.log(f"  kept in fp32: {node['node']} (KL divergence from fp32 when quantized alone {node['kl']:.2e})")
     entry = {"file": dst.name, "from": sources[chosen.method].name, "method": chosen.method,
@@ -292,7 +299,7 @@ def hf_config(model: ZeroshipModel, meta: dict) -> dict:
     config = dict(meta["encoder_config"])
     config["id2label"] = {str(i): label for i, label in enumerate(model.labels)}
     config["label2id"] = {label: i for i, label in enumerate(model.labels)}
-    arch = "ForTokenClassification" if model.task == "token_classification" else "ForSequenceClassification"
+    arch = "ForTokenClassification" if model.task == Task.TOKEN else "ForSequenceClassification"
     config["architectures"] = [type(model.encoder).__name__.replace("Model", "") + arch]
     config["zeroship"] = {"task": model.task, "head": meta["head"], "pooling": meta.get("pooling")}
     return config
@@ -468,7 +475,7 @@ def write_bundle(ex: Export, variants: list[Variant], parity: dict, reference: d
         "casing": model.casing,  # token_type_ids carry casing classes (zeroship.casing)
         "opset": ex.opts.opset,
         "inputs": {n: ["batch", "sequence"] for n in ex.names},
-        "outputs": {OUTPUT: ["batch", "sequence", "labels"] if model.task == "token_classification"
+        "outputs": {OUTPUT: ["batch", "sequence", "labels"] if model.task == Task.TOKEN
                     else ["batch", "labels"]},
         "variants": {v.name: v.entry for v in variants},
         "parity": parity,

@@ -59,9 +59,13 @@ class Int8Result:
         return self.method == "static"
 
     def summary(self, budget: float) -> dict:
-        return {"drop": round(self.drop, 4), "within_budget": self.drop <= budget,
-                "kept_fp32": [e["node"] for e in self.excluded], "ms_per_window": round(self.ms_per_window, 4) if math.isfinite(self.ms_per_window) else None,
-                "batch_independent": self.batch_independent}
+        return {
+            "drop": round(self.drop, 4),
+            "within_budget": self.drop <= budget,
+            "kept_fp32": [e["node"] for e in self.excluded],
+            "ms_per_window": round(self.ms_per_window, 4) if math.isfinite(self.ms_per_window) else None,
+            "batch_independent": self.batch_independent,
+        }
 
 
 class Int8Builder:

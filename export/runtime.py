@@ -23,8 +23,10 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from zeroship.batching import length_sorted_batches
 from zeroship.casing import casing_ids_in_text
 from zeroship.errors import Problem, ZeroshipError, text_problem
+from zeroship.tasks import Task
 
 CUDA_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 VARIANT_FILES = {"fp32": "model.onnx", "optimized": "model_optimized.onnx", "int8": "model_int8.onnx",
@@ -70,11 +72,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-TASKS = ("token_classification", "sequence_classification")
-LOGITS_RANK = {"token_classification": 3, "sequence_classification": 2}  # (batch, [sequence,] labels)
+TASKS = tuple(Task)
+LOGITS_RANK = {Task.TOKEN: 3, Task.SEQUENCE: 2}  # (batch, [sequence,] labels)
 MAX_LENGTH = 1 << 20  # tokens per window: beyond any encoder's positions
 RUNTIME_FILES = ("tokenizer.json",)
-MODEL_INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids"})  # opened by the runtime besides the model variant
+MODEL_INPUTS = frozenset(
+    {"input_ids", "attention_mask", "token_type_ids"}
+)  # opened by the runtime besides the model variant
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -123,7 +127,7 @@ def manifest_problem(manifest: Any) -> str:
         return "labels must be a list of at least 2 strings"
     if len(set(labels)) != len(labels) or not all(labels):
         return "labels must be distinct, non-empty strings"
-    if manifest.get("task") == "token_classification" and not all(
+    if manifest.get("task") == Task.TOKEN and not all(
             x == "O" or (x[:2] in ("B-", "I-") and len(x) > 2) for x in labels):
         return "labels of a token_classification bundle must be O, B-TYPE or I-TYPE"
     for key, low, high in (("max_length", 8, MAX_LENGTH), ("stride", 0, MAX_LENGTH), ("pad_token_id", 0, 2**31 - 1)):
@@ -188,8 +192,10 @@ def providers_for(device: str) -> list[str]:
     if device != "cuda":
         raise BundleError(f"device {device!r}: use cpu or cuda")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise BundleError("device cuda: this onnxruntime has no CUDA provider (has "
-                          f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu instead of onnxruntime")
+        raise BundleError(
+            "device cuda: this onnxruntime has no CUDA provider (has "
+            f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu instead of onnxruntime"
+        )
     return list(CUDA_PROVIDERS)
 
 
@@ -221,19 +227,9 @@ def plan_batches(lengths: list[int], batch_size: int, pad_slack: int = 16) -> li
     full or when the next item would add more than `pad_slack` padding tokens to the batch.
 
     Padding every batch to its longest member wastes ~65% of the tokens on a random batch of 32
-    CoNLL sentences; this cut b=32 latency 1.7x (benchmarks/serve_latency.py, RESULTS.md)."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        if current and (len(current) >= batch_size
-                        or len(current) * (lengths[i] - lengths[current[-1]]) > pad_slack):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
+    CoNLL sentences; this cut b=32 latency 1.7x (benchmarks/serve_latency.py, RESULTS.md). Training
+    has no slack (its batch size is a hyperparameter); the runtime's is only latency."""
+    return length_sorted_batches(range(len(lengths)), lengths, batch_size, pad_slack)
 
 
 def check_bundle(bundle: Path, manifest: dict, session: ort.InferenceSession, tokenizer: Tokenizer) -> None:
@@ -247,7 +243,7 @@ def check_bundle(bundle: Path, manifest: dict, session: ort.InferenceSession, to
     fix = "export the run again (zeroship export onnx RUN)"
     task, labels, max_length = manifest["task"], manifest["labels"], manifest["max_length"]
     specials = len(tokenizer.encode("").ids)
-    if task == "token_classification" and manifest["stride"] >= max_length - specials:
+    if task == Task.TOKEN and manifest["stride"] >= max_length - specials:
         raise BundleError(Problem(where, f"stride {manifest['stride']} must be below max_length {max_length} − "
                                   f"{specials} special tokens", fix))
     if max_length <= specials:
@@ -334,7 +330,7 @@ class Predictor:
         tokenizer.no_truncation()
         check_bundle(bundle, manifest, session, tokenizer)
         tokenizer.enable_truncation(manifest["max_length"],
-                                    stride=manifest["stride"] if manifest["task"] == "token_classification" else 0)
+                                    stride=manifest["stride"] if manifest["task"] == Task.TOKEN else 0)
         on_gpu = session.get_providers()[0] == "CUDAExecutionProvider"
         return cls(bundle, manifest, session, tokenizer, chosen, on_gpu if io_binding is None else io_binding)
 
@@ -363,7 +359,7 @@ class Predictor:
             feed = {k: v for k, v in feed.items() if k in self.input_names}
             result = run_bound(self.session, feed) if self.io_binding else self.session.run(["logits"], feed)[0]
             for row, (i, enc) in enumerate(zip(idx, chunk)):
-                out[i] = result[row, : len(enc.ids)] if self.task == "token_classification" else result[row]
+                out[i] = result[row, : len(enc.ids)] if self.task == Task.TOKEN else result[row]
         return out  # type: ignore[return-value]
 
     def predict(self, texts: list[str] | str, batch_size: int = 32) -> list[Any]:
@@ -378,7 +374,7 @@ class Predictor:
         if not texts:
             return []
         encodings = self.tokenizer.encode_batch(list(texts))
-        if self.task == "sequence_classification":
+        if self.task == Task.SEQUENCE:
             types = self.type_ids_of(encodings, texts)
             results = [self._classify(lg) for lg in self.logits(encodings, batch_size, types)]
         else:

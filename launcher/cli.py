@@ -43,10 +43,10 @@ def launch(argv: list[str] | None = None, prog: str = "launch") -> int:
             return resume(args)
         if not args.recipe:
             raise ZeroshipError(Problem(prog, "no recipe given", f"{prog} recipes/quickstart_ner.yaml"))
-        recipe, resolved = load_recipe(args.recipe, args.overrides)
+        recipe = load_recipe(args.recipe, args.overrides)
         if args.runs:
-            resolved["run"]["storage"] = args.runs
-        plan = build_plan(recipe, resolved, args.recipe, check=args.check)
+            recipe = recipe.updated({"run.storage": args.runs})
+        plan = build_plan(recipe, args.recipe, check=args.check)
         print_plan(plan, out)
         if args.check:
             if os.environ.get("RAY_ADDRESS"):  # on a cluster: joining starts nothing, and lets us check it
@@ -54,16 +54,15 @@ def launch(argv: list[str] | None = None, prog: str = "launch") -> int:
 
                 from launcher.driver.cluster import connect_ray
 
-                where = connect_ray(recipe, resolved["run"]["storage"])
+                where = connect_ray(recipe, recipe.run.storage)
                 nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
                 out.print(f"[green]cluster OK[/]: {where}, {nodes} node(s): resources suffice and every node sees "
-                          f"{resolved['run']['storage']}", highlight=False)
+                          f"{recipe.run.storage}", highlight=False)
             out.print("[green]recipe OK[/] (--check: nothing started)")
             return 0
         from launcher.driver.launch import launch_run
 
-        return launch_run(recipe, resolved, plan, recipe_path=args.recipe, overrides=args.overrides,
-                          verbose=args.verbose)
+        return launch_run(plan, recipe_path=args.recipe, overrides=args.overrides, verbose=args.verbose)
 
     return run_cli(go)
 
@@ -76,11 +75,10 @@ def resume(args) -> int:
     if args.recipe or args.overrides:
         raise ZeroshipError(Problem("--resume", "takes no recipe or overrides: the run's recipe.yaml is used"))
     run = Registry(args.runs or "runs").get(args.resume)
-    recipe, resolved = resume_run(run)
-    plan = build_plan(recipe, resolved, str(run.dir / "recipe.yaml"))
+    plan = build_plan(resume_run(run), str(run.dir / "recipe.yaml"))
     print_plan(plan, out)
     out.print(f"[bold]{run.id}[/] resuming → {run.dir}")
-    return execute(run, recipe, resolved, plan, args.verbose)
+    return execute(run, plan, args.verbose)
 
 
 # ------------------------------------------------------------------ runs
@@ -133,7 +131,7 @@ def _short_parent(parent: str | None) -> str:
 
 
 def recipe_diff(run) -> tuple[str, list[tuple[str, str, str]]]:
-    """The run's resolved recipe against its base file as it reads now: (base, [(key, base, run)]).
+    """The run's recorded recipe against its base file as it reads now: (base, [(key, base, run)]).
     Shows the command-line overrides, `--runs`, and any edit made to the file since the launch."""
     import yaml
 
@@ -147,9 +145,9 @@ def recipe_diff(run) -> tuple[str, list[tuple[str, str, str]]]:
         return str(base), []
     if not Path(base).is_file():
         raise FileNotFoundError(base)
-    _, now = load_recipe(base)
+    now = load_recipe(base).as_dict()
     try:  # through the same schema, so fields added to it since the launch do not show as changes
-        _, then = load_recipe(recorded)
+        then = load_recipe(recorded).as_dict()
     except ZeroshipError:
         then = yaml.safe_load(recorded.read_text())
     a, b = flatten(now), flatten(then)

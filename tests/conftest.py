@@ -20,7 +20,9 @@ TOY_NER = ROOT / "recipes" / "data" / "toy_ner"
 TOY_CLS = ROOT / "recipes" / "data" / "toy_cls"
 
 
-def cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+def cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900
+) -> subprocess.CompletedProcess:
     """Run one of the console scripts (launch, export, zeroship) in a fresh process."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([str(BIN / args[0]), *args[1:]], cwd=cwd or ROOT, env=full_env,

@@ -47,7 +47,9 @@ def bounded(kind: type, low: float, high: float):
         try:
             value = kind(text)
         except (ValueError, OverflowError):
-            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not {'an integer' if kind is int else 'a number'}") from None
+            raise argparse.ArgumentTypeError(
+                f"{text[:40]!r} is not {'an integer' if kind is int else 'a number'}"
+            ) from None
         if not low <= value <= high:  # also false for nan
             raise argparse.ArgumentTypeError(f"{text[:40]} is out of range: give {low:g} to {high:g}")
         return value

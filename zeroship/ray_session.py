@@ -54,8 +54,13 @@ def init_ray(env_vars: dict[str, str] | None = None, log_to_driver: bool = True,
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # One logical CPU more than the machine has: Ray Train keeps the workers' CPUs out of Ray Data's
     # budget, and the data tasks (launcher.data.ingest, a quarter CPU each) need some to run at all.
-    ray.init(num_cpus=(os.cpu_count() or 1) + 1,  # = + plan.DATA_CPUS (not imported: serve loads no launcher.driver.plan)
-             include_dashboard=dashboard, _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, **kwargs)
+    ray.init(
+        num_cpus=(os.cpu_count() or 1) + 1,  # = + plan.DATA_CPUS (not imported: serve loads no launcher.driver.plan)
+        include_dashboard=dashboard,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=log_to_driver,
+        **kwargs,
+    )
     global _LEAN
     _LEAN = not dashboard
     return f"local ray ({os.cpu_count()} CPUs, 127.0.0.1)"

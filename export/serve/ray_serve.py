@@ -131,9 +131,13 @@ def config_yaml(opts: ServeOptions, host: str, port: int) -> str:
     args["bundle"] = str(Path(opts.bundle).resolve())
     if args["autoscale"] is not None:
         args["autoscale"] = list(args["autoscale"])
-    config = {"proxy_location": "EveryNode", "http_options": {"host": host, "port": port},
-              "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "export.serve.ray_serve:build_app",
-                                "args": args}]}
+    config = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": host, "port": port},
+        "applications": [
+            {"name": APP_NAME, "route_prefix": "/", "import_path": "export.serve.ray_serve:build_app", "args": args}
+        ],
+    }
     return yaml.safe_dump(config, sort_keys=False)
 
 

@@ -21,6 +21,7 @@ import random
 from collections import Counter
 
 from launcher.data.parse import Example, count_invalid_bio
+from zeroship.tasks import Task
 
 NER_OPS = ("mention_replacement", "o_deletion", "o_replacement", "case")
 CLS_OPS = ("word_swap", "word_deletion")
@@ -53,7 +54,7 @@ class Augmenter:
         self.cfg, self.task = cfg, task
         self.mentions: dict[str, list[list[str]]] = {}
         self.o_words: list[str] = []
-        if task == "token_classification":
+        if task == Task.TOKEN:
             for ex in train:
                 for s, e, kind in spans(ex.tags):
                     self.mentions.setdefault(kind, []).append(ex.tokens[s:e])
@@ -61,12 +62,12 @@ class Augmenter:
 
     def copies(self, ex: Example, seed: int) -> list[tuple[Example, list[str]]]:
         """The example's changed copies, each with the operations that changed it."""
-        if self.task == "token_classification" and not valid_bio(ex.tags):
+        if self.task == Task.TOKEN and not valid_bio(ex.tags):
             return []
         out = []
         for copy in range(self.cfg["copies"]):
             rng = random.Random(f"{seed}:{ex.where}:{copy}")  # str seeds hash the same in every process
-            new, used = self.ner(ex, rng) if self.task == "token_classification" else self.cls(ex, rng)
+            new, used = self.ner(ex, rng) if self.task == Task.TOKEN else self.cls(ex, rng)
             if used:
                 out.append((new, used))
         return out
@@ -131,7 +132,7 @@ class Augmenter:
 
 def augment(train: list[Example], task: str, cfg: dict, seed: int) -> tuple[list[Example], dict[str, int]]:
     """The augmented copies of `train` (originals not included) and how many each operation changed."""
-    ops = NER_OPS if task == "token_classification" else CLS_OPS
+    ops = NER_OPS if task == Task.TOKEN else CLS_OPS
     if not any(cfg.get(op) for op in ops):
         return [], {}
     aug = Augmenter(cfg, train, task)

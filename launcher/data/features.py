@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from launcher.data.parse import Example
+from zeroship.batching import length_sorted_batches
 from zeroship.casing import casing_ids, casing_ids_in_text
+from zeroship.tasks import Task
 
 
 @dataclass
@@ -100,11 +102,10 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, shuff
     rng = random.Random(seed)
     if shuffle:
         rng.shuffle(order)
-    chunk = batch_size * 50
+    chunk = batch_size * 50  # sorted within chunks of 50 batches: shuffled training keeps some randomness
     batches = []
     for start in range(0, len(order), chunk):
-        part = sorted(order[start:start + chunk], key=lambda i: lengths[i])
-        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+        batches += length_sorted_batches(order[start:start + chunk], lengths, batch_size)
     if shuffle:
         rng.shuffle(batches)
     return batches
@@ -133,6 +134,6 @@ def collate(features: list[Feature], pad_id: int, with_type_ids: bool) -> dict[s
 def encode(task: str, tokenizer, examples: list[Example], labels: list[str], max_length: int,
            stride: int, casing: bool = False) -> list[Feature]:
     label2id = {label: i for i, label in enumerate(labels)}
-    if task == "token_classification":
+    if task == Task.TOKEN:
         return encode_ner(tokenizer, examples, label2id, max_length, stride, casing)
     return encode_cls(tokenizer, examples, label2id, max_length, casing)

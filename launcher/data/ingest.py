@@ -3,7 +3,8 @@ launcher.data.parse, one file or shard per task: a bad line is still `shard:line
 seeded by its example) and tokenized (launcher.data.features, one tokenizer per task process) as the
 workers stream their shards (launcher.data.stream): lazily, in every epoch and every evaluation, so nothing
 of the corpus is kept anywhere between passes (the price: tokenization runs once per epoch, on CPUs
-beside the workers, overlapped with their steps; a counting pass before the first step). A train split bigger than what the driver plans from is checked here in one pass whose
+beside the workers, overlapped with their steps; a counting pass before the first step). A train split bigger
+than what the driver plans from is checked here in one pass whose
 summary rows are all the driver receives (counts, labels seen, the first unknown label with its line).
 The driver never holds the training corpus.
 
@@ -32,7 +33,9 @@ from launcher.data.parse import (
     token_line,
 )
 from launcher.data.sources import expand
+from launcher.recipe.schema import Recipe, tokenizer_source
 from zeroship.errors import DataError, Problem, excerpt
+from zeroship.tasks import Task
 
 DATA_CPU = 0.25  # what each Ray Data task asks for: the workers hold whole CPUs
 BLOCK_EXAMPLES = 1024  # examples per block after parsing: the unit of tokenization tasks and of sharding
@@ -48,9 +51,7 @@ class ParseFile:
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         name = self.names.get(row["path"], row["path"])
         examples = parse_lines(decode_lines(row["bytes"], name), name, self.data, self.task)
-        if self.task == "token_classification":
-            return [{"tokens": ex.tokens, "tags": ex.tags, "where": ex.where} for ex in examples]
-        return [{"text": ex.text, "label": ex.label, "where": ex.where} for ex in examples]
+        return [ex.to_row() for ex in examples]
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -92,9 +93,9 @@ def summarize(batch: dict[str, Any], task: str, conll: bool, known: list[str] | 
     invalid, unknown = 0, ""
     closed = set(known or ())
     for i, where in enumerate(batch["where"]):
-        values = [str(t) for t in batch["tags"][i]] if task == "token_classification" else [str(batch["label"][i])]
+        values = [str(t) for t in batch["tags"][i]] if task == Task.TOKEN else [str(batch["label"][i])]
         labels.update(values)
-        if task == "token_classification":
+        if task == Task.TOKEN:
             invalid += count_invalid_bio(values)
         if closed and not unknown:
             bad = next((j for j, v in enumerate(values) if v not in closed), None)
@@ -172,19 +173,20 @@ def tokenize_batch(batch: dict[str, Any], source: str, task: str, labels: list[s
     """Examples → features (launcher.data.features: the same alignment and windows as the small path).
     Columns: input_ids, attention_mask, token_type_ids (when the model has them; with `casing`, the tokens'
     casing classes), labels, `where` (the source example), and for NER each window's word ids (-1 for
-    none), first-subtoken flags and the sentence's gold tags (evaluation stitches windows back into sentences with them)."""
+    none), first-subtoken flags and the sentence's gold tags (evaluation stitches windows back into sentences
+    with them)."""
     from launcher.data.features import encode_cls, encode_ner
     from launcher.data.parse import Example
 
-    ner = task == "token_classification"
-    tokenizer, label2id = _tokenizer(source, max_length, stride if ner else 0), {label: i for i, label in enumerate(labels)}
-    if task == "token_classification":
-        examples = [Example(tokens=list(t), tags=list(g), where=str(w))
-                    for t, g, w in zip(batch["tokens"], batch["tags"], batch["where"])]
+    ner = task == Task.TOKEN
+    tokenizer, label2id = (
+        _tokenizer(source, max_length, stride if ner else 0),
+        {label: i for i, label in enumerate(labels)},
+    )
+    examples = Example.from_batch(batch)
+    if ner:
         feats = encode_ner(tokenizer, examples, label2id, max_length, stride, casing)
     else:
-        examples = [Example(text=str(t), label=str(lab), where=str(w))
-                    for t, lab, w in zip(batch["text"], batch["label"], batch["where"])]
         feats = encode_cls(tokenizer, examples, label2id, max_length, casing)
     out: dict[str, list] = {"input_ids": [f.input_ids for f in feats],
                             "attention_mask": [f.attention_mask for f in feats],
@@ -192,7 +194,7 @@ def tokenize_batch(batch: dict[str, Any], source: str, task: str, labels: list[s
                             "where": [examples[f.example].where for f in feats]}
     if feats and feats[0].token_type_ids is not None:
         out["token_type_ids"] = [f.token_type_ids for f in feats]
-    if task == "token_classification":
+    if task == Task.TOKEN:
         out["word_ids"] = [[-1 if w is None else w for w in f.word_ids] for f in feats]
         out["starts"] = [f.starts for f in feats]
         out["tags"] = [examples[f.example].tags for f in feats]
@@ -215,15 +217,10 @@ class AugmentRows:
         self.augmenter, self.task, self.seed = Augmenter(cfg, pool, task), task, seed
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        if self.task == "token_classification":
-            ex = Example(tokens=list(row["tokens"]), tags=list(row["tags"]), where=row["where"])
-            return [row] + [{"tokens": c.tokens, "tags": c.tags, "where": c.where}
-                            for c, _ in self.augmenter.copies(ex, self.seed)]
-        ex = Example(text=row["text"], label=row["label"], where=row["where"])
-        return [row] + [{"text": c.text, "label": c.label, "where": c.where} for c, _ in self.augmenter.copies(ex, self.seed)]
+        return [row] + [c.to_row() for c, _ in self.augmenter.copies(Example.from_row(row), self.seed)]
 
 
-def build_datasets(resolved: dict, task: str, labels: list[str], source: str, pool: list[Example]) -> tuple[dict, Any]:
+def build_datasets(recipe: Recipe, labels: list[str], pool: list[Example]) -> tuple[dict, Any]:
     """The run's train (augmented when the recipe says so) and validation splits as lazy Ray Datasets:
     read, parsed and tokenized by Ray Data tasks as the workers stream their shards, epoch after epoch
     (nothing of the corpus is kept between epochs, in the driver or anywhere). Also a reference to the
@@ -234,19 +231,18 @@ def build_datasets(resolved: dict, task: str, labels: list[str], source: str, po
     # blocks in the order of the files and lines, whichever task finishes first: the same shards and
     # batches in every pass and every launch of the recipe (a resumed run replays its epoch exactly)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    dcfg = resolved["data"]
+    task, source, dcfg = recipe.model.task, tokenizer_source(recipe.model), recipe.as_dict()["data"]
     datasets = {}
     for split in ("train", "validation"):
         rows, _ = read_split(dcfg[split], dcfg, task, f"data.{split}")
         # a big file parses into one block: cut it, so that tokenization spreads over tasks and the
         # validation sentences over the ranks (a block goes whole to one rank)
         rows = rows.repartition(target_num_rows_per_block=BLOCK_EXAMPLES)
-        ops = NER_OPS if task == "token_classification" else CLS_OPS
+        ops = NER_OPS if task == Task.TOKEN else CLS_OPS
         if split == "train" and any(dcfg["augmentation"].get(op) for op in ops):
-            rows = rows.flat_map(AugmentRows(dcfg["augmentation"], pool, task, resolved["train"]["seed"]),
+            rows = rows.flat_map(AugmentRows(dcfg["augmentation"], pool, task, recipe.train.seed),
                                  num_cpus=DATA_CPU)
-        datasets[split] = tokenize(rows, source, task, labels, dcfg["max_length"], dcfg["stride"],
-                                   resolved["model"].get("casing", False))
+        datasets[split] = tokenize(rows, source, task, labels, dcfg["max_length"], dcfg["stride"], recipe.model.casing)
     return datasets, count_splits(datasets)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from launcher.data.sources import Source, expand, read_bytes
 from zeroship.errors import EXCERPT_CHARS, DataError, Problem, excerpt, text_problem
+from zeroship.tasks import Task
 
 MAX_PROBLEMS = 20  # report this many bad lines, then stop reading
 
@@ -29,6 +30,24 @@ class Example:
     text: str | None = None
     label: str | None = None
     where: str = ""
+
+    def to_row(self) -> dict[str, Any]:
+        """The row Ray Data carries between read, augment and tokenize (the one row schema)."""
+        if self.tokens is not None:
+            return {"tokens": self.tokens, "tags": self.tags, "where": self.where}
+        return {"text": self.text, "label": self.label, "where": self.where}
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Example:
+        """Back from a row (or one row of a numpy batch: arrays of strings become lists)."""
+        if "tokens" in row:
+            return cls(tokens=list(row["tokens"]), tags=list(row["tags"]), where=str(row["where"]))
+        return cls(text=str(row["text"]), label=str(row["label"]), where=str(row["where"]))
+
+    @classmethod
+    def from_batch(cls, batch: dict[str, Any]) -> list[Example]:
+        """Every row of a column batch (Ray Data's numpy format)."""
+        return [cls.from_row({k: batch[k][i] for k in batch}) for i in range(len(batch["where"]))]
 
 
 @dataclass
@@ -179,7 +198,7 @@ def parse_jsonl(lines: list[str], path: str, task: str) -> list[Example]:
             bad.add(lineno, f"expected a JSON object, got {type(row).__name__}")
             continue
         where = f"{path}:{lineno}"
-        if task == "token_classification":
+        if task == Task.TOKEN:
             tokens, tags = row.get("tokens"), row.get("tags")
             if not isinstance(tokens, list) or not isinstance(tags, list):
                 bad.add(lineno, 'expected {"tokens": [...], "tags": [...]}')
@@ -224,7 +243,8 @@ class _LabelKinds:
         other = int if kind is str else str
         if other in self.first:
             names = {str: "a string", int: "an integer"}
-            return f"label {json.dumps(label)[:EXCERPT_CHARS]} is {names[kind]} but line {self.first[other]} has {names[other]} label"
+            return (f"label {json.dumps(label)[:EXCERPT_CHARS]} is {names[kind]} but line {self.first[other]} "
+                    f"has {names[other]} label")
         self.first.setdefault(kind, lineno)
         return ""
 
@@ -245,8 +265,13 @@ def parse_csv(lines: list[str], path: str, text_column: str, label_column: str, 
         raise DataError(Problem(f"{path}:1", f"unreadable CSV header: {exc}")) from None
     missing = [c for c in (text_column, label_column) if c not in header]
     if missing:
-        raise DataError(Problem(f"{path}:1", f"header has no column {', '.join(map(excerpt, missing))}",
-                                f"header starts {excerpt(delimiter.join(header))}; set data.text_column/label_column or data.delimiter"))
+        raise DataError(
+            Problem(
+                f"{path}:1",
+                f"header has no column {', '.join(map(excerpt, missing))}",
+                f"header starts {excerpt(delimiter.join(header))}; set data.text_column/label_column or data.delimiter",
+            )
+        )
     ti, li = header.index(text_column), header.index(label_column)
     out = []
     for row in _csv_rows(reader, bad):
@@ -286,14 +311,14 @@ def count_invalid_bio(tags: list[str]) -> bool:
 
 
 def infer_labels(task: str, examples: list[Example]) -> list[str]:
-    if task == "token_classification":
+    if task == Task.TOKEN:
         return label_order(task, {t for ex in examples for t in ex.tags})
     return label_order(task, {ex.label for ex in examples})
 
 
 def label_order(task: str, seen: set[str]) -> list[str]:
     """The label set in its id order: NER puts O first."""
-    return ["O"] + sorted(seen - {"O"}) if task == "token_classification" else sorted(seen)
+    return ["O"] + sorted(seen - {"O"}) if task == Task.TOKEN else sorted(seen)
 
 
 def _check_bio_label(tag: str, where: str, bad: _Collector) -> None:
@@ -356,7 +381,8 @@ def load_dataset(data: dict, task: str, sample: bool | str = False) -> Dataset:
 
     `sample`: a split over CHECK_FULL_BYTES is read as a sample (read_sample) for `launch --check` (True);
     for a launch ("train") a train split over LAUNCH_TRAIN_BYTES is read as a sample of that size (Ray
-    Data tasks check all of it once Ray is up, launcher.data.ingest.check_train). Then the label set comes from the sample unless the recipe gives it,
+    Data tasks check all of it once Ray is up, launcher.data.ingest.check_train). Then the label set comes
+    from the sample unless the recipe gives it,
     and labels are checked against it only where every line was read."""
     splits: dict[str, Split] = {}
     for name in ("train", "validation", "test"):
@@ -372,7 +398,7 @@ def load_dataset(data: dict, task: str, sample: bool | str = False) -> Dataset:
             examples, sampled = [ex for f in files for ex in parse_file(f.name, data, task)], None
         if not examples:
             raise DataError(Problem(path, f"the {name} split has no examples"))
-        invalid = sum(count_invalid_bio(ex.tags) for ex in examples) if task == "token_classification" else 0
+        invalid = sum(count_invalid_bio(ex.tags) for ex in examples) if task == Task.TOKEN else 0
         splits[name] = Split(path, examples, invalid, files, sampled)
     labels = data.get("labels") or infer_labels(task, splits["train"].examples)
     partial = splits["train"].sampled_bytes is not None and not data.get("labels")  # labels from a sample
@@ -384,7 +410,7 @@ def check_labels(splits: dict[str, Split], labels: list[str], data: dict, task: 
     """The label set is BIO (NER) and every label of the splits' examples (but `skip`'s) is in it."""
     closed = set(labels)
     bad = _Collector("")
-    if task == "token_classification":
+    if task == Task.TOKEN:
         for tag in labels:
             _check_bio_label(tag, "data.labels", bad)
         if "O" not in closed:
@@ -393,7 +419,7 @@ def check_labels(splits: dict[str, Split], labels: list[str], data: dict, task: 
         if name in skip:
             continue  # a label the sample missed is not an error
         for ex in split.examples:
-            values = ex.tags if task == "token_classification" else [ex.label]
+            values = ex.tags if task == Task.TOKEN else [ex.label]
             for i, value in enumerate(values):
                 if value not in closed:
                     origin = "data.labels in the recipe" if data.get("labels") else "the train split"
@@ -403,7 +429,7 @@ def check_labels(splits: dict[str, Split], labels: list[str], data: dict, task: 
                     break
             if len(bad.problems) >= MAX_PROBLEMS:
                 break
-    if task == "sequence_classification" and len(labels) < 2:
+    if task == Task.SEQUENCE and len(labels) < 2:
         bad.problems.append(Problem(splits["train"].path, f"only one label ({labels}) in train"))
     bad.raise_if_any()
 

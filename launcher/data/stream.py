@@ -19,6 +19,8 @@ import threading
 from typing import Any
 
 from launcher.data.features import Feature
+from zeroship.batching import length_sorted_batches
+from zeroship.tasks import Task
 
 CHUNK_BATCHES = 64  # batches per sorted chunk: the bound on what a worker holds beyond Ray Data's buffer
 
@@ -34,8 +36,7 @@ def chunk_batches(columns: dict[str, Any], batch_size: int, rng: random.Random) 
     """One chunk's rows (column arrays, as `iter_batches` gives them) → batches of row indices: sorted
     by length (less padding), cut by `batch_size`, in an order drawn from `rng`."""
     lengths = [len(ids) for ids in columns["input_ids"]]
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))  # ties by position: deterministic
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = length_sorted_batches(range(len(lengths)), lengths, batch_size)  # ties by position: deterministic
     rng.shuffle(batches)
     return batches
 
@@ -129,14 +130,14 @@ class Shards:
                 where = str(where)
                 if where not in index:
                     index[where] = len(examples)
-                    if self.task == "token_classification":
+                    if self.task == Task.TOKEN:
                         tags = [str(t) for t in columns["tags"][i]]
                         examples.append(Example(tokens=[""] * len(tags), tags=tags, where=where))
                     else:
                         examples.append(Example(text="", label=self.labels[int(columns["labels"][i])], where=where))
                 feat = features(columns, [i])[0]
                 feat.example = index[where]
-                if self.task == "token_classification":
+                if self.task == Task.TOKEN:
                     feat.word_ids = [None if w < 0 else int(w) for w in columns["word_ids"][i]]
                     feat.starts = [bool(s) for s in columns["starts"][i]]
                 feats.append(feat)
@@ -158,6 +159,6 @@ def lockstep(batches: list[list[int]], device: Any) -> tuple[list[list[int]], li
 
 def stand_in(task: str, tokenizer) -> Feature:
     """A one-token feature for a rank whose validation shard is empty to run its padding forwards on."""
-    labels: list[int] | int = [-100] if task == "token_classification" else -100
+    labels: list[int] | int = [-100] if task == Task.TOKEN else -100
     return Feature(input_ids=[tokenizer.cls_token_id or 0], attention_mask=[1], token_type_ids=[0], labels=labels,
                    example=0, word_ids=[None], starts=[False])

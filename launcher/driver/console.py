@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from launcher.driver import startup
+from launcher.eval.ranking import better
 from launcher.runs.registry import Run
 
 console = Console()
@@ -96,15 +97,19 @@ class ProgressView:
         elif kind == "step":
             if self.run.logger is not None:
                 self.run.logger.log(trial, event["step"], {"train_loss": event["loss"], "lr": event.get("lr")})
-            self.progress.update(task, completed=event["step"], steps=f"step {event['step']}/{self.totals.get(trial, '?')}",
-                                 info=self._info(trial, f"loss {event['loss']:.4f}"))
+            self.progress.update(
+                task,
+                completed=event["step"],
+                steps=f"step {event['step']}/{self.totals.get(trial, '?')}",
+                info=self._info(trial, f"loss {event['loss']:.4f}"),
+            )
         elif kind == "eval":
             self.evals.append(event)
             self.run.append_metrics({"kind": "eval", **event})
             if self.run.logger is not None:
                 self.run.logger.log(trial, event["step"], event)
             value = event[self.metric]
-            if trial not in self.best or (value > self.best[trial] if self.mode == "max" else value < self.best[trial]):
+            if better(self.mode, value, self.best.get(trial)):
                 self.best[trial] = value
             shown = " ".join(f"{k}={v:.4f}" for k, v in event.items() if k.startswith("eval_"))
             self.progress.console.print(f"{trial + ' ' if trial else ''}epoch {event['epoch']} step {event['step']}:"
@@ -173,9 +178,10 @@ def print_trials(trials: list[dict], metric: str, winner: str) -> None:
     console.print(table)
 
 
-def print_results(run: Run, winner: dict, metrics: dict, stop_reason: str | None, wall: float) -> None:
-    trial = f"{winner['trial']}, " if winner.get("trial") else ""
-    table = Table(title=f"{run.id} results (winner: {trial}epoch {winner['epoch']}, step {winner['step']})")
+def print_results(run: Run, winner, metrics: dict, stop_reason: str | None, wall: float) -> None:
+    """The winner (launcher.driver.winner.Winner) and its metrics after the merge."""
+    trial = f"{winner.trial}, " if winner.trial else ""
+    table = Table(title=f"{run.id} results (winner: {trial}epoch {winner.epoch}, step {winner.step})")
     table.add_column("split")
     keys = [k for k in metrics.get("validation", {}) if k.startswith("eval_")]
     for k in keys:
@@ -191,7 +197,7 @@ def print_results(run: Run, winner: dict, metrics: dict, stop_reason: str | None
         print_report(report, f"{run.id} {split}: per-label report", console)
     if stop_reason:
         console.print(f"stopped: {stop_reason}; wall time {wall:.0f} s")
-    console.print(f"[bold green]{run.id} succeeded[/]: {winner['metric']}={winner['value']:.4f} → {run.best_dir}",
+    console.print(f"[bold green]{run.id} succeeded[/]: {winner.metric}={winner.value:.4f} → {run.best_dir}",
                   highlight=False)
     storage = run.remote.uri if run.remote else str(run.dir.parent)
     console.print(f"export it: zeroship export onnx {run.id}" + (

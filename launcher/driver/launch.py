@@ -19,8 +19,8 @@ import shutil
 import threading
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 from rich.markup import escape
@@ -38,55 +38,80 @@ from launcher.driver.console import (
 )
 from launcher.driver.plan import Plan
 from launcher.driver.trainer import make_trainer, record_data, run_datasets, worker_config
-from launcher.driver.winner import pick_winner, write_best
+from launcher.driver.winner import Winner, pick_winner, write_best
+from launcher.eval.ranking import best
 from launcher.recipe.schema import Recipe
 from launcher.runs.registry import Registry, Run, atomic_write
 from zeroship.errors import Problem, RunFailed, ZeroshipError
 from zeroship.ray_session import lean
 
 
-def fit(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[Any, ProgressView]:
-    board = progress_board()
-    datasets, counts = run_datasets(recipe, resolved, plan, run)
-    trainer = make_trainer(recipe, worker_config(recipe, resolved, plan, board, counts), run.ray_storage, "train",
+@dataclass
+class FitResult:
+    """What every way of fitting (one run, a sweep, k-fold) hands back: the winner, merged into best/."""
+
+    winner: Winner
+    metrics: dict  # best/'s metrics per split, evaluated again after the merge
+    view: ProgressView
+    extra: dict = field(default_factory=dict)  # status.json's trials / cross_validation / k
+
+
+def fit(plan: Plan, run: Run) -> FitResult:
+    recipe, board = plan.recipe, progress_board()
+    datasets, counts = run_datasets(recipe, plan, run)
+    trainer = make_trainer(recipe, worker_config(recipe, plan, board, counts), run.ray_storage, "train",
                            datasets, lean=lean())
     with ProgressView(board, run, recipe.metric, recipe.mode) as view:
         result = trainer.fit()
-    return result, view
+    ckpt, reported = pick_winner(result, recipe.metric, recipe.mode)
+    winner = Winner.reported(reported, recipe.metric)
+    with ckpt.as_directory() as folder:
+        metrics = write_best(run, recipe, plan.dataset.labels, Path(folder), winner, plan)
+    return FitResult(winner, metrics, view)
 
 
-def fit_sweep(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[Any, dict, ProgressView, list]:
-    """Run the sweep; return the winning checkpoint, its evaluation, the view and the trial table."""
-    from launcher.driver.sweep import find_checkpoint, run_sweep
+def fit_sweep(plan: Plan, run: Run) -> FitResult:
+    """Run the sweep; keep the best evaluation of any trial (its checkpoint at that step)."""
+    from launcher.driver.sweep import find_checkpoint, run_sweep, trial_recipe
 
-    board = progress_board()
+    recipe, board = plan.recipe, progress_board()
     with ProgressView(board, run, recipe.metric, recipe.mode) as view:
-        trials = run_sweep(recipe, resolved, plan, run, view, board)
+        trials = run_sweep(recipe, plan, run, view, board)
     if not view.evals:
         errors = "; ".join(f"{t['name']}: {t['error']}" for t in trials if t["error"]) or "no evaluation reported"
         raise RunFailed(f"every trial failed: {errors}")
     for t in trials:  # a trial that never sent its end event was stopped early by the scheduler
         t["state"] = "failed" if t["error"] else ("done" if t["name"] in view.stop_reasons else "pruned")
-    sign = 1 if recipe.mode == "max" else -1
-    best = max(view.evals, key=lambda e: sign * e[recipe.metric])
-    return find_checkpoint(run.ray_storage, best["trial"], best["step"]), best, view, trials
+    top = best(view.evals, recipe.mode, key=lambda e: e[recipe.metric])
+    params = next(t["params"] for t in trials if t["name"] == top["trial"])
+    winner = Winner.reported(top, recipe.metric, trial=top["trial"], params=params)
+    with find_checkpoint(run.ray_storage, top["trial"], top["step"]).as_directory() as folder:
+        metrics = write_best(run, trial_recipe(recipe, params), plan.dataset.labels, Path(folder), winner, plan)
+    return FitResult(winner, metrics, view, {"trials": [{**t, "best": view.best.get(t["name"])} for t in trials]})
 
 
 # ------------------------------------------------------------------ launch
-def launch_run(recipe: Recipe, resolved: dict, plan: Plan, recipe_path: str, overrides: list[str],
-               verbose: bool = False) -> int:
-    """Start a new run: allocate its id, record the resolved recipe, train, keep the winner."""
-    reg = Registry(resolved["run"]["storage"])
-    run = reg.allocate({"task": recipe.model.task, "recipe": str(Path(recipe_path).resolve()), "overrides": list(overrides),
-                        "parent": plan.parent, **({"augmentation": plan.augmentation} if plan.augmentation else {})})
-    atomic_write(run.dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
+def launch_run(plan: Plan, recipe_path: str, overrides: list[str], verbose: bool = False) -> int:
+    """Start a new run: allocate its id, record the recipe as it runs, train, keep the winner."""
+    recipe = plan.recipe
+    reg = Registry(recipe.run.storage)
+    run = reg.allocate(
+        {
+            "task": recipe.model.task,
+            "recipe": str(Path(recipe_path).resolve()),
+            "overrides": list(overrides),
+            "parent": plan.parent,
+            **({"augmentation": plan.augmentation} if plan.augmentation else {}),
+        }
+    )
+    atomic_write(run.dir / "recipe.yaml", yaml.safe_dump(recipe.as_dict(), sort_keys=False))
     run.push("recipe.yaml")
     where = f"{run.location} (working copy {run.dir})" if run.remote else str(run.dir)
     console.print(f"[bold]{run.id}[/] started → {where}  (tensorboard --logdir {run.dir / 'tensorboard'})")
-    return execute(run, recipe, resolved, plan, verbose)
+    return execute(run, plan, verbose)
 
 
-def resume_run(run: Run) -> tuple[Recipe, dict]:
+def resume_run(run: Run) -> Recipe:
     """Check that a run can be resumed and return its recorded recipe."""
     from launcher.recipe.schema import load_recipe
 
@@ -100,14 +125,14 @@ def resume_run(run: Run) -> tuple[Recipe, dict]:
     return load_recipe(recipe_file)
 
 
-def execute(run: Run, recipe: Recipe, resolved: dict, plan: Plan, verbose: bool = False) -> int:
+def execute(run: Run, plan: Plan, verbose: bool = False) -> int:
     """Train (or continue training) `run` and write its winner. Same storage and name as any earlier
     attempt, so Ray Train continues from the latest checkpoint it finds there. Worker and library logs
     go to the run's logs/ folder (launcher.runs.run_logs); `verbose` streams them to the console too."""
     from launcher.runs.observe import RunLogger
     from launcher.runs.run_logs import RunLogs
 
-    started = time.time()
+    recipe, started = plan.recipe, time.time()
     run.stamps = {"process": startup.process_start(), "plan": started}
     run.logs = RunLogs(run.dir, verbose)
     run.logs.start()
@@ -115,7 +140,7 @@ def execute(run: Run, recipe: Recipe, resolved: dict, plan: Plan, verbose: bool 
     try:
         imports = _import_in_background()
         with run.logs.quiet():  # MLflow announces the experiments it creates
-            run.logger = RunLogger(run.dir, run.id, resolved)
+            run.logger = RunLogger(run.dir, run.id, recipe.as_dict())
         where = connect_ray(recipe, storage=None if run.remote else str(run.dir.parent), log_to_driver=verbose)
         imports.join()
         import ray.data  # noqa: F401  (importing it gives Ray Data's logger a console handler: reroute takes it)
@@ -124,32 +149,17 @@ def execute(run: Run, recipe: Recipe, resolved: dict, plan: Plan, verbose: bool 
         run.stamps["ray"] = time.time()
         console.print(f"ray: {where}")
         run.update(state="running", error=None)
-        check_train(plan.dataset, resolved["data"], recipe.model.task)  # a big train split: every line, in Ray Data
-        extra: dict[str, Any] = {}
-        if recipe.sweep is not None and recipe.sweep.kfold:
-            winner, metrics, view, extra = fit_kfold(recipe, resolved, plan, run)
-        elif recipe.sweep is not None:
-            ckpt, reported, view, trials = fit_sweep(recipe, resolved, plan, run)
-            params = next(t["params"] for t in trials if t["name"] == reported["trial"])
-            winner = {"trial": reported["trial"], "params": params, "epoch": reported["epoch"],
-                      "step": reported["step"], "metric": recipe.metric, "value": reported[recipe.metric]}
-            best_recipe = yaml.safe_load((run.dir / "trials" / f"{reported['trial']}.yaml").read_text())
-            with ckpt.as_directory() as folder:
-                metrics = write_best(run, best_recipe, plan.dataset.labels, Path(folder), winner, plan)
-            extra["trials"] = [{**t, "best": view.best.get(t["name"])} for t in trials]
-        else:
-            result, view = fit(recipe, resolved, plan, run)
-            ckpt, reported = pick_winner(result, recipe.metric, recipe.mode)
-            winner = {"trial": None, "epoch": reported["epoch"], "step": reported["step"],
-                      "metric": recipe.metric, "value": reported[recipe.metric]}
-            with ckpt.as_directory() as folder:
-                metrics = write_best(run, resolved, plan.dataset.labels, Path(folder), winner, plan)
+        # a big train split: every line, in Ray Data
+        check_train(plan.dataset, recipe.as_dict()["data"], recipe.model.task)
+        fitter = fit_kfold if recipe.sweep is not None and recipe.sweep.kfold else (
+            fit_sweep if recipe.sweep is not None else fit)
+        res = fitter(plan, run)
         record_data(run)
         wall = time.time() - started
         _close_logger(run, "succeeded")
         run.push("trials", "tensorboard")
-        run.update(state="succeeded", winner=winner, stop_reason=view.stop_reason, wall_seconds=round(wall, 1),
-                   **extra)
+        run.update(state="succeeded", winner=res.winner.to_json(), stop_reason=res.view.stop_reason,
+                   wall_seconds=round(wall, 1), **res.extra)
     except ZeroshipError as exc:
         _fail(run, exc.render())
         raise
@@ -169,11 +179,11 @@ def execute(run: Run, recipe: Recipe, resolved: dict, plan: Plan, verbose: bool 
             traceback.print_exc()
         return 1
     run.logs.collect_workers()
-    if extra.get("cross_validation"):
-        print_cv(extra["cross_validation"], recipe.metric, extra["k"])
-    elif extra.get("trials"):
-        print_trials(extra["trials"], recipe.metric, winner["trial"])
-    print_results(run, winner, metrics, view.stop_reason, wall)
+    if res.extra.get("cross_validation"):
+        print_cv(res.extra["cross_validation"], recipe.metric, res.extra["k"])
+    elif res.extra.get("trials"):
+        print_trials(res.extra["trials"], recipe.metric, res.winner.trial)
+    print_results(run, res.winner, res.metrics, res.view.stop_reason, wall)
     return 0
 
 
@@ -208,7 +218,9 @@ def _describe_failure(exc: Exception, timeout_s: int | None = None) -> str:
         parts = [f"rank {rank}: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
                  for rank, err in sorted(failures.items())]
         text = f"{type(exc).__name__}: " + "; ".join(parts)
-        if timeout_s is not None and any(sign in str(err).lower() for err in failures.values() for sign in TIMEOUT_SIGNS):
+        if timeout_s is not None and any(
+            sign in str(err).lower() for err in failures.values() for sign in TIMEOUT_SIGNS
+        ):
             text = (f"a collective did not finish within scaling.timeout_s={timeout_s} s: a rank hung or died"
                     f" (a stuck GPU, a lost node, a rank in another code path); raise scaling.timeout_s only if a"
                     f" step legitimately takes that long. {text}")
@@ -234,43 +246,39 @@ def _close_logger(run: Run, state: str) -> None:
         run.logger = None
 
 
-def fit_kfold(recipe: Recipe, resolved: dict, plan: Plan, run: Run) -> tuple[dict, dict, ProgressView, dict]:
+def fit_kfold(plan: Plan, run: Run) -> FitResult:
     """K-fold: every point × fold as a trial; points scored by their fold mean; the best point is
     retrained on all the training data (or, with kfold_refit off, its best fold is kept)."""
     from launcher.driver.sweep import cross_validation, find_checkpoint, run_sweep, trial_recipe
 
-    board = progress_board()
+    recipe, board = plan.recipe, progress_board()
     with ProgressView(board, run, recipe.metric, recipe.mode) as view:
-        trials = run_sweep(recipe, resolved, plan, run, view, board)
+        trials = run_sweep(recipe, plan, run, view, board)
     failed = [t for t in trials if t["error"]]
     if failed:
         raise RunFailed("cross-validation needs every fold: " + "; ".join(f"{t['name']}: {t['error']}" for t in failed))
     cv = cross_validation(trials, view.best)
-    sign = 1 if recipe.mode == "max" else -1
-    top = max(cv, key=lambda e: sign * e["mean"])
+    top = best(cv, recipe.mode, key=lambda e: e["mean"])
     extra = {"k": recipe.sweep.kfold, "cross_validation": cv, "trials": trials}
-    summary = {"params": top["params"], "metric": recipe.metric, "cv_mean": top["mean"], "cv_std": top["std"]}
-    chosen = trial_recipe(resolved, top["params"])
+    summary = {"params": top["params"], "cv_mean": top["mean"], "cv_std": top["std"]}
+    chosen = trial_recipe(recipe, top["params"])
     if recipe.sweep.kfold_refit:
         board = progress_board()
-        child = Recipe.model_validate(chosen)
-        datasets, counts = run_datasets(child, chosen, plan, run)
-        trainer = make_trainer(child, worker_config(child, chosen, plan, board, counts, trial="refit"),
+        datasets, counts = run_datasets(chosen, plan, run)
+        trainer = make_trainer(chosen, worker_config(chosen, plan, board, counts, trial="refit"),
                                run.ray_storage, "refit", datasets)  # a sweep's Ray: never lean
         view.progress.console.print(f"refit on all training data: {json.dumps(top['params'])}", highlight=False)
         with ProgressView(board, run, recipe.metric, recipe.mode) as refit_view:
             result = trainer.fit()
         ckpt, reported = pick_winner(result, recipe.metric, recipe.mode)
-        winner = {"trial": "refit", "epoch": reported["epoch"], "step": reported["step"],
-                  "value": reported[recipe.metric], **summary}
+        winner = Winner.reported(reported, recipe.metric, trial="refit", **summary)
         with ckpt.as_directory() as folder:
             metrics = write_best(run, chosen, plan.dataset.labels, Path(folder), winner, plan)
         view.stop_reasons.update(refit_view.stop_reasons)
     else:
         folds = [e for e in view.evals if any(t["name"] == e["trial"] and t["point"] == top["point"] for t in trials)]
-        best = max(folds, key=lambda e: sign * e[recipe.metric])
-        winner = {"trial": best["trial"], "epoch": best["epoch"], "step": best["step"],
-                  "value": best[recipe.metric], **summary}
-        with find_checkpoint(run.ray_storage, best["trial"], best["step"]).as_directory() as folder:
+        kept = best(folds, recipe.mode, key=lambda e: e[recipe.metric])
+        winner = Winner.reported(kept, recipe.metric, trial=kept["trial"], **summary)
+        with find_checkpoint(run.ray_storage, kept["trial"], kept["step"]).as_directory() as folder:
             metrics = write_best(run, chosen, plan.dataset.labels, Path(folder), winner, plan)
-    return winner, metrics, view, extra
+    return FitResult(winner, metrics, view, extra)

@@ -23,12 +23,12 @@ from launcher.recipe.schema import PACKAGED_PREFIX, Recipe, resolve_encoder
 from launcher.runs.observe import check_mlflow
 from launcher.runs.storage import check_storage
 from zeroship.errors import DataError, Problem, RecipeError
+from zeroship.tasks import Task
 
 
 @dataclass
 class Plan:
-    recipe: Recipe
-    resolved: dict
+    recipe: Recipe  # as the run starts it: a warm start's init_from settled to its folder
     dataset: Dataset
     encoder_source: str
     ds_config: dict
@@ -103,42 +103,44 @@ def locate_encoder(encoder: str, recipe_path: str) -> tuple[str, list[str]]:
                      " every node must be able to download it when the run starts"]
 
 
-def build_plan(recipe: Recipe, resolved: dict, recipe_path: str, check: bool = False) -> Plan:
+def build_plan(recipe: Recipe, recipe_path: str, check: bool = False) -> Plan:
     """`check` (launch --check) checks a big split on a sample of it (launcher.data.parse.read_sample) and
     previews `zero_stage: auto` for GPU workers with the model's memory per ZeRO stage — it builds the
     model's shapes and imports DeepSpeed's estimators, ~12 s that a launch need not pay (the workers
     estimate for themselves) and CPU workers need not at all."""
     missing = []
     for split in ("train", "validation", "test"):  # every split's missing files at once, before any parsing
-        if resolved["data"][split]:
+        if getattr(recipe.data, split):
             try:
-                expand(resolved["data"][split], f"{recipe_path} data.{split}")
+                expand(getattr(recipe.data, split), f"{recipe_path} data.{split}")
             except DataError as exc:
                 missing += exc.problems
     if missing:
         raise RecipeError(missing)
     check_mlflow(recipe.run.mlflow_uri)
-    check_storage(resolved["run"]["storage"])
-    source, warnings = locate_encoder(resolved["model"]["encoder"], recipe_path)
+    check_storage(recipe.run.storage)
+    source, warnings = locate_encoder(recipe.model.encoder, recipe_path)
     check_encoder_positions(source, recipe.data.max_length, f"{recipe_path} data.max_length")
     if recipe.model.casing:
         check_casing(source, f"{recipe_path} model.casing")
     # a launch plans from a sample of a big train split; Ray Data tasks check all of it once Ray is up
-    dataset = load_dataset(resolved["data"], recipe.model.task, sample=True if check else "train")
+    data = recipe.as_dict()["data"]
+    dataset = load_dataset(data, recipe.model.task, sample=True if check else "train")
     warnings += dataset.warnings()
     train = dataset.splits["train"]
     # a preview: the workers' stream makes the same copies (launcher.data.ingest.AugmentRows)
-    _, augmented = augment(train.examples, recipe.model.task, resolved["data"]["augmentation"], recipe.train.seed)
+    _, augmented = augment(train.examples, recipe.model.task, data["augmentation"], recipe.train.seed)
     parent = None
     if recipe.model.init_from:
-        parent, parent_dir = resolve_parent(recipe.model.init_from, resolved["run"]["storage"], recipe_path)
+        parent, parent_dir = resolve_parent(recipe.model.init_from, recipe.run.storage, recipe_path)
         from launcher.nn.model import check_warm_start
 
-        problems = check_warm_start(parent_dir, dataset.labels, recipe.model.task, resolved["model"]["head"],
+        problems = check_warm_start(parent_dir, dataset.labels, recipe.model.task,
+                                    recipe.model.head.model_dump(mode="json"),
                                     recipe.model.init_from_head, recipe.model.casing)
         if problems:
             raise RecipeError([Problem(f"{recipe_path} model.init_from", p) for p in problems])
-        resolved["model"]["init_from"] = str(parent_dir.resolve())  # workers read it from here
+        recipe = recipe.updated({"model.init_from": str(parent_dir.resolve())})  # workers read it from here
         source = str(parent_dir.resolve())  # the parent's tokenizer
     sc = recipe.scaling
     local = {"CPU": (os.cpu_count() or 1) + DATA_CPUS, "GPU": 0}  # as zeroship.ray_session starts it
@@ -152,27 +154,30 @@ def build_plan(recipe: Recipe, resolved: dict, recipe_path: str, check: bool = F
         except ImportError:
             pass
     if not os.environ.get("RAY_ADDRESS"):  # the run would start a local Ray of this machine's size
-        warnings += [f"a launch on this machine would refuse: {p.what} (fine for a cluster recipe: check it there"
-                     " with RAY_ADDRESS=<head>:6379 launch --check)" for p in resource_problems(recipe, local, "this machine")]
-    shown, zero_lines = resolved, []
+        warnings += [
+            f"a launch on this machine would refuse: {p.what} (fine for a cluster recipe: check it there"
+            " with RAY_ADDRESS=<head>:6379 launch --check)"
+            for p in resource_problems(recipe, local, "this machine")
+        ]
+    shown, zero_lines = recipe, []
     if recipe.deepspeed.zero_stage == "auto":
-        shown, zero_lines = (auto_stage_preview(resolved, dataset.labels, local["GPU"])
-                             if check and sc.use_gpu else auto_stage_note(resolved))
-    return Plan(recipe, resolved, dataset, source, build_ds_config(shown, sc.workers), warnings, parent,
+        shown, zero_lines = (auto_stage_preview(recipe, dataset.labels, local["GPU"])
+                             if check and sc.use_gpu else auto_stage_note(recipe))
+    return Plan(recipe, dataset, source, build_ds_config(shown.as_dict(), sc.workers), warnings, parent,
                 augmented, zero_lines)
 
 
-def auto_stage_note(resolved: dict) -> tuple[dict, list[str]]:
+def auto_stage_note(recipe: Recipe) -> tuple[Recipe, list[str]]:
     """`zero_stage: auto` at launch, without the estimate: CPU workers take stage 0; GPU workers
     choose when they start (launcher.recipe.zero_auto)."""
-    if resolved["scaling"]["use_gpu"]:
-        return resolved, ["zero_stage auto: the workers choose from their GPU memory when they start"
-                          " (launch --check prints the estimate per stage)"]
-    shown = {**resolved, "deepspeed": {**resolved["deepspeed"], "zero_stage": 0}}
-    return shown, ["zero_stage auto → ZeRO-0 (CPU workers: no device memory to save)"]
+    if recipe.scaling.use_gpu:
+        return recipe, ["zero_stage auto: the workers choose from their GPU memory when they start"
+                        " (launch --check prints the estimate per stage)"]
+    return recipe.updated({"deepspeed.zero_stage": 0}), ["zero_stage auto → ZeRO-0 (CPU workers: no device memory "
+                                                         "to save)"]
 
 
-def auto_stage_preview(resolved: dict, labels: list[str], local_gpus: int) -> tuple[dict, list[str]]:
+def auto_stage_preview(recipe: Recipe, labels: list[str], local_gpus: int) -> tuple[Recipe, list[str]]:
     """What `zero_stage: auto` would pick for GPU workers, for --check: the estimate per option, and
     the choice for GPUs like this machine's when it has one. The workers decide for real from their
     own devices (launcher.recipe.zero_auto)."""
@@ -182,22 +187,22 @@ def auto_stage_preview(resolved: dict, labels: list[str], local_gpus: int) -> tu
     from launcher.recipe import zero_auto
 
     with torch.device("meta"):  # shapes only: no weights read, no memory
-        model = build_model(resolved["model"], labels, pretrained=False)
-    sc = resolved["scaling"]
+        model = build_model(recipe.as_dict()["model"], labels, pretrained=False)
+    workers = recipe.scaling.workers
     total, largest = zero_auto.parameter_counts(model)
-    per_node = min(sc["workers"], local_gpus) if local_gpus else sc["workers"]
-    table = zero_auto.estimates(total, largest, sc["workers"], per_node)
-    lines = [f"model states ({total / 1e6:.1f}M parameters, {sc['workers']} workers): " + zero_auto.describe(table)]
+    per_node = min(workers, local_gpus) if local_gpus else workers
+    table = zero_auto.estimates(total, largest, workers, per_node)
+    lines = [f"model states ({total / 1e6:.1f}M parameters, {workers} workers): " + zero_auto.describe(table)]
     if not local_gpus:
-        return resolved, [*lines, "zero_stage auto: each launch picks from the workers' GPU memory"
+        return recipe, [*lines, "zero_stage auto: each launch picks from the workers' GPU memory"
                           f" (the lowest option within {1 - zero_auto.ACTIVATION_MARGIN:.0%} of it)"]
     import psutil
 
     device, host = torch.cuda.get_device_properties(0).total_memory, psutil.virtual_memory().total
     try:
-        shown, why = zero_auto.resolve(resolved, model, device, host, per_node)
+        shown, why = zero_auto.resolve(recipe, model, device, host, per_node)
     except ValueError as exc:
-        return resolved, [*lines, str(exc)]
+        return recipe, [*lines, str(exc)]
     return shown, [*lines, why + " — with GPUs like this machine's"]
 
 
@@ -226,8 +231,10 @@ def print_plan(plan: Plan, console: Console) -> None:
     t.add_column("what", style="bold")
     t.add_column("value")
     head = r.model.head
-    t.add_row("model", f"{r.model.encoder}" + (f" → {plan.encoder_source}" if plan.encoder_source != r.model.encoder else ""))
-    t.add_row("task", r.model.task + (f" (pooling {r.model.pooling})" if r.model.task == "sequence_classification" else ""))
+    t.add_row(
+        "model", f"{r.model.encoder}" + (f" → {plan.encoder_source}" if plan.encoder_source != r.model.encoder else "")
+    )
+    t.add_row("task", r.model.task + (f" (pooling {r.model.pooling})" if r.model.task == Task.SEQUENCE else ""))
     t.add_row("head", f"{head.layers} × Linear({head.dim}) {head.activation}"
               f"{' + LayerNorm' if head.layernorm else ''}, dropout {head.dropout}")
     if plan.parent:
@@ -281,7 +288,7 @@ def print_plan(plan: Plan, console: Console) -> None:
     if r.sweep:
         params = ", ".join(f"{k}∈{v}" for k, v in r.sweep.parameters.items())
         t.add_row("sweep", f"{r.sweep.method}, {r.sweep_size()} trials: {params}")
-    t.add_row("storage", f"{plan.resolved['run']['storage']}")
+    t.add_row("storage", f"{plan.recipe.run.storage}")
     console.print(t)
     for line in plan.zero_auto:
         console.print(escape(line), highlight=False, soft_wrap=True)

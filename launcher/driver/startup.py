@@ -1,7 +1,8 @@
 """Where the time before the first optimizer step goes.
 
 The driver stamps when the `launch` process started, when its plan was ready (recipe and data
-checked), when Ray was up and when Ray Data had the splits tokenized; rank 0 stamps when its training function began, when its imports, its
+checked), when Ray was up and when Ray Data had the splits tokenized; rank 0 stamps when its training
+function began, when its imports, its
 tokenized data, its model and its DeepSpeed engine were ready, and when the first optimizer step
 ended. `record` turns the stamps into one `kind: startup` record (the first line of metrics.jsonl)
 with a duration per phase. Stamps are wall-clock (`time.time()`), so on a multi-node cluster the

@@ -8,7 +8,6 @@ inside each checkpoint folder.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -22,13 +21,14 @@ from launcher.worker.checkpoint import STATE_FILE
 from zeroship.errors import RunFailed
 
 
-def trial_recipe(resolved: dict, params: dict[str, Any]) -> dict:
-    """The base recipe with one sweep point applied and the sweep section removed."""
-    trial = copy.deepcopy(resolved)
+def trial_recipe(recipe: Recipe, params: dict[str, Any]) -> Recipe:
+    """The base recipe with one sweep point applied and the sweep section removed (validated again: a
+    point may set any field)."""
+    trial = recipe.as_dict()
     trial["sweep"] = None
     for key, value in params.items():
         set_dotted(trial, key, value)
-    return trial
+    return Recipe.model_validate(trial)
 
 
 def sweep_trial(config: dict, shared: dict) -> None:
@@ -38,10 +38,9 @@ def sweep_trial(config: dict, shared: dict) -> None:
     from launcher.driver.trainer import make_trainer
 
     trial = config["trial"]
-    resolved = trial_recipe(shared["resolved"], trial["params"])
-    recipe = Recipe.model_validate(resolved)
+    recipe = trial_recipe(shared["recipe"], trial["params"])
     datasets, counts = shared["datasets"][trial["data"]]  # this trial's data variant (run_sweep)
-    worker_cfg = dict(shared["worker_config"], recipe=resolved, trial=trial["name"], counts=counts)
+    worker_cfg = dict(shared["worker_config"], recipe=recipe, trial=trial["name"], counts=counts)
     if trial.get("fold") is not None:  # k-fold: validate on this fold, train on the others
         from launcher.data.ingest import fold_datasets
 
@@ -66,7 +65,7 @@ def max_concurrent(recipe: Recipe) -> int:
     return max(1, fit)
 
 
-def run_sweep(recipe: Recipe, resolved: dict, plan, run: Run, view, board) -> list[dict]:
+def run_sweep(recipe: Recipe, plan, run: Run, view, board) -> list[dict]:
     """Run every trial; returns the trial table (name, params, state, error)."""
     import ray.tune as tune
     from ray.tune.schedulers import ASHAScheduler
@@ -84,7 +83,7 @@ def run_sweep(recipe: Recipe, resolved: dict, plan, run: Run, view, board) -> li
     if k:  # how the folds were made and how many training examples each holds out
         from launcher.data.ingest import fold_sizes
 
-        sizes = fold_sizes(resolved["data"], recipe.model.task, k)
+        sizes = fold_sizes(recipe.as_dict()["data"], recipe.model.task, k)
         if not min(sizes):
             from zeroship.errors import DataError, Problem
 
@@ -97,16 +96,16 @@ def run_sweep(recipe: Recipe, resolved: dict, plan, run: Run, view, board) -> li
 
     variants: dict[str, int] = {}  # data_key → index in datasets: a sweep over data.max_length tokenizes per value
     datasets = []
-    for t in trials:  # each trial's resolved recipe, as it will run, and the data variant it trains on
-        point = trial_recipe(resolved, t["params"])
-        atomic_write(run.dir / "trials" / f"{t['name']}.yaml", yaml.safe_dump(point, sort_keys=False))
+    for t in trials:  # each trial's recipe, as it will run, and the data variant it trains on
+        point = trial_recipe(recipe, t["params"])
+        atomic_write(run.dir / "trials" / f"{t['name']}.yaml", yaml.safe_dump(point.as_dict(), sort_keys=False))
         key = data_key(point)
         if key not in variants:
             variants[key] = len(datasets)
-            datasets.append(run_datasets(Recipe.model_validate(point), point, plan, run))
+            datasets.append(run_datasets(point, plan, run))
         t["data"] = variants[key]
     view.expect_trials(trials)
-    shared = {"resolved": resolved, "worker_config": worker_config(recipe, resolved, plan, board, None),
+    shared = {"recipe": recipe, "worker_config": worker_config(recipe, plan, board, None),
               "storage": run.ray_storage, "datasets": datasets, "kfold": k}
     scheduler = None
     if recipe.sweep.scheduler == "asha":

@@ -10,28 +10,26 @@ from launcher.recipe.schema import Recipe, tokenizer_source
 from launcher.worker.entry import train_worker
 
 
-def run_datasets(recipe: Recipe, resolved: dict, plan: Plan, run) -> tuple[dict, Any]:
+def run_datasets(recipe: Recipe, plan: Plan, run) -> tuple[dict, Any]:
     """The run's splits as lazy Ray Datasets and the reference to their counting pass
     (launcher.data.ingest.build_datasets); `record_data` reports the counts once training is done."""
     import time
 
     from launcher.data.ingest import build_datasets
 
-    datasets, counts = build_datasets(resolved, recipe.model.task, plan.dataset.labels,
-                                      tokenizer_source(resolved["model"]), plan.dataset.splits["train"].examples)
+    datasets, counts = build_datasets(recipe, plan.dataset.labels, plan.dataset.splits["train"].examples)
     if run.data_counts is None:  # a sweep's first variant (data_key) is the one status.json reports
         run.data_counts = counts
     run.stamps.setdefault("datasets", time.time())  # the start-up record's ray_data phase (launcher.driver.startup)
     return datasets, counts
 
 
-def data_key(resolved: dict) -> str:
+def data_key(recipe: Recipe) -> str:
     """What a run's tokenized data depends on beyond the files: a sweep whose points change one of these
     (data.max_length, data.stride, model.encoder) gets datasets per value; all others share one."""
     import json
 
-    return json.dumps([tokenizer_source(resolved["model"]), resolved["data"]["max_length"],
-                       resolved["data"]["stride"]])
+    return json.dumps([tokenizer_source(recipe.model), recipe.data.max_length, recipe.data.stride])
 
 
 def record_data(run) -> None:
@@ -46,10 +44,10 @@ def record_data(run) -> None:
     run.update(data=made)
 
 
-def worker_config(recipe: Recipe, resolved: dict, plan: Plan, board, counts: Any, trial: str = "") -> dict:
-    """What every worker receives: the resolved recipe, labels, a reference to the data's counts (the
-    data itself comes as Ray Datasets, `make_trainer`), the progress board."""
-    return {"recipe": resolved, "labels": plan.dataset.labels, "counts": counts, "progress": board,
+def worker_config(recipe: Recipe, plan: Plan, board, counts: Any, trial: str = "") -> dict:
+    """What every worker receives: the Recipe (pydantic: it pickles), labels, a reference to the data's
+    counts (the data itself comes as Ray Datasets, `make_trainer`), the progress board."""
+    return {"recipe": recipe, "labels": plan.dataset.labels, "counts": counts, "progress": board,
             "metric": recipe.metric, "mode": recipe.mode, "trial": trial}
 
 

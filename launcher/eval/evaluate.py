@@ -14,6 +14,7 @@ from typing import Any
 from launcher.data.features import Feature, collate, encode, length_grouped_batches, merge_word_predictions
 from launcher.data.parse import Example
 from launcher.eval.metrics import cls_metrics, ner_metrics
+from zeroship.tasks import Task
 
 
 def predict(forward: Callable, features: list[Feature], batches: list[list[int]], real: list[bool],
@@ -50,7 +51,7 @@ def predict(forward: Callable, features: list[Feature], batches: list[list[int]]
 def gold_and_pred(task: str, labels: list[str], examples: list[Example], features: list[Feature],
                   preds: dict[int, list[int] | int]) -> tuple[list, list]:
     """NER: tag sequences per sentence (windows stitched back). Classification: label ids."""
-    if task == "token_classification":
+    if task == Task.TOKEN:
         window_preds = [preds[i] for i in range(len(features))]
         merged = merge_word_predictions(features, window_preds, [len(ex.tokens) for ex in examples])
         return [ex.tags for ex in examples], [[labels[p] if p is not None else "O" for p in row] for row in merged]
@@ -68,7 +69,7 @@ def score(task: str, labels: list[str], examples: list[Example], features: list[
 def metrics_of(task: str, labels: list[str], gold: list, pred: list, loss_sum: float, count: int,
                with_report: bool = False) -> dict[str, Any]:
     """The task metrics of gold/predicted pairs (any order: a worker's gathered shards)."""
-    if task == "token_classification":
+    if task == Task.TOKEN:
         metrics: dict[str, Any] = ner_metrics(gold, pred)
     else:
         metrics = cls_metrics(gold, pred, len(labels))
@@ -76,7 +77,7 @@ def metrics_of(task: str, labels: list[str], gold: list, pred: list, loss_sum: f
     if with_report:
         from launcher.eval.report import cls_report, ner_report
 
-        metrics["report"] = ner_report(gold, pred) if task == "token_classification" else cls_report(gold, pred, labels)
+        metrics["report"] = ner_report(gold, pred) if task == Task.TOKEN else cls_report(gold, pred, labels)
     return metrics
 
 
@@ -92,6 +93,13 @@ def evaluate_model(model, tokenizer, task: str, labels: list[str], examples: lis
     batches = length_grouped_batches([len(f.input_ids) for f in features], batch_size, 0, shuffle=False)
     model.eval()
     device = "cpu" if forward is not None else module_device(model)
-    preds, loss_sum, count = predict(forward or model, features, batches, [True] * len(batches),
-                                     tokenizer.pad_token_id, model.uses_token_type_ids, device)
+    return evaluate_features(forward or model, task, labels, examples, features, batches, tokenizer.pad_token_id,
+                             model.uses_token_type_ids, device, with_report)
+
+
+def evaluate_features(forward: Callable, task: str, labels: list[str], examples: list[Example],
+                      features: list[Feature], batches: list[list[int]], pad_id: int, with_type_ids: bool,
+                      device: Any = "cpu", with_report: bool = False) -> dict[str, Any]:
+    """The metrics of `forward` on features already encoded (export scores every variant on the same ones)."""
+    preds, loss_sum, count = predict(forward, features, batches, [True] * len(batches), pad_id, with_type_ids, device)
     return score(task, labels, examples, features, preds, loss_sum, count, with_report)

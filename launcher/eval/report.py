@@ -43,11 +43,17 @@ def cls_report(gold: list[int], pred: list[int], labels: list[str]) -> dict:
     from sklearn.metrics import classification_report, confusion_matrix
 
     ids = list(range(len(labels)))
-    return _plain({
-        "classes": classification_report(gold, pred, labels=ids, target_names=labels, output_dict=True,
-                                         zero_division=0),
-        "confusion_matrix": {"labels": labels, "rows_gold_cols_pred": confusion_matrix(gold, pred, labels=ids).tolist()},
-    })
+    return _plain(
+        {
+            "classes": classification_report(
+                gold, pred, labels=ids, target_names=labels, output_dict=True, zero_division=0
+            ),
+            "confusion_matrix": {
+                "labels": labels,
+                "rows_gold_cols_pred": confusion_matrix(gold, pred, labels=ids).tolist(),
+            },
+        }
+    )
 
 
 def report_table(report: dict, title: str) -> Table:

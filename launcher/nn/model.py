@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from zeroship.errors import Problem, RunError
+from zeroship.tasks import Task
 
 FORMAT_VERSION = 1
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}
@@ -70,7 +71,7 @@ class ZeroshipModel(nn.Module):
         if token_type_ids is not None and self.uses_token_type_ids:
             kwargs["token_type_ids"] = token_type_ids
         hidden = self.encoder(**kwargs).last_hidden_state
-        if self.task == "sequence_classification":
+        if self.task == Task.SEQUENCE:
             if self.pooling == "mean":
                 mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
                 hidden = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
@@ -114,8 +115,12 @@ def _encoder_config(source: str, num_hidden_layers: int | None, attn: str | None
             continue
         name = next((n for n in DROPOUT_NAMES[kind] if hasattr(config, n)), None)
         if name is None:
-            raise RunError(Problem(f"regularization.{kind}_dropout",
-                                   f"{config.model_type} has no {kind} dropout setting ({', '.join(DROPOUT_NAMES[kind])})"))
+            raise RunError(
+                Problem(
+                    f"regularization.{kind}_dropout",
+                    f"{config.model_type} has no {kind} dropout setting ({', '.join(DROPOUT_NAMES[kind])})",
+                )
+            )
         setattr(config, name, value)
     if attn:
         config._attn_implementation = attn

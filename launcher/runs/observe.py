@@ -45,12 +45,12 @@ def check_mlflow(uri: str | None) -> None:
 class RunLogger:
     """TensorBoard writers (one per trial) and an optional MLflow run, fed by the progress view."""
 
-    def __init__(self, run_dir: Path, run_id: str, resolved: dict):
+    def __init__(self, run_dir: Path, run_id: str, recipe: dict):
         self.root = Path(run_dir) / "tensorboard"
         self.writers: dict[str, Any] = {}
         self.mlflow = None  # MlflowClient; calls name the run explicitly: the progress view logs from its
         self.mlflow_run = ""  # own thread, where mlflow's thread-local "active run" would be a new, empty one
-        uri = resolved.get("run", {}).get("mlflow_uri")
+        uri = recipe.get("run", {}).get("mlflow_uri")
         if uri:
             from mlflow.entities import Param
             from mlflow.tracking import MlflowClient
@@ -59,11 +59,11 @@ class RunLogger:
                 # MLflow 3 keeps its folder store only on request; a folder named in the recipe is one
                 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             client = MlflowClient(tracking_uri=uri)
-            name = resolved["run"].get("name") or "zeroship"
+            name = recipe["run"].get("name") or "zeroship"
             experiment = client.get_experiment_by_name(name)
             experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
             self.mlflow_run = client.create_run(experiment_id, run_name=run_id).info.run_id
-            params = [Param(k, str(v)[:500]) for k, v in flatten(resolved).items()]
+            params = [Param(k, str(v)[:500]) for k, v in flatten(recipe).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
                 client.log_batch(self.mlflow_run, params=params[i:i + 100])
             self.mlflow = client

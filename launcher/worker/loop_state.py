@@ -49,9 +49,9 @@ class EarlyStopping:
 
     def update(self, value: float) -> bool:
         """Record one evaluation; True when training should stop."""
-        delta = self.config["min_delta"] if self.config else 0
-        better = self.best is None or (value > self.best + delta if self.mode == "max" else value < self.best - delta)
-        if better:
+        from launcher.eval.ranking import better
+
+        if better(self.mode, value, self.best, self.config["min_delta"] if self.config else 0):
             self.best, self.bad = value, 0
         else:
             self.bad += 1

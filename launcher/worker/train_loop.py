@@ -32,7 +32,7 @@ from launcher.nn.device import worker_device
 from launcher.nn.model import apply_freeze, apply_lora, build_model, param_groups, warm_start
 from launcher.recipe import zero_auto
 from launcher.recipe.ds_config import build_ds_config
-from launcher.recipe.schema import tokenizer_source
+from launcher.recipe.schema import Recipe, tokenizer_source
 from launcher.worker.checkpoint import CKPT_TAG, STATE_FILE, save_stage0_fp32
 from launcher.worker.engine import (
     adamw,
@@ -49,21 +49,21 @@ from launcher.worker.signing import sign_checkpoint, verify_checkpoint, worker_k
 
 
 class TrainingRun:
-    """Everything in `config` (the resolved recipe, the label set, the parsed examples, a handle to the
+    """Everything in `config` (the Recipe, the label set, a reference to the data's counts, a handle to the
     driver's progress board); nothing is read from module globals. `stamps` times the start-up phases
     (launcher.driver.startup); they are reported after the first optimizer step."""
 
     def __init__(self, config: dict[str, Any], stamps: dict[str, float]):
         self.config, self.stamps = config, stamps
-        self.recipe, self.labels = config["recipe"], config["labels"]
-        self.mcfg, self.dcfg = self.recipe["model"], self.recipe["data"]
-        self.tcfg, self.rcfg = self.recipe["train"], self.recipe["regularization"]
-        self.task, self.metric = self.mcfg["task"], config["metric"]
+        self.recipe: Recipe = config["recipe"]
+        self.labels = config["labels"]
+        self.task, self.metric = self.recipe.model.task, config["metric"]
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = worker_device()
         self.board = Board(config.get("progress"), self.rank, config.get("trial", ""))
-        self.early = EarlyStopping(config["mode"], self.tcfg.get("early_stopping"))
+        stopping = self.recipe.train.early_stopping
+        self.early = EarlyStopping(config["mode"], stopping.model_dump() if stopping else None)
         self.window = MetricsWindow()
         self.resume = ResumeState()
         self.resumed = False  # True when this worker group restarted from a checkpoint
@@ -72,11 +72,11 @@ class TrainingRun:
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
-        bound_collective_timeouts(self.recipe["scaling"]["timeout_s"])
+        bound_collective_timeouts(self.recipe.scaling.timeout_s)
         skip_shm_comm_build()
-        torch.set_num_threads(max(1, int(self.recipe["scaling"]["cpus_per_worker"])))
+        torch.set_num_threads(max(1, int(self.recipe.scaling.cpus_per_worker)))
         ds_logger.setLevel("WARNING")
-        seed_everything(self.tcfg["seed"])
+        seed_everything(self.recipe.train.seed)
         self.signing_key = worker_key()
         self.setup_data()
         self.stamps["data"] = time.time()
@@ -90,50 +90,48 @@ class TrainingRun:
     def setup_data(self) -> None:
         """This rank's shards (launcher.data.stream) and the schedule's step counts: every rank gets the same
         number of training windows (`streaming_split(equal=True)`), so the same number of batches."""
-        tc = self.tcfg
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(self.mcfg))
-        self.data = Shards(self.task, self.labels, tc["batch_size"], tc["seed"])
+        tc = self.recipe.train
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(self.recipe.model))
+        self.data = Shards(self.task, self.labels, tc.batch_size, tc.seed)
         if ray.train.get_checkpoint() is None:  # a fresh start's first epoch (a resume's is in its checkpoint)
             self.data.prefetch(self.resume.next_epoch)
         counts = ray.get(self.config["counts"])  # Ray Data's counting pass, started by the driver
         rows = counts["train"]["windows"] // self.world
-        steps_per_epoch = max(1, batches_in_epoch(rows, tc["batch_size"]) // tc["grad_accum"])
-        self.micro_per_epoch = steps_per_epoch * tc["grad_accum"]  # whole optimizer steps only
-        self.total_steps = tc.get("max_steps") or steps_per_epoch * tc["epochs"]  # max_steps overrides epochs
+        steps_per_epoch = max(1, batches_in_epoch(rows, tc.batch_size) // tc.grad_accum)
+        self.micro_per_epoch = steps_per_epoch * tc.grad_accum  # whole optimizer steps only
+        self.total_steps = tc.max_steps or steps_per_epoch * tc.epochs  # max_steps overrides epochs
         self.last_epoch = -(-self.total_steps // steps_per_epoch)
 
     def build_model(self):
-        mcfg, rcfg = self.mcfg, self.rcfg
-        if mcfg.get("init_from"):  # warm start from an earlier run's winner
-            model = warm_start(mcfg["init_from"], self.labels, mcfg["head"], mcfg["init_from_head"],
-                               mcfg.get("casing", False))
+        m, reg = self.recipe.model, self.recipe.regularization
+        if m.init_from:  # warm start from an earlier run's winner (the plan settled its folder)
+            model = warm_start(m.init_from, self.labels, m.head.model_dump(mode="json"), m.init_from_head, m.casing)
         else:
-            model = build_model(mcfg, self.labels, dropout={"hidden": rcfg.get("hidden_dropout"),
-                                                            "attention": rcfg.get("attention_dropout")})
-        apply_freeze(model, mcfg["freeze"])
-        if mcfg.get("lora"):
-            apply_lora(model, mcfg["lora"])
+            model = build_model(m.model_dump(mode="json"), self.labels,
+                                dropout={"hidden": reg.hidden_dropout, "attention": reg.attention_dropout})
+        apply_freeze(model, m.freeze)
+        if m.lora:
+            apply_lora(model, m.lora.model_dump(mode="json"))
         return model
 
     def setup_engine(self, model) -> None:
         """ZeRO stage (`auto` resolved here, the same on every rank), loss, optimizer, schedule, engine."""
         self.zero_choice = None
-        if self.recipe["deepspeed"]["zero_stage"] == "auto":
+        if self.recipe.deepspeed.zero_stage == "auto":
             self.recipe, self.zero_choice = zero_auto.resolve(self.recipe, model, *zero_auto.worker_memory(self.device))
-        self.stage, self.precision = self.recipe["deepspeed"]["zero_stage"], self.recipe["deepspeed"]["precision"]
-        zero3, tc, rc = self.stage == 3, self.tcfg, self.rcfg
+        self.stage, self.precision = self.recipe.deepspeed.zero_stage, self.recipe.deepspeed.precision
+        zero3, tc, rc = self.stage == 3, self.recipe.train, self.recipe.regularization
         # takes θ₀ for L2-SP before DeepSpeed touches (casts, moves, partitions) the weights
-        self.task_loss = TaskLoss(model, rc, partitioned=zero3, device=self.device)
+        self.task_loss = TaskLoss(model, rc.model_dump(mode="json"), partitioned=zero3, device=self.device)
         self.with_type_ids = model.uses_token_type_ids
-        optimizer = adamw(param_groups(model, rc["weight_decay"], tc["lr"], tc.get("head_lr"), tc.get("layer_decay", 1.0)),
-                          tc["lr"])
-        warmup = int(tc["warmup_ratio"] * self.total_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc["schedule"], warmup, self.total_steps))
+        optimizer = adamw(param_groups(model, rc.weight_decay, tc.lr, tc.head_lr, tc.layer_decay), tc.lr)
+        warmup = int(tc.warmup_ratio * self.total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.schedule, warmup, self.total_steps))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=build_ds_config(self.recipe, self.world))
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=build_ds_config(self.recipe.as_dict(), self.world))
         skip_single_rank_allreduce(self.engine, self.world, self.stage)
-        self.l2_sp_z3 = (PartitionedL2SP(self.engine.module, rc["l2_sp"], self.device)
-                         if zero3 and rc.get("l2_sp") else None)
+        self.l2_sp_z3 = PartitionedL2SP(self.engine.module, rc.l2_sp, self.device) if zero3 and rc.l2_sp else None
 
     def restore(self) -> None:
         """After a worker failure Ray Train restarts the group with the last reported checkpoint:
@@ -157,7 +155,7 @@ class TrainingRun:
                          "resumed_from_step": self.step if self.resumed else None,
                          "zero_auto": self.zero_choice})
         self.initial = None
-        if self.mcfg.get("init_from") and not self.resumed:  # where the parent leaves off, before any step
+        if self.recipe.model.init_from and not self.resumed:  # where the parent leaves off, before any step
             self.initial = {"kind": "initial", **self.evaluate(), "epoch": 0, "step": 0}  # after the startup record
         self.started = time.time()
         stopped = None
@@ -167,13 +165,13 @@ class TrainingRun:
                 break
         if "first_step" not in self.stamps and self.initial is not None:  # no step was taken (nothing left)
             self.board.push(self.initial, wait=True)
-        if stopped is None and self.tcfg.get("max_steps"):
+        if stopped is None and self.recipe.train.max_steps:
             stopped = f"reached train.max_steps ({self.total_steps} optimizer steps)"
         self.board.push({"kind": "end", "step": self.step, "stop_reason": stopped or "completed all epochs"}, wait=True)
 
     def train_epoch(self, epoch: int) -> str | None:
         """One epoch (or what is left of it after a resume); returns why training stops, if it does."""
-        accum, eval_every = self.tcfg["grad_accum"], self.tcfg["eval_every"]
+        accum, eval_every = self.recipe.train.grad_accum, self.recipe.train.eval_every
         self.engine.train()
         step_started = time.perf_counter()
         for micro, feats in enumerate(self.data.epoch(epoch)):
@@ -225,7 +223,8 @@ class TrainingRun:
         """Every rank predicts its validation shard (whole sentences); the scored pairs are gathered."""
         self.engine.eval()
         examples, feats = self.data.validation_examples()
-        batches = length_grouped_batches([len(f.input_ids) for f in feats], self.tcfg["batch_size"], 0, shuffle=False)
+        batches = length_grouped_batches([len(f.input_ids) for f in feats], self.recipe.train.batch_size, 0,
+                                         shuffle=False)
         batches, real = lockstep(batches, self.device)
         run_on = feats or [stand_in(self.task, self.tokenizer)]  # a rank whose shard is empty still runs
         preds, loss_sum, count = predict(self.engine, run_on, batches, real, self.tokenizer.pad_token_id,

@@ -21,8 +21,9 @@ def _modules() -> dict[str, ast.Module]:
         for path in sorted((ROOT / pkg).rglob("*.py")):
             parts = path.relative_to(ROOT).with_suffix("").parts
             if parts[-1] == "__init__":
-                assert not [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Import | ast.ImportFrom)], \
-                    f"{path}: an __init__.py imports nothing (importing a package loads no more than its module)"
+                assert not [
+                    n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Import | ast.ImportFrom)
+                ], f"{path}: an __init__.py imports nothing (importing a package loads no more than its module)"
                 continue
             found[".".join(parts)] = ast.parse(path.read_text(encoding="utf-8"))
     return found
@@ -129,10 +130,20 @@ def test_no_function_over_80_lines():
 
 def test_the_driver_side_never_imports_torch_to_plan_a_run():
     """torch (2-3 s of imports) loads in the workers, and in the driver only to merge the winner."""
-    code = ("import sys\nimport launcher.cli, launcher.driver.launch, launcher.driver.sweep, export.cli, export.serve.cli\n"
-            "from launcher.cli import launch\n"
-            "rc = launch(['--check', 'recipes/quickstart_ner.yaml'])\n"
-            "print('RESULT', rc, sorted(m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules))\n")
+    code = (
+        "import sys\nimport launcher.cli, launcher.driver.launch, launcher.driver.sweep, export.cli, export.serve.cli\n"
+        "from launcher.cli import launch\n"
+        "rc = launch(['--check', 'recipes/quickstart_ner.yaml'])\n"
+        "print('RESULT', rc, sorted(m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules))\n"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert "RESULT 0 []" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def test_ruff_is_clean():
+    """`make lint` in the suite, so CI holds the style rules too (line length 120, imports sorted, pyflakes)."""
+    ruff = Path(sys.executable).parent / "ruff"
+    out = subprocess.run([str(ruff), "check", "--quiet", "zeroship", "launcher", "export", "tests", "benchmarks"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-1000:]

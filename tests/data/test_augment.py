@@ -54,7 +54,9 @@ def test_mention_replacement_draws_from_mentions_of_the_same_type():
     for ex in out:
         orig = original(ex)
         assert [t for t in ex.tags if t == "O"] == [t for t in orig.tags if t == "O"]
-        assert [w for w, t in zip(ex.tokens, ex.tags) if t == "O"] == [w for w, t in zip(orig.tokens, orig.tags) if t == "O"]
+        assert [w for w, t in zip(ex.tokens, ex.tags) if t == "O"] == [
+            w for w, t in zip(orig.tokens, orig.tags) if t == "O"
+        ]
         assert entities(ex) != entities(orig)
         assert all((k, m) in pool for k, m in entities(ex))
     # the label multiset changes only through mention length: B- counts per type are the same
@@ -135,8 +137,9 @@ def test_plan_previews_the_copies_the_stream_makes():
     from launcher.recipe.schema import load_recipe
 
     path = ROOT / "recipes/quickstart_ner.yaml"
-    recipe, resolved = load_recipe(path, ["data.augmentation.case=0.3", "data.augmentation.mention_replacement=0.3"])
-    plan = build_plan(recipe, resolved, str(path))
+    recipe = load_recipe(path, ["data.augmentation.case=0.3", "data.augmentation.mention_replacement=0.3"])
+    resolved = recipe.as_dict()
+    plan = build_plan(recipe, str(path))
     train = plan.dataset.splits["train"].examples
     preview, counts = augment(train, "token_classification", resolved["data"]["augmentation"], recipe.train.seed)
     assert plan.augmentation == counts and counts["examples"] > 0

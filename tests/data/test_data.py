@@ -83,9 +83,19 @@ def test_label_inference_o_first_sorted_and_closed_set(tmp_path):
     assert ds.labels[0] == "O" and ds.labels[1:] == sorted(ds.labels[1:])
     with pytest.raises(DataError, match="is not in data.labels"):
         load_dataset(_ner_data(labels=["O", "B-PER", "I-PER"]), "token_classification")
-    cls = load_dataset({"format": "csv", "train": str(TOY_CLS / "train.csv"), "validation": str(TOY_CLS / "validation.csv"),
-                        "test": None, "labels": None, "text_column": "text", "label_column": "label",
-                        "delimiter": ","}, "sequence_classification")
+    cls = load_dataset(
+        {
+            "format": "csv",
+            "train": str(TOY_CLS / "train.csv"),
+            "validation": str(TOY_CLS / "validation.csv"),
+            "test": None,
+            "labels": None,
+            "text_column": "text",
+            "label_column": "label",
+            "delimiter": ",",
+        },
+        "sequence_classification",
+    )
     assert cls.labels == ["business", "science", "sports"]
 
 
@@ -176,7 +186,8 @@ def test_kfold_fold_of_an_example_is_its_where_hashed_the_same_in_every_process(
     sizes = [folds.count(f) for f in range(5)]
     assert min(sizes) > 300 and max(sizes) < 500, sizes  # spread evenly (a hash, not a counter)
     # Python's own str hash is salted per process: a worker or a resumed run must agree with this one
-    code = "import sys, json; from launcher.data.ingest import fold_of; print(json.dumps([fold_of(w, 5) for w in json.load(sys.stdin)]))"
+    code = ("import sys, json; from launcher.data.ingest import fold_of; "
+            "print(json.dumps([fold_of(w, 5) for w in json.load(sys.stdin)]))")
     for salt in ("1", "2"):
         out = subprocess.run([sys.executable, "-c", code], input=json.dumps(wheres), capture_output=True, text=True,
                              env={**os.environ, "PYTHONHASHSEED": salt}, cwd=ROOT, check=True).stdout

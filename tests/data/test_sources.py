@@ -117,7 +117,7 @@ def test_recipe_paths_resolve_relative_to_the_recipe_but_uris_stay(tmp_path):
     recipe.write_text("model: {encoder: packaged:all-MiniLM-L6-v2, task: token_classification}\n"
                       "data: {format: conll, train: data/shards/part-*.conll, "
                       f"validation: 'file://{TOY_NER / 'validation.conll'}'}}\n")
-    _, resolved = load_recipe(recipe)
+    resolved = load_recipe(recipe).as_dict()
     assert resolved["data"]["train"] == str(tmp_path / "data" / "shards" / "part-*.conll")
     assert resolved["data"]["validation"] == f"file://{TOY_NER / 'validation.conll'}"
     ds = load_dataset(resolved["data"], "token_classification")

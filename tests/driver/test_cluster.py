@@ -86,9 +86,9 @@ def test_large_recipe_fits_the_shipped_gpu_cluster_with_cpus_left_for_ray_data()
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         have["CPU"] += group["replicas"] * float(limits["cpu"])
         have["GPU"] += group["replicas"] * float(limits["nvidia.com/gpu"])
-    recipe, _ = load_recipe(ROOT / "recipes/large_ner.yaml", [])
+    recipe = load_recipe(ROOT / "recipes/large_ner.yaml", [])
     assert resource_problems(recipe, have, "the RayJob's cluster") == []
-    greedy, _ = load_recipe(ROOT / "recipes/large_ner.yaml", ["scaling.cpus_per_worker=8"])  # every CPU
+    greedy = load_recipe(ROOT / "recipes/large_ner.yaml", ["scaling.cpus_per_worker=8"])  # every CPU
     assert "for reading data" in str(resource_problems(greedy, have, "the RayJob's cluster"))
 
 
@@ -115,8 +115,17 @@ def check_job_api_needs_the_token(address: str, token: str, env: dict) -> None:
         res = subprocess.run(submit, env={**env, **client}, capture_output=True, text=True, timeout=120)
         assert res.returncode != 0 and "hello-from-job" not in res.stdout
         assert "Unauthorized" in res.stdout + res.stderr or "authentication" in (res.stdout + res.stderr).lower()
-    res = subprocess.run(submit, env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(Path(env["ZEROSHIP_CLUSTER_DIR"]) / "auth_token")},
-                         capture_output=True, text=True, timeout=180)
+    res = subprocess.run(
+        submit,
+        env={
+            **env,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(Path(env["ZEROSHIP_CLUSTER_DIR"]) / "auth_token"),
+        },
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert res.returncode == 0 and "hello-from-job" in res.stdout, res.stdout + res.stderr
     assert not Path("/tmp/zeroship-unauthenticated-job").exists()
 

@@ -59,7 +59,9 @@ def test_two_launches_at_once_each_use_only_their_own_ray(tmp_path):
     for (folder, ray_tmp, proc), output in zip(procs, outputs):
         assert proc.returncode == 0, output[-3000:]
         assert "succeeded" in output
-        logs = "".join(p.read_text(errors="replace") for p in (folder / "runs" / "run-1" / "logs").rglob("*") if p.is_file())
+        logs = "".join(
+            p.read_text(errors="replace") for p in (folder / "runs" / "run-1" / "logs").rglob("*") if p.is_file()
+        )
         for text in (output, logs):
             assert "Found multiple active Ray instances" not in text
             assert "Failed to query Ray Train Controller" not in text

@@ -31,8 +31,14 @@ def test_each_example_is_tokenized_once_not_once_per_worker(ner_run):
 
 def _launch_peak_rss(recipe: Path, ray_tmp: str) -> tuple[subprocess.CompletedProcess, int]:
     """Run `launch` and sample its own process's resident memory (not Ray's processes) every 50 ms."""
-    proc = subprocess.Popen([str(BIN / "launch"), str(recipe)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "ZEROSHIP_RAY_TMPDIR": ray_tmp, "COLUMNS": "400"})
+    proc = subprocess.Popen(
+        [str(BIN / "launch"), str(recipe)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "ZEROSHIP_RAY_TMPDIR": ray_tmp, "COLUMNS": "400"},
+    )
     peak = [0]
 
     def sample():

@@ -54,8 +54,14 @@ class Server:
         self.ray_dir = tempfile.mkdtemp(prefix="zs-", dir="/tmp")
         self.log = open(Path(self.ray_dir) / "serve.log", "w+")
         env = {**os.environ, "ZEROSHIP_RAY_TMPDIR": self.ray_dir}
-        self.proc = subprocess.Popen([str(BIN / "zeroship"), "serve", str(bundle), "--port", str(self.port), *args],
-                                     cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(BIN / "zeroship"), "serve", str(bundle), "--port", str(self.port), *args],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             self._wait_ready(240)
         except BaseException:  # never leave a server (and its Ray and replicas) behind for the next test
@@ -181,7 +187,11 @@ def test_metadata_and_openapi(server, bundle):
     status, meta = http(f"{server.url}/metadata")
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert status == 200 and meta["labels"] == manifest["labels"] and meta["task"] == "token_classification"
-    assert meta["max_length"] == manifest["max_length"] and meta["limits"] == {"max_texts": 8, "max_chars": 500, "max_queue": 512}
+    assert meta["max_length"] == manifest["max_length"] and meta["limits"] == {
+        "max_texts": 8,
+        "max_chars": 500,
+        "max_queue": 512,
+    }
     status, spec = http(f"{server.url}/openapi.json")
     assert status == 200 and {"/predict", "/healthz", "/readyz", "/metadata"} <= set(spec["paths"])
 

@@ -155,7 +155,9 @@ def test_only_ascii_run_ids(tmp_path):
 @pytest.mark.parametrize("root", ["file", "/dev/null", "under-file"])
 def test_storage_root_that_is_not_a_folder_exits_2(tmp_path, root):
     (tmp_path / "file").write_text("x")
-    root = {"file": str(tmp_path / "file"), "/dev/null": "/dev/null", "under-file": str(tmp_path / "file" / "runs")}[root]
+    root = {"file": str(tmp_path / "file"), "/dev/null": "/dev/null", "under-file": str(tmp_path / "file" / "runs")}[
+        root
+    ]
     commands = [("zeroship", "runs"), ("zeroship", "export", "onnx", "latest"),
                 ("launch", "recipes/quickstart_ner.yaml", "--check")]
     for args in commands if root == "/dev/null" else commands[:1]:
@@ -239,7 +241,11 @@ def test_bench_options_out_of_range_exit_2(ner_run, options):
 @pytest.mark.parametrize("target", ["folder", "missing-parent", "under-file"])
 def test_evaluate_json_that_cannot_be_written_exits_2_before_evaluating(ner_run, tmp_path, target):
     (tmp_path / "file").write_text("x")
-    path = {"folder": tmp_path, "missing-parent": tmp_path / "no" / "r.json", "under-file": tmp_path / "file" / "r.json"}[target]
+    path = {
+        "folder": tmp_path,
+        "missing-parent": tmp_path / "no" / "r.json",
+        "under-file": tmp_path / "file" / "r.json",
+    }[target]
     res = cli("zeroship", "evaluate", ner_run.name, "--runs", str(ner_run.parent), "--data",
               str(TOY_NER / "validation.conll"), "--json", str(path))
     assert res.returncode == 2 and "Traceback" not in res.stderr and "--json" in res.stderr, res.stderr

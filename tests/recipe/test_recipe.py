@@ -92,7 +92,8 @@ def test_shipped_recipes_check_ok(recipe):
 
 def test_conll_recipe_validates_and_names_its_fetched_data():
     # its data is fetched at run time (benchmarks/conll.py), so only the schema is checked here
-    recipe, resolved = load_recipe(ROOT / "recipes/conll2003_minilm.yaml")
+    recipe = load_recipe(ROOT / "recipes/conll2003_minilm.yaml")
+    resolved = recipe.as_dict()
     assert recipe.model.encoder == "packaged:all-MiniLM-L6-v2" and recipe.metric == "eval_f1"
     assert resolved["data"]["train"] == str(ROOT / "recipes/data/conll2003/train.txt")
 
@@ -110,8 +111,9 @@ def test_check_prints_plan_details():
 
 
 def test_overrides_apply_and_parse_as_yaml():
-    recipe, resolved = load_recipe(ROOT / "recipes/quickstart_ner.yaml",
+    recipe = load_recipe(ROOT / "recipes/quickstart_ner.yaml",
                                    ["train.lr=3e-5", "scaling.workers=4", "data.labels=[O, B-PER, I-PER]"])
+    resolved = recipe.as_dict()
     assert recipe.train.lr == 3e-5 and recipe.scaling.workers == 4
     assert recipe.data.labels == ["O", "B-PER", "I-PER"]
     assert resolved["data"]["train"].startswith(str(ROOT))  # relative to the recipe file
@@ -119,15 +121,15 @@ def test_overrides_apply_and_parse_as_yaml():
 
 
 def test_defaults_and_derived_values():
-    recipe, _ = load_recipe(ROOT / "recipes/quickstart_cls.yaml")
+    recipe = load_recipe(ROOT / "recipes/quickstart_cls.yaml")
     assert recipe.metric == "eval_accuracy" and recipe.mode == "max"
     assert recipe.deepspeed.precision == "fp32" and recipe.run.storage == "runs"
-    recipe, _ = load_recipe(ROOT / "recipes/quickstart_ner.yaml", ["train.metric=eval_loss"])
+    recipe = load_recipe(ROOT / "recipes/quickstart_ner.yaml", ["train.metric=eval_loss"])
     assert recipe.mode == "min"
 
 
 def test_sweep_points_grid():
-    recipe, _ = load_recipe(ROOT / "recipes/large_ner.yaml",
+    recipe = load_recipe(ROOT / "recipes/large_ner.yaml",
                             ["sweep.parameters={train.lr: [1.0e-5, 2.0e-5], train.batch_size: [8, 16, 32]}"])
     points = sweep_points(recipe)
     assert len(points) == recipe.sweep_size() == 6
@@ -135,8 +137,13 @@ def test_sweep_points_grid():
 
 
 def test_sweep_points_random_is_seeded_and_draws_from_values():
-    recipe, _ = load_recipe(ROOT / "recipes/quickstart_ner.yaml", [
-        "sweep={method: random, num_trials: 5, parameters: {train.lr: [1.0e-5, 2.0e-5, 3.0e-5], model.head.dim: [64, 128]}}"])
+    recipe = load_recipe(
+        ROOT / "recipes/quickstart_ner.yaml",
+        [
+            "sweep={method: random, num_trials: 5, parameters: "
+            "{train.lr: [1.0e-5, 2.0e-5, 3.0e-5], model.head.dim: [64, 128]}}"
+        ],
+    )
     points = sweep_points(recipe)
     assert len(points) == 5 == recipe.sweep_size()
     assert all(p["train.lr"] in (1e-5, 2e-5, 3e-5) and p["model.head.dim"] in (64, 128) for p in points)
@@ -154,7 +161,9 @@ def test_cross_field_messages_with_semicolons_stay_whole():
 def test_fgm_refused_on_zero3_but_l2_sp_accepted():
     with pytest.raises(RecipeError, match="fgm_epsilon: FGM needs whole word embeddings"):
         load_recipe(ROOT / "recipes/quickstart_ner.yaml", ["deepspeed.zero_stage=3", "regularization.fgm_epsilon=0.1"])
-    recipe, _ = load_recipe(ROOT / "recipes/quickstart_ner.yaml", ["deepspeed.zero_stage=3", "regularization.l2_sp=0.01"])
+    recipe = load_recipe(
+        ROOT / "recipes/quickstart_ner.yaml", ["deepspeed.zero_stage=3", "regularization.l2_sp=0.01"]
+    )
     assert recipe.regularization.l2_sp == 0.01
 
 
@@ -166,3 +175,18 @@ def test_check_warns_when_this_machine_cannot_place_the_workers():
     assert ("a launch on this machine would refuse: 64 workers × 1 CPU + 1 for reading data = 65 CPUs, but this"
             " machine has") in out
     assert "RAY_ADDRESS=<head>:6379 launch --check" in out
+
+
+def test_a_recipe_is_updated_by_copy_and_travels_to_workers_as_itself():
+    import pickle
+
+    recipe = load_recipe(ROOT / "recipes/quickstart_ner.yaml")
+    moved = recipe.updated({"run.storage": "/mnt/elsewhere", "deepspeed.zero_stage": 2})
+    assert moved.run.storage == "/mnt/elsewhere" and moved.deepspeed.zero_stage == 2
+    assert recipe.run.storage == "runs" and recipe.deepspeed.zero_stage == "auto"  # the original is untouched
+    with pytest.raises(KeyError, match="run.nope"):
+        recipe.updated({"run.nope": 1})
+    with pytest.raises(KeyError, match="storage"):
+        recipe.updated({"storage": "/x"})
+    back = pickle.loads(pickle.dumps(moved))  # what Ray does to a worker's config
+    assert back == moved and back.metric == "eval_f1" and back.as_dict()["run"]["storage"] == "/mnt/elsewhere"

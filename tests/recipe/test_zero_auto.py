@@ -64,16 +64,16 @@ def test_resolve_replaces_auto_and_says_why(tmp_path):
     from launcher.nn.model import build_model
     from launcher.recipe.schema import load_recipe
 
-    _, resolved = load_recipe(tiny_ner_recipe(tmp_path, deepspeed={"zero_stage": "auto"}), [])
-    model = build_model(resolved["model"], ["O", "B-PER", "I-PER"], pretrained=False)
+    recipe = load_recipe(tiny_ner_recipe(tmp_path, deepspeed={"zero_stage": "auto"}), [])
+    model = build_model(recipe.as_dict()["model"], ["O", "B-PER", "I-PER"], pretrained=False)
     params = sum(p.numel() for p in model.parameters())
-    out, why = resolve(resolved, model, None, 64 * GiB, 2)
-    assert out["deepspeed"]["zero_stage"] == 0 and resolved["deepspeed"]["zero_stage"] == "auto"  # a copy
+    out, why = resolve(recipe, model, None, 64 * GiB, 2)
+    assert out.deepspeed.zero_stage == 0 and recipe.deepspeed.zero_stage == "auto"  # a copy
     assert why.startswith("zero_stage auto → ZeRO-0") and f"{params / 1e6:.1f}M parameters" in why
-    out, why = resolve(resolved, model, 16 * GiB, 64 * GiB, 2)
-    assert out["deepspeed"]["zero_stage"] == 0 and "fits in 70% of 16.00 GiB" in why
+    out, why = resolve(recipe, model, 16 * GiB, 64 * GiB, 2)
+    assert out.deepspeed.zero_stage == 0 and "fits in 70% of 16.00 GiB" in why
     with pytest.raises(ValueError, match="per device even at ZeRO"):
-        resolve(resolved, model, 2**20, 2**20, 2)  # a 1 MiB device, no host to offload to
+        resolve(recipe, model, 2**20, 2**20, 2)  # a 1 MiB device, no host to offload to
 
 
 def test_check_previews_auto():

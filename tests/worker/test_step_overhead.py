@@ -10,7 +10,9 @@ import sys
 
 from conftest import ROOT, TOY_BATCH, run_deepspeed_script
 
-SCRIPT = TOY_BATCH + r"""
+SCRIPT = (
+    TOY_BATCH
+    + r"""
 from launcher.recipe.ds_config import build_ds_config
 from launcher.nn.model import build_model, param_groups
 from launcher.worker.regularize import TaskLoss
@@ -29,7 +31,8 @@ def trained(stage, skip, precision="fp32"):
     loss_fn = TaskLoss(model, {"label_smoothing": 0.1})
     for _ in range(6):  # 3 optimizer steps of 2 micro-batches: accumulation and clipping on the path
         train_step(engine, loss_fn, dict(batch), torch.device("cpu"))
-    return engine.enable_backward_allreduce, {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+    params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+    return engine.enable_backward_allreduce, params
 
 flag_kept, kept = trained(0, skip=False)
 flag_skipped, skipped = trained(0, skip=True)
@@ -43,6 +46,7 @@ print(json.dumps({"flags": [flag_kept, flag_skipped, flag_stage1],
                   "bf16_max_diff": max(float((bf16_kept[n] - bf16_skipped[n]).abs().max()) for n in bf16_kept),
                   "changed": sum(int(not torch.equal(kept[n], initial[n])) for n in kept), "total": len(kept)}))
 """
+)
 
 
 def test_one_rank_at_stage_0_skips_the_allreduce_and_trains_bit_for_bit_the_same():
