@@ -79,6 +79,7 @@ class Validation:
     batches: list[list[int]]
     metric: str
     calibration: list[Feature] = field(default_factory=list)  # a seeded sample of the training split
+    test: Validation | None = None  # the run's test split, tokenized the same way (scored for the model card)
 
 
 def resolve_run(run_id: str, runs_dir: str | Path) -> Run:
@@ -96,17 +97,22 @@ def load_validation(run: Run, meta: dict, tokenizer, max_length: int, batch_size
     import yaml
 
     recipe = yaml.safe_load((run.dir / "recipe.yaml").read_text())
-    data = dict(recipe["data"], labels=meta["labels"], test=None)
+    data = dict(recipe["data"], labels=meta["labels"])
     ds = load_dataset(data, meta["task"], sample="train")  # train only for its format: at most its first MB
-    examples = ds.splits["validation"].examples
     casing = bool(meta.get("casing"))
-    feats = encode(meta["task"], tokenizer, examples, meta["labels"], max_length, meta["stride"], casing)
-    batches = length_grouped_batches([len(f.input_ids) for f in feats], batch_size, 0, shuffle=False)
+
+    def encoded(examples: list) -> tuple[list, list[Feature], list[list[int]]]:
+        feats = encode(meta["task"], tokenizer, examples, meta["labels"], max_length, meta["stride"], casing)
+        return examples, feats, length_grouped_batches([len(f.input_ids) for f in feats], batch_size, 0, shuffle=False)
+
+    examples, feats, batches = encoded(ds.splits["validation"].examples)
+    metric = meta.get("metric") or "eval_f1"
+    test = Validation(*encoded(ds.splits["test"].examples), metric) if "test" in ds.splits else None
     train = ds.splits["train"].examples
     seed = int(recipe.get("train", {}).get("seed", 0))
     picked = [train[i] for i in sample_indices(len(train), CALIBRATION_WINDOWS, seed)]
     calibration = encode(meta["task"], tokenizer, picked, meta["labels"], max_length, meta["stride"], casing)
-    return Validation(examples, feats, batches, meta.get("metric") or "eval_f1", calibration[:CALIBRATION_WINDOWS])
+    return Validation(examples, feats, batches, metric, calibration[:CALIBRATION_WINDOWS], test)
 
 
 def export_graph(model: ZeroshipModel, path: Path, opset: int) -> list[str]:
@@ -297,6 +303,7 @@ def convert_fp16(src: Path, dst: Path) -> None:
 def hf_config(model: ZeroshipModel, meta: dict) -> dict:
     """config.json in the Hugging Face layout, so standard tooling (e.g. optimum) can read it."""
     config = dict(meta["encoder_config"])
+    config.pop("_name_or_path", None)  # where the training machine kept the encoder: a bundle is portable
     config["id2label"] = {str(i): label for i, label in enumerate(model.labels)}
     config["label2id"] = {label: i for i, label in enumerate(model.labels)}
     arch = "ForTokenClassification" if model.task == Task.TOKEN else "ForSequenceClassification"
@@ -342,7 +349,8 @@ class Export:
 
 
 def export_run(run_id: str, runs_dir: str | Path, opts: ExportOptions) -> tuple[Path, dict]:
-    """The phases: verify fp32 → build the variants → gate them on the metric budget → write the bundle."""
+    """The phases: verify fp32 → build the variants → gate them on the metric budget → score them on the test
+    split → write the bundle (with its model card)."""
     run = resolve_run(run_id, runs_dir)
     # abspath, not resolve: ".." is folded without following a link that `out` itself may be
     out = Path(os.path.abspath(opts.out)) if opts.out else run.bundle_dir
@@ -356,7 +364,7 @@ def export_run(run_id: str, runs_dir: str | Path, opts: ExportOptions) -> tuple[
         fp32, parity, reference = verify_fp32(ex)
         variants = [fp32, *build_variants(ex, fp32, reference)]
         drops = gate(ex, reference, variants)
-        manifest = write_bundle(ex, variants, parity, reference, drops)
+        manifest = write_bundle(ex, variants, parity, reference, drops, score_on_test(ex, variants))
         _swap_into_place(tmp, out)
         if not opts.out:
             run.push("onnx")  # storage on a URI: the bundle goes there too (manifest last)
@@ -454,10 +462,32 @@ def gate(ex: Export, reference: dict, variants: list[Variant]) -> dict[str, floa
     return drops
 
 
-def write_bundle(ex: Export, variants: list[Variant], parity: dict, reference: dict, drops: dict) -> dict:
-    """Phase 4: tokenizer, config.json and, last, the manifest with every file's checksum."""
+def score_on_test(ex: Export, variants: list[Variant]) -> dict | None:
+    """Phase 4: PyTorch and every variant on the run's test split, for the model card (not gated: the budget
+    holds on validation). None when the run has no test split."""
+    test = ex.val.test
+    if test is None:
+        return None
+    with torch.no_grad():
+        scores = {"torch": evaluate_with(ex.model, ex.model, test, ex.pad_id)}
+    for v in variants:
+        if v.name == "fp16":
+            session, provider = fp16_session(v.path)
+            forward = ort_forward(session, ex.names, provider == "CUDAExecutionProvider")
+        else:
+            forward = ort_forward(make_session(v.path), ex.names)
+        scores["onnx" if v.name == "fp32" else v.name] = evaluate_with(forward, ex.model, test, ex.pad_id)
+    return scores
+
+
+def write_bundle(ex: Export, variants: list[Variant], parity: dict, reference: dict, drops: dict,
+                 test_metrics: dict | None) -> dict:
+    """Phase 5: tokenizer, config.json, the model card and, last, the manifest with every file's checksum."""
     import onnx
     import onnxruntime
+    import yaml
+
+    from export.card import model_card
 
     model, tmp = ex.model, ex.tmp
     ex.tokenizer.save_pretrained(str(tmp))
@@ -482,11 +512,14 @@ def write_bundle(ex: Export, variants: list[Variant], parity: dict, reference: d
         "metrics": metrics,
         "metric_drop_points": drops,
         "metric_budget_points": ex.opts.max_metric_drop,
+        **({"test_metrics": test_metrics} if test_metrics else {}),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
-        "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                  for p in sorted(tmp.iterdir()) if p.is_file()},
     }
+    recipe = yaml.safe_load((ex.run.dir / "recipe.yaml").read_text())
+    (tmp / "README.md").write_text(model_card(manifest, recipe), encoding="utf-8")
+    manifest["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                         for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

@@ -134,11 +134,37 @@ def test_corrupt_bundle_refused(ner_bundle, tmp_path):
         Predictor.load(broken)
 
 
+def test_the_bundle_is_portable_and_carries_its_model_card(ner_run, ner_bundle):
+    """No path of the training machine in any file (config.json's `_name_or_path` held the encoder's), and a
+    README.md model card listed in the manifest like every other file."""
+    import sys
+
+    machine = [str(ner_run.parent.parent), sys.prefix, str(ROOT), "site-packages"]
+    for path in ner_bundle.iterdir():
+        data = path.read_bytes()
+        for where in machine:
+            assert where.encode() not in data, (path.name, where)
+    manifest = json.loads((ner_bundle / "manifest.json").read_text())
+    assert "README.md" in manifest["files"] and "test_metrics" not in manifest  # ner_run has no test split
+    card = (ner_bundle / "README.md").read_text()
+    assert card.startswith(f"# {ner_run.name}: named-entity recognition")
+    f1 = manifest["metrics"]["int8"]["eval_f1"]
+    assert f"| int8 ({manifest['variants']['int8']['method']}) | `model_int8.onnx` | {f1:.4f} | — |" in card
+    assert "first sub-token" in card and "casing class" in card and "Predictor.load" in card
+
+
 def test_sequence_classification_export(cls_run):
     res = cli("zeroship", "export", "onnx", cls_run.name, "--runs", str(cls_run.parent), "--quantize", "int8")
     assert res.returncode == 0, res.stdout + res.stderr
     manifest = json.loads((cls_run / "onnx" / "manifest.json").read_text())
     assert manifest["parity"]["argmax_agreement"] == 1.0 and manifest["parity"]["max_abs_diff"] <= 1e-4
+    # the run has a test split: PyTorch and every variant scored on it, and the card shows it
+    assert set(manifest["test_metrics"]) == {"torch", "onnx", "int8"}
+    test_acc = json.loads((cls_run / "best" / "metrics.json").read_text())["test"]["eval_accuracy"]
+    assert manifest["test_metrics"]["torch"]["eval_accuracy"] == pytest.approx(test_acc, abs=1e-6)
+    card = (cls_run / "onnx" / "README.md").read_text()
+    torch_test = manifest["test_metrics"]["torch"]["eval_accuracy"]
+    assert f"| {torch_test:.4f} | — |" in card and "text classification" in card
     texts = ["The coach praised the defence after the game .", "Investors sold shares of Orbisoft .",
              "A vaccine trial in Estrava showed promise ."]
     from transformers import AutoTokenizer
