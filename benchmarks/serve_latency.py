@@ -64,7 +64,7 @@ CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 def engines(run, threads: int, gpu: bool = False) -> dict:
     import torch
 
-    from export.runtime import VARIANT_FILES, Predictor, read_manifest
+    from export.runtime import Predictor, read_manifest, variant_files
     from launcher.nn.model import load_model
 
     torch.set_num_threads(threads)
@@ -81,7 +81,7 @@ def engines(run, threads: int, gpu: bool = False) -> dict:
         out["onnx fp16"] = Predictor.load(bundle, variant="fp16", providers=providers)
         return out
     for variant, label in (("optimized", "onnx fused"), ("int8", "onnx int8")):
-        if VARIANT_FILES[variant] in manifest["files"]:
+        if variant_files(manifest)[variant] in manifest["files"]:
             out[label] = Predictor.load(bundle, variant=variant, threads=threads)
     return out
 
@@ -164,10 +164,14 @@ def ensure_bundle(run_id: str, runs: str, gpu: bool) -> None:
     from export.onnx import resolve_run
 
     run = resolve_run(run_id, runs)
-    manifest = run.dir / "onnx" / "manifest.json"
-    need = "model_fp16.onnx" if gpu else "model_int8.onnx"
-    if manifest.is_file() and need in manifest.read_text():
-        return
+    from export.runtime import BundleError, read_manifest, variant_files
+
+    try:
+        manifest = read_manifest(run.dir / "onnx", verify=False)
+        if variant_files(manifest)["fp16" if gpu else "int8"] in manifest["files"]:
+            return
+    except BundleError:
+        pass
     zeroship = Path(sys.executable).parent / "zeroship"
     subprocess.run([str(zeroship), "export", "onnx", run.id, "--runs", runs, "--optimize", "--quantize", "int8",
                     *(["--fp16"] if gpu else [])], check=True)
@@ -181,7 +185,7 @@ def int8_variants(run, threads: int, texts: list[str], repeats: int, keep: int) 
 
     from export.onnx import DEFAULT_MAX_METRIC_DROP, evaluate_with, int8_builder, load_validation
     from export.quantize import MAX_EXCLUDED_SHARE, smallest_passing
-    from export.runtime import Predictor, make_session, read_manifest
+    from export.runtime import Predictor, make_session, read_manifest, variant_files
     from launcher.nn.model import load_model
 
     bundle = run.dir / "onnx"
@@ -194,8 +198,9 @@ def int8_variants(run, threads: int, texts: list[str], repeats: int, keep: int) 
     metric = val.metric
     fp32 = Predictor.load(bundle, variant="fp32", threads=threads)
     rows = [("onnx fp32", fp32, reference[metric], 0.0, "—")]
-    fused = bundle / ("model_optimized.onnx" if "model_optimized.onnx" in manifest["files"] else "model.onnx")
-    sources = {"dynamic": fused, "static": bundle / "model.onnx"}  # as `export onnx` quantizes them
+    files = variant_files(manifest)
+    fused = bundle / (files["optimized"] if files["optimized"] in manifest["files"] else files["fp32"])
+    sources = {"dynamic": fused, "static": bundle / files["fp32"]}  # as `export onnx` quantizes them
     with tempfile.TemporaryDirectory() as tmp:
         for method in ("dynamic", "static"):
             builder = int8_builder(sources[method], Path(tmp), model, names, val, manifest["pad_token_id"],

@@ -16,7 +16,7 @@ import torch
 from rich.table import Table
 
 from export.onnx import load_validation, ort_forward, resolve_run
-from export.runtime import VARIANT_FILES, batch_independent, make_session, read_manifest
+from export.runtime import batch_independent, make_session, read_manifest, variant_files
 from launcher.data.features import collate
 from launcher.nn.model import load_model
 
@@ -50,10 +50,10 @@ def run_bench(run_id: str, runs_dir: str | Path, threads: int = 2, repeats: int 
         b.pop("labels")
     engines = {"torch eager": (model, True)}
     for variant in ("fp32", "optimized", "int8"):
-        if VARIANT_FILES[variant] in manifest["files"]:
+        if variant_files(manifest)[variant] in manifest["files"]:
             names = list(manifest["inputs"])
-            engines[f"onnx {variant}"] = (ort_forward(make_session(bundle / VARIANT_FILES[variant], threads=threads),
-                                                      names), batch_independent(manifest, variant))
+            session = make_session(bundle / variant_files(manifest)[variant], threads=threads)
+            engines[f"onnx {variant}"] = (ort_forward(session, names), batch_independent(manifest, variant))
     rows = {}
     with torch.no_grad():
         for name, (fwd, batched) in engines.items():

@@ -32,7 +32,7 @@ from export.quantize import (
     pad_feeds,
     sample_indices,
 )
-from export.runtime import VARIANT_FILES, make_session, manifest_problem, run_bound, sha256_file
+from export.runtime import FORMAT_VERSION, VARIANT_FILES, make_session, manifest_problem, run_bound, sha256_file
 from launcher.data.features import Feature, encode, length_grouped_batches
 from launcher.data.parse import load_dataset
 from launcher.eval.evaluate import evaluate_features
@@ -280,7 +280,7 @@ def build_int8(kind: str, fp32: Path, fused: Path, tmp: Path, model: ZeroshipMod
     )
     for node in chosen.excluded:
         opts.log(f"  kept in fp32: {node['node']} (KL divergence from fp32 when quantized alone {node['kl']:.2e})")
-    entry = {"file": dst.name, "from": sources[chosen.method].name, "method": chosen.method,
+    entry = {"file": in_bundle(tmp, dst), "from": in_bundle(tmp, sources[chosen.method]), "method": chosen.method,
              "batch_independent": chosen.batch_independent,
              "kept_fp32": chosen.excluded,
              "kept_fp32_why": ("the most sensitive nodes by KL divergence of validation logits from fp32 "
@@ -359,6 +359,7 @@ def export_run(run_id: str, runs_dir: str | Path, opts: ExportOptions) -> tuple[
     val = load_validation(run, meta, tokenizer, max_length)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; services read the bundle as another user
+    (tmp / "onnx").mkdir()  # the graphs, where Hugging Face loaders look for them
     try:
         ex = Export(run, model, meta, tokenizer, val, max_length, tmp, opts)
         fp32, parity, reference = verify_fp32(ex)
@@ -408,7 +409,8 @@ def verify_fp32(ex: Export) -> tuple[Variant, dict, dict]:
                           f"(limit {PARITY_MAX_ABS:g}), argmax agreement {parity['argmax_agreement']:.4%}")
     with torch.no_grad():
         reference = ex.evaluate(ex.model)
-    return Variant("fp32", fp32, {"file": fp32.name}, ex.evaluate(ort_forward(session, ex.names))), parity, reference
+    forward = ort_forward(session, ex.names)
+    return Variant("fp32", fp32, {"file": in_bundle(ex.tmp, fp32)}, ex.evaluate(forward)), parity, reference
 
 
 def build_variants(ex: Export, fp32: Variant, reference: dict) -> list[Variant]:
@@ -418,7 +420,7 @@ def build_variants(ex: Export, fp32: Variant, reference: dict) -> list[Variant]:
         dst = ex.tmp / VARIANT_FILES["optimized"]
         fusions = optimize_graph(fp32.path, dst, ex.model)
         ex.opts.log(f"fusions: {fusions or 'none matched'}")
-        built.append(Variant("optimized", dst, {"file": dst.name, "fusions": fusions},
+        built.append(Variant("optimized", dst, {"file": in_bundle(ex.tmp, dst), "fusions": fusions},
                              ex.evaluate(ort_forward(make_session(dst), ex.names))))
         source = dst
     if ex.opts.quantize:
@@ -443,7 +445,7 @@ def build_fp16(ex: Export, source: Path) -> Variant:
     if parity["argmax_agreement"] < FP16_MIN_AGREEMENT:
         raise ParityError(f"fp16 variant agrees with PyTorch on {parity['argmax_agreement']:.2%} of"
                           f" positions (needs {FP16_MIN_AGREEMENT:.0%})")
-    return Variant("fp16", dst, {"file": dst.name, "from": source.name, "parity": parity},
+    return Variant("fp16", dst, {"file": in_bundle(ex.tmp, dst), "from": in_bundle(ex.tmp, source), "parity": parity},
                    ex.evaluate(ort_forward(session, ex.names, bound)))
 
 
@@ -494,7 +496,7 @@ def write_bundle(ex: Export, variants: list[Variant], parity: dict, reference: d
     (tmp / "config.json").write_text(json.dumps(hf_config(model, ex.meta), indent=2) + "\n")
     metrics = {"torch": reference, **{("onnx" if v.name == "fp32" else v.name): v.metrics for v in variants}}
     manifest = {
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "run": ex.run.id,
         "task": model.task,
         "labels": model.labels,
@@ -518,8 +520,8 @@ def write_bundle(ex: Export, variants: list[Variant], parity: dict, reference: d
     }
     recipe = yaml.safe_load((ex.run.dir / "recipe.yaml").read_text())
     (tmp / "README.md").write_text(model_card(manifest, recipe), encoding="utf-8")
-    manifest["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                         for p in sorted(tmp.iterdir()) if p.is_file()}
+    manifest["files"] = {in_bundle(tmp, p): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                         for p in sorted(tmp.rglob("*")) if p.is_file()}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -534,7 +536,7 @@ def check_out(out: Path) -> None:
         raise ExportError(Problem(where, "exists and is not a folder", fix))
     if out.is_dir():
         try:
-            entries = {p.name for p in out.iterdir()}
+            entries = bundle_entries(out)
         except OSError as exc:
             raise ExportError(Problem(where, f"cannot be read ({exc.strerror})", fix)) from None
         if entries and not _is_our_bundle(out, entries):
@@ -547,6 +549,23 @@ def check_out(out: Path) -> None:
         raise ExportError(Problem(where, f"cannot create its parent folder ({exc.strerror})", fix)) from None
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise ExportError(Problem(where, f"{out.parent} is not writable", fix))
+
+
+def bundle_entries(folder: Path) -> set[str]:
+    """What a folder holds, as a manifest names it: top-level names, and onnx/NAME inside its onnx/ folder
+    (a folder deeper down keeps a trailing slash, which no manifest lists)."""
+    found = set()
+    for p in folder.iterdir():
+        if p.name == "onnx" and p.is_dir() and not p.is_symlink():
+            found |= {f"onnx/{q.name}" + ("" if q.is_file() and not q.is_symlink() else "/") for q in p.iterdir()}
+        else:
+            found.add(p.name)
+    return found
+
+
+def in_bundle(bundle: Path, path: Path) -> str:
+    """`path`'s name inside the bundle, as the manifest lists it (onnx/model.onnx)."""
+    return path.relative_to(bundle).as_posix()
 
 
 def _is_our_bundle(folder: Path, entries: set[str]) -> bool:

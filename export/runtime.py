@@ -29,8 +29,26 @@ from zeroship.errors import Problem, ZeroshipError, text_problem
 from zeroship.tasks import Task
 
 CUDA_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-VARIANT_FILES = {"fp32": "model.onnx", "optimized": "model_optimized.onnx", "int8": "model_int8.onnx",
-                 "fp16": "model_fp16.onnx"}
+# The Hugging Face ONNX layout (format 2): Transformers.js and other loaders read onnx/model.onnx (dtype fp32),
+# onnx/model_quantized.onnx (q8) and onnx/model_fp16.onnx beside config.json and the tokenizer.
+FORMAT_VERSION = 2
+VARIANT_FILES = {"fp32": "onnx/model.onnx", "optimized": "onnx/model_optimized.onnx",
+                 "int8": "onnx/model_quantized.onnx", "fp16": "onnx/model_fp16.onnx"}
+# format 1 (bundles exported before 2026-12): every file at the top of the bundle
+FORMAT1_VARIANT_FILES = {"fp32": "model.onnx", "optimized": "model_optimized.onnx", "int8": "model_int8.onnx",
+                         "fp16": "model_fp16.onnx"}
+
+
+def variant_files(manifest: dict) -> dict[str, str]:
+    """Where each variant's graph is in a bundle of this manifest's format."""
+    return FORMAT1_VARIANT_FILES if manifest.get("format_version") == 1 else VARIANT_FILES
+
+
+def bundle_file_name(name: str) -> bool:
+    """A name the manifest may list: a plain file name, or one inside the bundle's onnx/ folder."""
+    parts = name.split("/")
+    return (0 < len(parts) <= 2 and (len(parts) == 1 or parts[0] == "onnx") and "\\" not in name
+            and all(part and part not in (".", "..") and part == Path(part).name for part in parts))
 
 
 class BundleError(ZeroshipError):
@@ -118,8 +136,9 @@ def manifest_problem(manifest: Any) -> str:
 
     if not isinstance(manifest, dict):
         return f"a JSON object was expected, got {type(manifest).__name__}"
-    if manifest.get("format_version") != 1:
-        return f"format_version {manifest.get('format_version')!r} is not 1"
+    if manifest.get("format_version") not in (1, FORMAT_VERSION):
+        return (f"format_version {manifest.get('format_version')!r} is not 1 or {FORMAT_VERSION} (a newer zeroship "
+                "wrote it: update zeroship, or export the run with this one)")
     if manifest.get("task") not in TASKS:
         return f"task {manifest.get('task')!r} is not one of {', '.join(TASKS)}"
     labels = manifest.get("labels")
@@ -140,15 +159,15 @@ def manifest_problem(manifest: Any) -> str:
     if not isinstance(files, dict):
         return "files must be a mapping of file name → {sha256, bytes}"
     for name, info in files.items():
-        if not name or name != Path(name).name or name in (".", "..") or "\\" in name:
-            return f"file name {name!r} is not a plain name inside the bundle"
+        if not isinstance(name, str) or not bundle_file_name(name):
+            return f"file name {name!r} is not a plain name inside the bundle (or its onnx/ folder)"
         if not (isinstance(info, dict) and is_int(info.get("bytes")) and isinstance(info.get("sha256"), str)
                 and len(info["sha256"]) == 64 and set(info["sha256"]) <= _HEX):
             return f"files[{name!r}] must be {{\"sha256\": 64 hex digits, \"bytes\": an integer}}"
     missing = [name for name in RUNTIME_FILES if name not in files]
     if missing:
         return f"{', '.join(missing)} is not listed in files"
-    if not any(VARIANT_FILES[v] in files for v in VARIANT_FILES):
+    if not any(f in files for f in variant_files(manifest).values()):
         return "no model variant is listed in files"
     variants = manifest.get("variants", {})
     if not (isinstance(variants, dict) and all(isinstance(v, dict) for v in variants.values())):
@@ -175,7 +194,7 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 
 def pick_variant(manifest: dict, variant: str, providers: list[str]) -> str:
-    available = [v for v, f in VARIANT_FILES.items() if f in manifest["files"]]
+    available = [v for v, f in variant_files(manifest).items() if f in manifest["files"]]
     if variant != "auto":
         if variant not in available:
             raise BundleError(f"variant {variant!r} is not in this bundle (has: {', '.join(available)})")
@@ -321,7 +340,7 @@ class Predictor:
         chosen = pick_variant(manifest, variant, providers)
         try:
             tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
-            session = make_session(bundle / VARIANT_FILES[chosen], providers, threads)
+            session = make_session(bundle / variant_files(manifest)[chosen], providers, threads)
         except BundleError:
             raise
         except Exception as exc:  # onnxruntime / tokenizers raise their own types for bad files

@@ -26,7 +26,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, model_validator
 
-from export.runtime import VARIANT_FILES, Predictor, TextError, text_problem
+from export.runtime import Predictor, TextError, text_problem, variant_files
 from zeroship.errors import ZeroshipError
 
 
@@ -133,7 +133,7 @@ class BundleService:
         self.predictor = Predictor.load(self.opts.bundle, variant=self.opts.variant,
                                         threads=self.opts.threads_per_replica)
         manifest = self.predictor.manifest
-        model_file = VARIANT_FILES[self.predictor.variant]
+        model_file = variant_files(manifest)[self.predictor.variant]
         self.model_info = {"run": manifest.get("run"), "variant": self.predictor.variant,
                            "sha256": manifest["files"][model_file]["sha256"]}
         self.counts = {"model_calls": 0, "texts": 0, "requests": 0, "rejected": 0}

@@ -84,7 +84,9 @@ def test_ner_bundle_manifest_and_parity(ner_run, ner_bundle):
         assert sha256_file(ner_bundle / name) == info["sha256"]
     config = json.loads((ner_bundle / "config.json").read_text())
     assert config["model_type"] == "bert" and config["id2label"]["0"] == "O"
-    assert {"tokenizer.json", "model.onnx", "model_int8.onnx", "model_optimized.onnx"} <= set(manifest["files"])
+    assert {"tokenizer.json", "onnx/model.onnx", "onnx/model_quantized.onnx", "onnx/model_optimized.onnx"} <= set(
+        manifest["files"])  # the Hugging Face ONNX layout
+    assert manifest["format_version"] == 2
     assert not list(ner_run.glob(".onnx.tmp-*"))
 
 
@@ -122,9 +124,9 @@ def test_predictor_threads_long_and_empty_inputs(ner_bundle):
 def test_corrupt_bundle_refused(ner_bundle, tmp_path):
     broken = tmp_path / "bundle"
     shutil.copytree(ner_bundle, broken)
-    data = bytearray((broken / "model.onnx").read_bytes())
+    data = bytearray((broken / "onnx" / "model.onnx").read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (broken / "model.onnx").write_bytes(bytes(data))
+    (broken / "onnx" / "model.onnx").write_bytes(bytes(data))
     with pytest.raises(BundleError, match="sha256"):
         Predictor.load(broken, variant="fp32")
     res = cli("zeroship", "export", "predict", str(broken), "hello", "--variant", "fp32")
@@ -140,7 +142,7 @@ def test_the_bundle_is_portable_and_carries_its_model_card(ner_run, ner_bundle):
     import sys
 
     machine = [str(ner_run.parent.parent), sys.prefix, str(ROOT), "site-packages"]
-    for path in ner_bundle.iterdir():
+    for path in [p for p in ner_bundle.rglob("*") if p.is_file()]:
         data = path.read_bytes()
         for where in machine:
             assert where.encode() not in data, (path.name, where)
@@ -149,8 +151,35 @@ def test_the_bundle_is_portable_and_carries_its_model_card(ner_run, ner_bundle):
     card = (ner_bundle / "README.md").read_text()
     assert card.startswith(f"# {ner_run.name}: named-entity recognition")
     f1 = manifest["metrics"]["int8"]["eval_f1"]
-    assert f"| int8 ({manifest['variants']['int8']['method']}) | `model_int8.onnx` | {f1:.4f} | — |" in card
+    assert f"| int8 ({manifest['variants']['int8']['method']}) | `onnx/model_quantized.onnx` | {f1:.4f} | — |" in card
     assert "first sub-token" in card and "casing class" in card and "Predictor.load" in card
+
+
+def test_a_bundle_in_the_earlier_flat_layout_still_loads(ner_bundle, tmp_path):
+    """Format 1 (every file at the top, model_int8.onnx): what exports before the Hugging Face layout wrote."""
+    from export.runtime import FORMAT1_VARIANT_FILES, VARIANT_FILES
+
+    old = tmp_path / "old"
+    shutil.copytree(ner_bundle, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    renamed = {VARIANT_FILES[v]: FORMAT1_VARIANT_FILES[v] for v in VARIANT_FILES}
+    for new, flat in renamed.items():
+        if (old / new).is_file():
+            (old / new).rename(old / flat)
+    (old / "onnx").rmdir()
+    manifest["files"] = {renamed.get(name, name): info for name, info in manifest["files"].items()}
+    for entry in manifest["variants"].values():
+        entry["file"] = renamed[entry["file"]]
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    texts = ["Mara Okafor joined Kestrel Systems in Port Selwyn .", "Zerran met Ilse Varga in Aldmere ."]
+    for variant in ("fp32", "int8"):
+        expected = Predictor.load(ner_bundle, variant=variant).predict(texts)
+        assert Predictor.load(old, variant=variant).predict(texts) == expected
+    # and an export may replace it: an earlier bundle of ours, whatever its layout
+    from export.onnx import bundle_entries, check_out
+
+    assert "model_int8.onnx" in bundle_entries(old) and "onnx/model.onnx" in bundle_entries(ner_bundle)
+    check_out(old)
 
 
 def test_sequence_classification_export(cls_run):

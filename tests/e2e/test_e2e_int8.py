@@ -69,7 +69,7 @@ def test_over_budget_int8_keeps_its_most_sensitive_node_in_fp32(ner_run, tmp_pat
     assert OUTLIER_NODE in kept and len(kept) <= 2  # the outlier's node, found by sensitivity, and little else
     assert manifest["metric_drop_points"]["int8"] <= 0.5
     assert f"kept in fp32: {OUTLIER_NODE}" in " ".join(res.stdout.split())
-    graph = onnx.load(str(bundle / "model_int8.onnx")).graph
+    graph = onnx.load(str(bundle / "onnx" / "model_quantized.onnx")).graph
     assert {n.op_type for n in graph.node if n.name == OUTLIER_NODE} == {"MatMul"}  # still a float MatMul
     assert any(n.op_type == "MatMulInteger" for n in graph.node)  # while the others are int8
 
@@ -115,7 +115,7 @@ def test_static_int8_exports_within_tolerance_and_loads_without_torch(cls_run, t
     assert manifest["metric_drop_points"]["int8"] <= manifest["metric_budget_points"] == 0.5
     import onnx
 
-    ops = {n.op_type for n in onnx.load(str(bundle / "model_int8.onnx")).graph.node}
+    ops = {n.op_type for n in onnx.load(str(bundle / "onnx" / "model_quantized.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ with calibrated (constant) scales
     assert "DynamicQuantizeLinear" not in ops
     texts = ["The coach praised the defence after the game .", "Investors sold shares of Orbisoft .",

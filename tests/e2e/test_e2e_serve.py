@@ -144,7 +144,8 @@ def test_http_predictions_equal_the_predictor(server, bundle):
     for g, r in zip(got, reference):
         assert [e["score"] for e in g] == pytest.approx([e["score"] for e in r], abs=1e-4)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert model == {"run": manifest["run"], "variant": "fp32", "sha256": manifest["files"]["model.onnx"]["sha256"]}
+    fp32 = manifest["files"]["onnx/model.onnx"]
+    assert model == {"run": manifest["run"], "variant": "fp32", "sha256": fp32["sha256"]}
 
 
 def test_concurrent_clients_get_their_own_answers_batched_together(server, bundle):
