@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 def step_process(stage: int, steps: int, threads: int) -> None:
     """The child: build the workers' engine, then time each step and print it as [start, end]."""
-    from benchmarks.profile_step import worker_step
+    from benchmarks.train_overhead import worker_step
 
     step = worker_step(stage, threads, steps, batch_size=32)
     print("ready", flush=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -205,8 +206,6 @@ def row_here(kind: str, stage: int, steps: int, threads: int) -> dict:
         return hf_trainer(steps, threads)
     if kind == "trainer-ds":
         return hf_trainer(steps, threads, zero_stage=stage)
-    from benchmarks.profile_step import worker_step  # step-alone: the workers' train_step, no Ray
-
     return timed(worker_step(stage, threads, steps, batch_size=32), steps, 32)
 
 
@@ -374,6 +373,51 @@ def main() -> None:
     from benchmarks.results import append_results
 
     append_results("train_overhead", " ".join(["benchmarks/train_overhead.py", *sys.argv[1:]]), table)
+
+
+
+
+def batches_for(recipe, feats, batch_size: int, steps: int) -> list[list[int]]:
+    from launcher.data.features import length_grouped_batches
+
+    batches = length_grouped_batches([len(f.input_ids) for f in feats], batch_size, recipe.train.seed, True)
+    return [batches[i % len(batches)] for i in range(steps)]
+
+
+def worker_step(stage: int, threads: int, steps: int, batch_size: int | None = None, keep_allreduce: bool = False):
+    """The workers' step outside Ray: `train_step` on the engine built from the recipe's DeepSpeed config
+    (the stage, fp32) with the workers' optimizer, over the launcher's length-grouped batches (the
+    recipe's batch size unless given). Returns step(i), which runs the i-th batch."""
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT", "29531"))
+    import torch
+
+    from launcher.worker.engine import import_deepspeed, skip_shm_comm_build
+
+    deepspeed = import_deepspeed()
+    skip_shm_comm_build()
+    deepspeed.init_distributed(dist_backend="gloo")
+    from launcher.data.features import collate
+    from launcher.recipe.ds_config import build_ds_config
+    from launcher.worker.engine import skip_single_rank_allreduce, train_step
+    from launcher.worker.regularize import TaskLoss
+
+    recipe, resolved, tok, feats, model, opt = setup(threads)
+    batch_size = batch_size or recipe.train.batch_size
+    resolved["deepspeed"].update(zero_stage=stage, precision="fp32")
+    resolved["train"]["batch_size"] = batch_size
+    device = torch.device("cpu")  # as worker_device() gives a CPU worker (it needs Ray Train's context)
+    task_loss = TaskLoss(model, resolved["regularization"], partitioned=stage == 3, device=device)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=build_ds_config(resolved, 1))
+    if not keep_allreduce:
+        skip_single_rank_allreduce(engine, 1, stage)  # as the worker does
+    order = batches_for(recipe, feats, batch_size, steps)
+
+    def step(i: int) -> None:
+        batch = collate([feats[j] for j in order[i]], tok.pad_token_id, model.uses_token_type_ids)
+        train_step(engine, task_loss, batch, device)
+
+    return step
 
 
 if __name__ == "__main__":

@@ -120,6 +120,15 @@ def test_no_import_circle():
     assert not circles, "import circles:\n" + "\n".join(circles)
 
 
+def test_no_import_circle_among_the_benchmarks():
+    trees = {f"benchmarks.{p.stem}": ast.parse(p.read_text(encoding="utf-8"))
+             for p in sorted((ROOT / "benchmarks").glob("*.py")) if p.stem != "__init__"}
+    graph = {name: _imports(tree, set(trees)) - {name} for name, tree in trees.items()}
+    assert "benchmarks.train_overhead" in graph["benchmarks.profile_step"]
+    circles = _circles(graph)
+    assert not circles, "import circles:\n" + "\n".join(circles)
+
+
 def test_no_function_over_80_lines():
     long = [f"{name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
             for name, tree in _modules().items()
