@@ -69,6 +69,27 @@ def training_summary(recipe: dict) -> list[str]:
     return lines
 
 
+def node_usage(manifest: dict[str, Any], ner: bool, every: bool) -> list[str]:
+    """How to load the folder with Transformers.js (Node.js or the browser), or why not to."""
+    if manifest.get("casing"):
+        return ["Transformers.js: its pipeline feeds zero token types, not the casing classes this model reads; "
+                "use onnxruntime-node with the casing classes computed (zeroship's `examples/node`, engine "
+                "`ort`).", ""]
+    task = "token-classification" if ner else "text-classification"
+    call = "'Mara Okafor joined Kestrel Systems.', { aggregation_strategy: 'simple' }" if ner else "'A text to label.'"
+    lines = ["Node.js or the browser, with Transformers.js (`dtype: 'q8'` reads `onnx/model_quantized.onnx`, "
+             "`'fp32'` `onnx/model.onnx`):", "", "```js",
+             "import { pipeline, env } from '@huggingface/transformers';", "",
+             "env.localModelPath = '/path/to/';  // the folder that holds this one",
+             "env.allowRemoteModels = false;",
+             f"const model = await pipeline('{task}', 'this-folder', {{ dtype: 'q8' }});",
+             f"console.log(await model({call}));", "```", ""]
+    if ner and not every:
+        lines += ["(This model was trained on first sub-tokens only: `simple` aggregation splits words whose other "
+                  "sub-tokens it mislabels; read each word's first sub-token instead.)", ""]
+    return lines
+
+
 def model_card(manifest: dict[str, Any], recipe: dict[str, Any]) -> str:
     task, metric = manifest["task"], manifest["metric"]
     ner = task == Task.TOKEN
@@ -105,7 +126,12 @@ def model_card(manifest: dict[str, Any], recipe: dict[str, Any]) -> str:
          "window where it sits most centrally" if ner else
          f"- at most {manifest['max_length']} tokens (special tokens included); a longer text is truncated"),
     ]
-    if ner:
+    every = bool(recipe.get("data", {}).get("label_all_tokens"))  # absent in runs before the option: first only
+    if ner and every:
+        out.append("- every sub-token was trained (`data.label_all_tokens`: a word's later sub-tokens as `I-X` "
+                   "after a `B-X` word start): read each word's first sub-token, as zeroship's runtime does, or "
+                   "aggregate every token (Transformers.js's `aggregation_strategy: 'simple'`) for the same entities")
+    elif ner:
         out.append("- a word's label is its **first sub-token's** prediction: the model was trained on first "
                    "sub-tokens only, so read the others as noise (aggregation `first`)")
     if manifest.get("casing"):
@@ -122,7 +148,7 @@ def model_card(manifest: dict[str, Any], recipe: dict[str, Any]) -> str:
             f"Any onnxruntime binding (C++, Java, C#, Go, Rust, Node): tokenize with `tokenizer.json` (Hugging "
             f"Face tokenizers), run `{fp32}` on {inputs}, take the argmax of `logits` and map it through "
             "`config.json`'s `id2label`" + (", reading each word's first sub-token" if ner else "") + ".",
-            "", "Over HTTP:", "", "```bash", "zeroship serve path/to/this/folder   # http://127.0.0.1:8000",
+            "", *node_usage(manifest, ner, every), "Over HTTP:", "", "```bash", "zeroship serve path/to/this/folder   # http://127.0.0.1:8000",
             "curl -s localhost:8000/predict -H 'content-type: application/json' -d '{\"texts\": [\"...\"]}'",
             "```", ""]
     return "\n".join(out)

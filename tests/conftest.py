@@ -260,6 +260,28 @@ def cls_run(tmp_path_factory, mlflow_server) -> Path:
         return train_run(folder, ray_dir, **CLS_SECTIONS, run={"mlflow_uri": mlflow_server, "name": "cls-tests"})
 
 
+@pytest.fixture(scope="session")
+def cls_bundle(cls_run) -> Path:
+    """cls_run's bundle (fp32 + dynamic-or-static int8), shared by the export and Node.js tests."""
+    res = cli("zeroship", "export", "onnx", cls_run.name, "--runs", str(cls_run.parent), "--quantize", "int8")
+    assert res.returncode == 0, res.stdout + res.stderr
+    return cls_run / "onnx"
+
+
+@pytest.fixture(scope="session")
+def plain_ner_bundle(tmp_path_factory) -> Path:
+    """recipes/quickstart_ner.yaml as a new user runs it (the whole 6-layer MiniLM, no casing classes,
+    every sub-token trained), exported with int8: the bundle a Transformers.js user loads (test_e2e_node)."""
+    runs = tmp_path_factory.mktemp("quickstart") / "runs"
+    with tempfile.TemporaryDirectory(prefix="zs-", dir="/tmp") as ray_dir:
+        res = cli("launch", str(ROOT / "recipes" / "quickstart_ner.yaml"), "--runs", str(runs),
+                  env={"ZEROSHIP_RAY_TMPDIR": ray_dir})
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    res = cli("zeroship", "export", "onnx", "run-1", "--runs", str(runs), "--quantize", "int8")
+    assert res.returncode == 0, res.stdout + res.stderr
+    return runs / "run-1" / "onnx"
+
+
 def is_loopback(ip: str) -> bool:
     """127.0.0.0/8, ::1, or IPv4 loopback mapped into IPv6 (::ffff:127.0.0.1, as gRPC binds it)."""
     import ipaddress

@@ -1,9 +1,10 @@
 """Features: examples tokenized for the model, and back.
 
-Tokenization and label alignment (`encode`: first subtoken of each word carries its label, long
-sentences become overlapping windows), stitching window predictions back into words
-(`merge_word_predictions`), and batching (length-grouped, dynamically padded by `collate`). Ray Data's
-tokenization tasks (launcher.data.ingest), the driver's evaluation and the exporter all use these.
+Tokenization and label alignment (`encode`: the first subtoken of each word carries its label, and
+with `label_all` its later subtokens the label's I- form; long sentences become overlapping windows),
+stitching window predictions back into words (`merge_word_predictions`), and batching (length-grouped,
+dynamically padded by `collate`). Ray Data's tokenization tasks (launcher.data.ingest), the driver's
+evaluation and the exporter all use these.
 """
 
 from __future__ import annotations
@@ -46,9 +47,17 @@ def backend(tokenizer, max_length: int, stride: int):
     return tok
 
 
+def continuation_ids(label2id: dict[str, int]) -> dict[int, int]:
+    """Label id of a word → the id its later subtokens train on: B-X → I-X (transformers' `b_to_i_label`;
+    B-X itself where the set has no I-X), any other label → itself."""
+    return {i: label2id.get(f"I-{label[2:]}", i) if label.startswith("B-") else i for label, i in label2id.items()}
+
+
 def encode_ner(tokenizer, examples: list[Example], label2id: dict[str, int], max_length: int,
-               stride: int, casing: bool = False) -> list[Feature]:
-    """Tokenize pre-split words; label the first subtoken of each word, -100 elsewhere.
+               stride: int, casing: bool = False, label_all: bool = False) -> list[Feature]:
+    """Tokenize pre-split words; label the first subtoken of each word, -100 elsewhere (`label_all`: the
+    later subtokens their word's continuation label instead, `continuation_ids`). Evaluation reads first
+    subtokens only (`starts`, merge_word_predictions), so scores are per word either way.
 
     Sentences longer than max_length become overlapping windows (`stride` subtokens of overlap);
     every window is trained on and `merge_word_predictions` stitches them back for evaluation.
@@ -56,6 +65,7 @@ def encode_ner(tokenizer, examples: list[Example], label2id: dict[str, int], max
     """
     feats: list[Feature] = []
     tok = backend(tokenizer, max_length, stride)
+    later = continuation_ids(label2id) if label_all else {}
     for ex_i, first in enumerate(tok.encode_batch([ex.tokens for ex in examples], is_pretokenized=True)):
         tags, words = examples[ex_i].tags, examples[ex_i].tokens
         for enc in [first, *first.overflowing]:  # the sentence's windows, in order
@@ -64,8 +74,8 @@ def encode_ner(tokenizer, examples: list[Example], label2id: dict[str, int], max
             # mid-word; its leading continuation pieces must not carry the word's label.)
             starts = [wid is not None and off[0] == 0 and (i == 0 or word_ids[i - 1] != wid)
                       for i, (wid, off) in enumerate(zip(word_ids, enc.offsets))]
-            labels = [label2id[tags[wid]] if start and tags is not None else -100
-                      for wid, start in zip(word_ids, starts)]
+            labels = [-100 if wid is None or tags is None else label2id[tags[wid]] if start
+                      else later.get(label2id[tags[wid]], -100) for wid, start in zip(word_ids, starts)]
             types = casing_ids(word_ids, enc.offsets, words.__getitem__) if casing else list(enc.type_ids)
             feats.append(Feature(list(enc.ids), list(enc.attention_mask), types, labels, ex_i, list(word_ids), starts))
     return feats

@@ -169,7 +169,7 @@ def _tokenizer(source: str, max_length: int, stride: int):
 
 
 def tokenize_batch(batch: dict[str, Any], source: str, task: str, labels: list[str], max_length: int,
-                   stride: int, casing: bool = False) -> dict[str, list]:
+                   stride: int, casing: bool = False, label_all: bool = False) -> dict[str, list]:
     """Examples → features (launcher.data.features: the same alignment and windows as the small path).
     Columns: input_ids, attention_mask, token_type_ids (when the model has them; with `casing`, the tokens'
     casing classes), labels, `where` (the source example), and for NER each window's word ids (-1 for
@@ -185,7 +185,7 @@ def tokenize_batch(batch: dict[str, Any], source: str, task: str, labels: list[s
     )
     examples = Example.from_batch(batch)
     if ner:
-        feats = encode_ner(tokenizer, examples, label2id, max_length, stride, casing)
+        feats = encode_ner(tokenizer, examples, label2id, max_length, stride, casing, label_all)
     else:
         feats = encode_cls(tokenizer, examples, label2id, max_length, casing)
     out: dict[str, list] = {"input_ids": [f.input_ids for f in feats],
@@ -201,10 +201,11 @@ def tokenize_batch(batch: dict[str, Any], source: str, task: str, labels: list[s
     return out
 
 
-def tokenize(ds, source: str, task: str, labels: list[str], max_length: int, stride: int, casing: bool):
+def tokenize(ds, source: str, task: str, labels: list[str], max_length: int, stride: int, casing: bool,
+             label_all: bool = False):
     """The tokenization transform: Ray Data tasks (fused with the parse), a batch of examples per call."""
     return ds.map_batches(tokenize_batch, fn_kwargs=dict(source=source, task=task, labels=labels, max_length=max_length,
-                                                         stride=stride, casing=casing),
+                                                         stride=stride, casing=casing, label_all=label_all),
                           batch_size=256, batch_format="numpy", num_cpus=DATA_CPU)
 
 
@@ -242,7 +243,11 @@ def build_datasets(recipe: Recipe, labels: list[str], pool: list[Example]) -> tu
         if split == "train" and any(dcfg["augmentation"].get(op) for op in ops):
             rows = rows.flat_map(AugmentRows(dcfg["augmentation"], pool, task, recipe.train.seed),
                                  num_cpus=DATA_CPU)
-        datasets[split] = tokenize(rows, source, task, labels, dcfg["max_length"], dcfg["stride"], recipe.model.casing)
+        # every sub-token trains with label_all_tokens; validation keeps first sub-tokens, so its loss, like
+        # its F1, is per word
+        label_all = split == "train" and dcfg["label_all_tokens"]
+        datasets[split] = tokenize(rows, source, task, labels, dcfg["max_length"], dcfg["stride"], recipe.model.casing,
+                                   label_all)
     return datasets, count_splits(datasets)
 
 

@@ -317,8 +317,11 @@ def infer_labels(task: str, examples: list[Example]) -> list[str]:
 
 
 def label_order(task: str, seen: set[str]) -> list[str]:
-    """The label set in its id order: NER puts O first."""
-    return ["O"] + sorted(seen - {"O"}) if task == Task.TOKEN else sorted(seen)
+    """The label set in its id order: NER puts O first, and has I-X wherever it has B-X (a word's later
+    sub-tokens are I-X with data.label_all_tokens, even where no entity in the data spans two words)."""
+    if task != Task.TOKEN:
+        return sorted(seen)
+    return ["O"] + sorted((seen | {f"I-{t[2:]}" for t in seen if t.startswith("B-")}) - {"O"})
 
 
 def _check_bio_label(tag: str, where: str, bad: _Collector) -> None:

@@ -122,7 +122,10 @@ def resume_run(run: Run) -> Recipe:
     recipe_file = run.dir / "recipe.yaml"
     if not recipe_file.is_file():
         raise ZeroshipError(Problem(str(recipe_file), "missing: this run cannot be resumed"))
-    return load_recipe(recipe_file)
+    recipe = load_recipe(recipe_file)
+    if "label_all_tokens" not in (yaml.safe_load(recipe_file.read_text()).get("data") or {}):
+        recipe = recipe.updated({"data.label_all_tokens": False})  # recorded before the option: first sub-tokens
+    return recipe
 
 
 def execute(run: Run, plan: Plan, verbose: bool = False) -> int:

@@ -126,6 +126,10 @@ class DataConfig(Section):
     text_column: str = "text"  # csv
     label_column: str = "label"  # csv
     delimiter: str = Field(default=",", min_length=1, max_length=1)  # csv
+    # NER: every sub-token of a word is trained (a word's continuation pieces get I-X after a B-X word,
+    # as transformers' `label_all_tokens` does), so runtimes that read every token (Transformers.js,
+    # pipeline aggregation "simple"/"average") find the entities Predictor finds; false: the first only
+    label_all_tokens: bool = True
     augmentation: AugmentationConfig = AugmentationConfig()
 
     @model_validator(mode="after")
@@ -316,6 +320,10 @@ class Recipe(Section):
                 problems.append("data.labels: labels must be unique")
             if len(self.data.labels) < 2:
                 problems.append("data.labels: need at least 2 labels")
+            lone = [t for t in self.data.labels if t.startswith("B-") and f"I-{t[2:]}" not in self.data.labels]
+            if task == Task.TOKEN and self.data.label_all_tokens and lone:
+                problems.append(f"data.labels: {lone[0]} has no I-{lone[0][2:]}, which label_all_tokens gives the"
+                                " word's later sub-tokens; add it, or set data.label_all_tokens: false")
         if self.model.lora is not None and self.model.freeze != "none":
             problems.append("model.lora: the adapters already keep the encoder frozen, so leave model.freeze at none")
         aug = self.data.augmentation

@@ -54,3 +54,17 @@ def test_encoder_name_never_shows_a_folder_path():
     assert encoder_name("/srv/models/bert-base-cased/") == "bert-base-cased"
     assert encoder_name("C:\\models\\bert") == "bert"
     assert encoder_name("bert-base-cased") == "bert-base-cased"
+
+
+def test_the_card_says_how_transformers_js_loads_it_or_why_not():
+    card = model_card(MANIFEST, RECIPE)  # casing: Transformers.js's pipeline would feed zero token types
+    assert "feeds zero token types" in card and "pipeline('" not in card
+    plain = {**MANIFEST, "casing": False}
+    card = model_card(plain, {**RECIPE, "data": {"label_all_tokens": True}})
+    assert "every sub-token was trained" in card and "first sub-token's** prediction" not in card
+    assert "pipeline('token-classification', 'this-folder', { dtype: 'q8' })" in card
+    assert "aggregation_strategy: 'simple'" in card and "trained on first sub-tokens only" not in card
+    card = model_card(plain, RECIPE)  # a run from before data.label_all_tokens: first sub-tokens only
+    assert "first sub-token's** prediction" in card and "trained on first sub-tokens only: `simple`" in card
+    cls = {**plain, "task": "sequence_classification", "labels": ["neg", "pos"]}
+    assert "pipeline('text-classification', 'this-folder'" in model_card(cls, RECIPE)

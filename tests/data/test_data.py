@@ -117,6 +117,38 @@ def test_first_subtoken_alignment(tokenizer):
     assert feat.word_ids.count(0) > 1  # "Vandersloot" really is split into several subtokens
 
 
+def test_label_all_tokens_gives_later_subtokens_the_continuation_label(tokenizer):
+    ex = [Example(tokens=["Vandersloot", "Kestrelwick", "visited", "Quillon"], tags=["B-PER", "I-PER", "O", "B-LOC"])]
+    label2id = {"O": 0, "B-PER": 1, "I-PER": 2, "B-LOC": 3}  # no I-LOC: a B-LOC word's pieces stay B-LOC
+    (first,) = encode_ner(tokenizer, ex, label2id, 64, 8)
+    (every,) = encode_ner(tokenizer, ex, label2id, 64, 8, label_all=True)
+    pieces = {w: [lab for wid, lab in zip(every.word_ids, every.labels) if wid == w] for w in range(4)}
+    assert pieces[0][0] == 1 and set(pieces[0][1:]) == {2} and len(pieces[0]) > 1  # B-PER, then I-PER
+    assert set(pieces[1]) == {2} and len(pieces[1]) > 1  # an I-PER word: I-PER throughout
+    assert pieces[2] == [0]
+    assert set(pieces[3]) == {3} and len(pieces[3]) > 1  # B-LOC, and B-LOC again for want of I-LOC
+    assert [lab for wid, lab in zip(every.word_ids, every.labels) if wid is None] == [-100, -100]  # [CLS], [SEP]
+    assert every.starts == first.starts and every.input_ids == first.input_ids
+    assert [lab for lab, s in zip(every.labels, every.starts) if s] == [lab for lab in first.labels if lab != -100]
+
+
+def test_label_all_tokens_in_a_window_that_begins_mid_word(tokenizer):
+    words = ["Vandersloot"] * 30
+    feats = encode_ner(tokenizer, [Example(tokens=words, tags=["B-PER"] * 30)], {"O": 0, "B-PER": 1, "I-PER": 2},
+                       12, 4, label_all=True)
+    cut = next(f for f in feats[1:] if not f.starts[1])  # a window whose first piece continues a word
+    assert cut.labels[1] == 2  # trained as the word's continuation, never as its start
+    assert all(lab == 1 for lab, s in zip(cut.labels, cut.starts) if s)
+
+
+def test_inferred_ner_labels_have_an_i_for_every_b(tmp_path):
+    from launcher.data.parse import label_order
+
+    assert label_order("token_classification", {"O", "B-LOC", "B-PER", "I-PER"}) == ["O", "B-LOC", "B-PER", "I-LOC",
+                                                                                      "I-PER"]
+    assert label_order("sequence_classification", {"B-grade", "a"}) == ["B-grade", "a"]
+
+
 def test_long_sentence_windows_cover_every_word_and_merge_back(tokenizer):
     words = [f"w{i}" for i in range(120)]
     tags = ["B-X" if i % 7 == 0 else "O" for i in range(120)]

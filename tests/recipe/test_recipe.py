@@ -190,3 +190,27 @@ def test_a_recipe_is_updated_by_copy_and_travels_to_workers_as_itself():
         recipe.updated({"storage": "/x"})
     back = pickle.loads(pickle.dumps(moved))  # what Ray does to a worker's config
     assert back == moved and back.metric == "eval_f1" and back.as_dict()["run"]["storage"] == "/mnt/elsewhere"
+
+
+def test_label_all_tokens_needs_an_i_label_for_each_b_label():
+    with pytest.raises(RecipeError, match="B-LOC has no I-LOC"):
+        load_recipe(ROOT / "recipes/quickstart_ner.yaml", ["data.labels=[O, B-PER, I-PER, B-LOC]"])
+    recipe = load_recipe(ROOT / "recipes/quickstart_ner.yaml",
+                         ["data.labels=[O, B-PER, I-PER, B-LOC]", "data.label_all_tokens=false"])
+    assert recipe.data.label_all_tokens is False
+    assert load_recipe(ROOT / "recipes/quickstart_ner.yaml").data.label_all_tokens is True  # the default
+
+
+def test_a_run_recorded_before_label_all_tokens_resumes_without_it(tmp_path):
+    import yaml
+
+    from launcher.driver.launch import resume_run
+    from launcher.runs.registry import Registry
+
+    recorded = load_recipe(ROOT / "recipes/quickstart_ner.yaml").as_dict()
+    run = Registry(tmp_path).allocate()
+    (run.dir / "recipe.yaml").write_text(yaml.safe_dump(recorded))
+    assert resume_run(run).data.label_all_tokens is True  # recorded with the option: as recorded
+    del recorded["data"]["label_all_tokens"]
+    (run.dir / "recipe.yaml").write_text(yaml.safe_dump(recorded))
+    assert resume_run(run).data.label_all_tokens is False  # the earlier runs trained first sub-tokens only
