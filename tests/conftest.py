@@ -277,7 +277,7 @@ def plain_ner_bundle(tmp_path_factory) -> Path:
         res = cli("launch", str(ROOT / "recipes" / "quickstart_ner.yaml"), "--runs", str(runs),
                   env={"ZEROSHIP_RAY_TMPDIR": ray_dir})
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    res = cli("zeroship", "export", "onnx", "run-1", "--runs", str(runs), "--quantize", "int8")
+    res = cli("zeroship", "export", "onnx", "run-1", "--runs", str(runs), "--quantize", "int8-dynamic")
     assert res.returncode == 0, res.stdout + res.stderr
     return runs / "run-1" / "onnx"
 

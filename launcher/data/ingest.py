@@ -10,8 +10,8 @@ The driver never holds the training corpus.
 
 Ray Data's tasks ask for a quarter CPU each: Ray Train keeps the workers' CPUs out of Ray Data's budget,
 so a run leaves one CPU beside its workers (plan.DATA_CPUS; a local Ray declares one more than the machine
-has). One file is one parse task: a corpus in a single huge file parses in one process (shard it for
-parallel reading).
+has). One file is one parse task, and a file over 16 MB one task per 16 MB byte range (launcher.data.ranges):
+no process holds a whole big file.
 """
 
 from __future__ import annotations
@@ -21,19 +21,25 @@ import hashlib
 import json
 from typing import Any
 
+from rich.markup import escape
+
 from launcher.data.augment import CLS_OPS, NER_OPS, Augmenter
 from launcher.data.parse import (
     Dataset,
     Example,
     check_labels,
     count_invalid_bio,
-    decode_lines,
     label_order,
+    parse_conll,
+    parse_csv,
+    parse_jsonl,
     parse_lines,
     token_line,
 )
+from launcher.data.ranges import Range, plan_ranges
 from launcher.data.sources import expand
 from launcher.recipe.schema import Recipe, tokenizer_source
+from zeroship.cli import console
 from zeroship.errors import DataError, Problem, excerpt
 from zeroship.tasks import Task
 
@@ -41,16 +47,27 @@ DATA_CPU = 0.25  # what each Ray Data task asks for: the workers hold whole CPUs
 BLOCK_EXAMPLES = 1024  # examples per block after parsing: the unit of tokenization tasks and of sharding
 
 
-class ParseFile:
-    """One file's bytes → its examples as rows, with the parsers of launcher.data.parse (so the same
-    `file:line` problems; a DataError raised here reaches the driver through `unwrap`)."""
+class ParseRange:
+    """A file, or a byte range of a big one (launcher.data.ranges), → its examples as rows, with the parsers
+    of launcher.data.parse (so the same `file:line` problems; a DataError raised here reaches the driver
+    through `unwrap`)."""
 
-    def __init__(self, data: dict, task: str, names: dict[str, str]):
-        self.data, self.task, self.names = data, task, names
+    def __init__(self, data: dict, task: str):
+        self.data, self.task = data, task
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        name = self.names.get(row["path"], row["path"])
-        examples = parse_lines(decode_lines(row["bytes"], name), name, self.data, self.task)
+        part = Range.from_row(row)
+        lines, fmt = part.read_lines(), self.data["format"]
+        if fmt == "conll":
+            examples = parse_conll(lines, part.name, part.line, part.ncols)
+        elif fmt == "jsonl":
+            examples = parse_jsonl(lines, part.name, self.task, part.line)
+        elif part.header is None:
+            examples = parse_lines(lines, part.name, self.data, self.task)
+        else:  # a later range of a CSV file: its header first, so the line numbers shift by one more
+            d = self.data
+            examples = parse_csv([part.header, *lines], part.name, d["text_column"], d["label_column"],
+                                 d["delimiter"], shift=part.line - 2)
         return [ex.to_row() for ex in examples]
 
 
@@ -66,24 +83,18 @@ def unwrap(exc: BaseException) -> BaseException:
 
 
 def read_split(spec: str, data: dict, task: str, field: str):
+    """A split's rows, parsed by Ray Data tasks: one per file, or per byte range of a big file."""
     import ray.data
 
     # a parser's DataError comes back to the driver as itself (inside RayTaskError), not as a
     # UserCodeException that keeps only its text
     ray.data.DataContext.get_current().raise_original_map_exception = True
     files = expand(spec, field)
-    # Ray Data reports a file by its filesystem path (no scheme): map it back to the name users gave
-    names = {_fs_path(f.name): f.name for f in files}
-    ds = ray.data.read_binary_files([f.name for f in files], include_paths=True, num_cpus=DATA_CPU)
-    return ds.flat_map(ParseFile(data, task, names), num_cpus=DATA_CPU), files
-
-
-def _fs_path(name: str) -> str:
-    if "://" not in name:
-        return name
-    import pyarrow.fs
-
-    return pyarrow.fs.FileSystem.from_uri(name)[1]
+    ranges, warnings = plan_ranges(files, data["format"], DATA_CPU)
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+    ds = ray.data.from_items([r.to_row() for r in ranges], override_num_blocks=len(ranges))
+    return ds.flat_map(ParseRange(data, task), num_cpus=DATA_CPU), files
 
 
 def summarize(batch: dict[str, Any], task: str, conll: bool, known: list[str] | None) -> dict[str, list]:

@@ -111,18 +111,19 @@ def _read_lines(path: str) -> list[str]:
     return decode_lines(read_bytes(path), path)
 
 
-def decode_lines(raw: bytes, name: str) -> list[str]:
-    """A file's bytes as lines; `name` is what errors call the file."""
+def decode_lines(raw: bytes, name: str, first_line: int = 1) -> list[str]:
+    """A file's bytes (or a byte range of it that starts a line: `first_line` is that line's number) as
+    lines; `name` is what errors call the file."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
+        line = raw[: exc.start].count(b"\n") + first_line
         raise DataError(Problem(f"{name}:{line}", f"not UTF-8 (byte 0x{raw[exc.start]:02x})",
                                 "re-encode the file as UTF-8")) from None
     # A BOM is an encoding mark, not part of the first token. Lines end at \n only (with an optional \r):
     # str.splitlines() also breaks at U+2028, NEL and form feed, which would cut a token in two and
     # shift every line number after it.
-    lines = text.removeprefix("\ufeff").split("\n")
+    lines = (text.removeprefix("\ufeff") if first_line == 1 else text).split("\n")
     if lines[-1] == "":
         lines.pop()
     return [line.removesuffix("\r") for line in lines]
@@ -135,20 +136,27 @@ def read_conll(path: str) -> list[Example]:
     return parse_conll(_read_lines(path), path)
 
 
-def parse_conll(lines: list[str], path: str) -> list[Example]:
-    """Columns separated by whitespace or tabs, token first, tag last; blank line between sentences."""
-    out, tokens, tags, start = [], [], [], 1
+def conll_columns(line: str) -> list[str] | None:
+    """A CoNLL line's columns; None for a line that holds no token (blank, or a -DOCSTART- marker)."""
+    if not line.strip(" \t") or line.startswith("-DOCSTART-"):
+        return None
+    return line.split("\t") if "\t" in line else _COLUMN_SEP.split(line.strip(" "))
+
+
+def parse_conll(lines: list[str], path: str, first_line: int = 1, ncols: int | None = None) -> list[Example]:
+    """Columns separated by whitespace or tabs, token first, tag last; blank line between sentences. A byte
+    range of a file (launcher.data.ranges) passes its first line's number and the file's column count."""
+    out, tokens, tags, start = [], [], [], first_line
     bad = _Collector(path)
-    ncols = None
-    for lineno, line in enumerate(lines + [""], start=1):
+    for lineno, line in enumerate(lines + [""], start=first_line):
         if not line.strip(" \t"):
             if tokens:
                 out.append(Example(tokens=tokens, tags=tags, where=f"{path}:{start}"))
             tokens, tags = [], []
             continue
-        if line.startswith("-DOCSTART-"):
+        cols = conll_columns(line)
+        if cols is None:
             continue
-        cols = line.split("\t") if "\t" in line else _COLUMN_SEP.split(line.strip(" "))
         if not tokens:
             start = lineno
         if len(cols) < 2:
@@ -176,11 +184,11 @@ def read_jsonl(path: str, task: str) -> list[Example]:
     return parse_jsonl(_read_lines(path), path, task)
 
 
-def parse_jsonl(lines: list[str], path: str, task: str) -> list[Example]:
+def parse_jsonl(lines: list[str], path: str, task: str, first_line: int = 1) -> list[Example]:
     out = []
     bad = _Collector(path)
     labels = _LabelKinds()
-    for lineno, line in enumerate(lines, start=1):
+    for lineno, line in enumerate(lines, start=first_line):
         if not line.strip():
             continue
         try:
@@ -253,8 +261,11 @@ def read_csv(path: str, text_column: str, label_column: str, delimiter: str) -> 
     return parse_csv(_read_lines(path), path, text_column, label_column, delimiter)
 
 
-def parse_csv(lines: list[str], path: str, text_column: str, label_column: str, delimiter: str) -> list[Example]:
-    """Each file (each shard) starts with its own header row."""
+def parse_csv(lines: list[str], path: str, text_column: str, label_column: str, delimiter: str,
+              shift: int = 0) -> list[Example]:
+    """Each file (each shard) starts with its own header row. A byte range of a file after its first
+    (launcher.data.ranges) comes with the file's header put before it, and `shift` lines to add to the
+    reader's line numbers."""
     bad = _Collector(path)
     if not lines:
         raise DataError(Problem(path, "empty file", "the first row must be a header"))
@@ -274,21 +285,21 @@ def parse_csv(lines: list[str], path: str, text_column: str, label_column: str, 
         )
     ti, li = header.index(text_column), header.index(label_column)
     out = []
-    for row in _csv_rows(reader, bad):
+    for row in _csv_rows(reader, bad, shift):
         if not row:
             continue
         if len(row) != len(header):
-            bad.add(reader.line_num, f"expected {len(header)} columns, got {len(row)}")
+            bad.add(reader.line_num + shift, f"expected {len(header)} columns, got {len(row)}")
             continue
         if not row[li].strip():
-            bad.add(reader.line_num, "empty label")
+            bad.add(reader.line_num + shift, "empty label")
             continue
-        out.append(Example(text=row[ti], label=row[li].strip(), where=f"{path}:{reader.line_num}"))
+        out.append(Example(text=row[ti], label=row[li].strip(), where=f"{path}:{reader.line_num + shift}"))
     bad.raise_if_any()
     return out
 
 
-def _csv_rows(reader, bad: _Collector):
+def _csv_rows(reader, bad: _Collector, shift: int = 0):
     """The reader's rows; a row the csv module refuses (a field over its size limit, a stray quote at the
     end of the file) is reported with its line and reading goes on after it."""
     while True:
@@ -297,7 +308,7 @@ def _csv_rows(reader, bad: _Collector):
         except StopIteration:
             return
         except csv.Error as exc:
-            bad.add(reader.line_num, f"unreadable CSV row: {exc}",
+            bad.add(reader.line_num + shift, f"unreadable CSV row: {exc}",
                     "quote fields that hold the delimiter or a newline; keep each field under 128 KiB")
 
 

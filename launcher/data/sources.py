@@ -111,28 +111,31 @@ def _uri(scheme: str, spec: str, fs_path: str) -> str:
     return f"{scheme}://{authority}{fs_path if fs_path.startswith('/') else '/' + fs_path}"
 
 
-def read_bytes(source: str, field: str = "", limit: int | None = None) -> bytes:
-    """A file's bytes (its first `limit` bytes when given), local or on a URI."""
+def read_bytes(source: str, field: str = "", limit: int | None = None, offset: int = 0) -> bytes:
+    """A file's bytes (`limit` of them from `offset` when given), local or on a URI."""
     if not is_uri(source):
         path = Path(source)
         if not path.is_file():
             raise DataError(Problem(source, "file not found" if not path.exists() else "not a file",
                                     "check the data paths in the recipe (relative to the recipe file)"))
         with open(path, "rb") as fh:
+            fh.seek(offset)
             return fh.read(-1 if limit is None else limit)
     import pyarrow
 
-    def open_stream():
+    def open_file():
         fs, path = _filesystem(source, field or source)
-        try:
-            return fs.open_input_stream(path)
+        try:  # a random-access file where a range is asked for (object stores answer ranged GETs)
+            return fs.open_input_file(path) if offset else fs.open_input_stream(path)
         except (pyarrow.ArrowException, OSError) as exc:
             raise DataError(Problem(source, f"cannot read: {exc}", "check the URI and its credentials")) from None
 
     # only the first contact is bounded: reading a large shard from a store that answers may take long
-    stream = within_deadline(open_stream, source, field or source)
+    stream = within_deadline(open_file, source, field or source)
     try:
         with stream as fh:
+            if offset:
+                fh.seek(offset)
             return fh.read(limit)
     except (pyarrow.ArrowException, OSError) as exc:
         raise DataError(Problem(source, f"cannot read: {exc}", "check the URI and its credentials")) from None

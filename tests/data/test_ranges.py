@@ -1,0 +1,146 @@
+"""launcher.data.ranges: a big file cut into byte ranges parses to exactly what one task makes of it.
+
+The cuts are found by `scan` (what the Ray tasks run) and `file_ranges`, called here in process with tiny
+range sizes, so that records straddle many cuts; each range is parsed by ingest.ParseRange as a Ray Data
+task would. The last test runs the real thing: `read_split` on a local Ray, through Ray Data's tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, TOY_CLS, TOY_NER
+
+from launcher.data.ingest import ParseRange
+from launcher.data.parse import read_conll
+from launcher.data.ranges import Range, boundary, file_ranges, scan
+from launcher.data.sources import Source
+from zeroship.errors import DataError
+
+DATA = {"conll": {"format": "conll"}, "jsonl": {"format": "jsonl"},
+        "csv": {"format": "csv", "text_column": "text", "label_column": "label", "delimiter": ","}}
+TASK = {"conll": "token_classification", "jsonl": "token_classification", "csv": "sequence_classification"}
+
+
+def cut(path, fmt: str, limit: int) -> list[Range]:
+    """plan_ranges without Ray: the stretches scanned in this process."""
+    size = path.stat().st_size
+    stretches = [scan(str(path), s, min(size, s + limit), size, fmt) for s in range(0, size, limit)]
+    return file_ranges(Source(str(path), size), fmt, stretches, size)
+
+
+def parsed(parts: list[Range], fmt: str) -> list[dict]:
+    parse = ParseRange(DATA[fmt], TASK[fmt])
+    return [row for part in parts for row in parse(part.to_row())]
+
+
+def conll_file(tmp_path, crlf: bool):
+    """Toy sentences with a BOM, -DOCSTART- markers, runs of blank lines, blank lines of spaces, a
+    sentence far longer than a range, and no newline at the end."""
+    sentences = read_conll(str(TOY_NER / "validation.conll"))[:60]
+    blocks = ["-DOCSTART- -X- O O\n"]
+    for i, ex in enumerate(sentences):
+        blocks.append("".join(f"{t} NN {g}\n" for t, g in zip(ex.tokens, ex.tags)))
+        if i == 20:
+            blocks.append("\n" + "".join(f"w{j} NN O\n" for j in range(400)))  # ~4 KB: spans several ranges
+        blocks.append("\n" if i % 7 else " \t\n\n\n-DOCSTART- -X- O O\n\n")
+    text = "\ufeff" + "".join(blocks).rstrip("\n")
+    path = tmp_path / "big.conll"
+    path.write_bytes(text.replace("\n", "\r\n").encode() if crlf else text.encode())
+    return path
+
+
+@pytest.mark.parametrize("crlf", [False, True])
+@pytest.mark.parametrize("limit", [97, 512, 2048])
+def test_conll_ranges_give_the_one_task_examples_in_order(tmp_path, crlf, limit):
+    path = conll_file(tmp_path, crlf)
+    parts = cut(path, "conll", limit)
+    whole = parsed([Range(str(path))], "conll")
+    assert len(parts) > 3 and len(whole) == 61
+    assert parsed(parts, "conll") == whole  # tokens, tags and file:line, in order
+    assert all(p.ncols == 3 for p in parts)
+
+
+@pytest.mark.parametrize("limit", [64, 700])
+def test_jsonl_ranges_with_blank_lines_a_long_line_and_no_final_newline(tmp_path, limit):
+    rows = [json.dumps({"tokens": [f"t{i}", "é"], "tags": ["B-X", "O"]}) for i in range(80)]
+    rows[30] = json.dumps({"tokens": ["long"] * 300, "tags": ["O"] * 300})
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(("\ufeff" + "\r\n".join(rows[:40]) + "\n\n  \n" + "\n".join(rows[40:])).encode())
+    parts = cut(path, "jsonl", limit)
+    whole = parsed([Range(str(path))], "jsonl")
+    assert len(parts) > 3 and len(whole) == 80
+    assert parsed(parts, "jsonl") == whole
+
+
+@pytest.mark.parametrize("limit", [50, 333])
+def test_csv_ranges_carry_the_header_and_the_line_numbers(tmp_path, limit):
+    lines = (TOY_CLS / "train.csv").read_text().splitlines()
+    lines[5] = '"quoted, with a comma",science'
+    path = tmp_path / "big.csv"
+    path.write_bytes(("\ufeff" + "\r\n".join(lines[:120])).encode())
+    parts = cut(path, "csv", limit)
+    whole = parsed([Range(str(path))], "csv")
+    assert len(parts) > 3 and len(whole) == 119
+    assert parsed(parts, "csv") == whole
+    assert parts[0].header is None and all(p.header == "text,label" for p in parts[1:])
+
+
+def test_a_csv_newline_inside_quotes_is_seen_by_the_scan(tmp_path):
+    path = tmp_path / "quoted.csv"
+    path.write_text('text,label\n"first line\nsecond line",a\n' + "plain,b\n" * 40)
+    size = path.stat().st_size
+    stretches = [scan(str(path), s, min(size, s + 64), size, "csv") for s in range(0, size, 64)]
+    assert stretches[0]["odd_quotes"] and not any(s["odd_quotes"] for s in stretches[1:])
+
+
+def test_a_bad_line_in_a_late_range_is_reported_at_its_line_in_the_file(tmp_path):
+    path = conll_file(tmp_path, crlf=True)
+    lines = path.read_bytes().split(b"\r\n")
+    lines[-5] = b"token-without-a-tag"
+    path.write_bytes(b"\r\n".join(lines))
+    with pytest.raises(DataError) as one:
+        parsed([Range(str(path))], "conll")
+    with pytest.raises(DataError) as ranged:
+        parsed(cut(path, "conll", 256), "conll")
+    assert ranged.value.problems[0].where == one.value.problems[0].where == f"{path}:{len(lines) - 4}"
+
+
+def test_boundary_waits_for_more_bytes_and_stops_at_the_end():
+    assert boundary(b"a O\nb O", 0, 2, "conll", at_eof=False) is None  # no blank line yet: read on
+    assert boundary(b"a O\nb O", 0, 2, "conll", at_eof=True) == 7  # none before the end: the file's size
+    assert boundary(b"a O\n\nb O\n", 10, 12, "conll", at_eof=False) == 14  # the blank line's start
+    assert boundary(b'{"a": 1}\n{"b": 2}\n', 0, 3, "jsonl", at_eof=True) == 9
+    assert boundary(b"x\ny\n", 0, 2, "jsonl", at_eof=True) == 2  # `start` itself starts a line
+    assert boundary(b"whatever", 0, 0, "csv", at_eof=False) == 0
+
+
+READ_SPLIT = r"""
+import json, os, sys
+from launcher.data.ingest import read_split
+from zeroship.ray_session import init_ray
+init_ray()
+data = {"format": "conll"}
+ds, _ = read_split(sys.argv[1], data, "token_classification", "data.train")
+rows = ds.take_all()
+from launcher.data.ranges import SCANNED
+ranges = sum(len(parts) for parts in SCANNED.values())
+print(json.dumps([ranges, [[r["where"], list(r["tokens"]), list(r["tags"])] for r in rows]]), flush=True)
+"""
+
+
+def test_read_split_parses_a_big_file_in_several_ray_data_tasks(tmp_path, ray_tmp):
+    path = conll_file(tmp_path, crlf=True)
+    body = path.read_bytes()
+    path.write_bytes(body + (b"\r\n\r\n" + body[3:]) * 12)  # ~170 KB, BOM dropped in the copies: 16 KB ranges
+    res = subprocess.run([sys.executable, "-c", READ_SPLIT, str(path)], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300, env={"PATH": "/usr/bin:/bin", "ZEROSHIP_RAY_TMPDIR": ray_tmp,
+                                           "ZEROSHIP_RANGE_BYTES": str(16 * 1024), "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranges, got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert ranges >= 8  # one Ray Data task each
+    want = [[ex.where, ex.tokens, ex.tags] for ex in read_conll(str(path))]
+    assert len(want) == 61 * 13 and got == want
