@@ -12,6 +12,13 @@ is not what this measures. A copy whose run would leave less than `--min-free-gb
 memory free is stopped, and the row says so.
 
     .venv/bin/python benchmarks/ingest.py [--copies 1 16 64] [--workers 2] [--shards 1]
+    .venv/bin/python benchmarks/ingest.py --feed-rate [--copies 4]
+
+`--feed-rate` measures the input pipeline alone, with no model: Ray Data reads, parses and tokenizes the
+corpus (`launcher.data.ingest`, as a launch builds it) and one consumer turns the windows into padded
+batches as a worker does (`launcher.data.stream`, `features.collate`); windows per second, and per CPU of
+the machine (every CPU is Ray Data's here). A GPU worker needs its step's windows per second from the
+CPUs beside it: cluster/README.md divides one by the other.
 """
 
 from __future__ import annotations
@@ -138,6 +145,37 @@ def measure(copies: int, workers: int, shards: int, min_free: float) -> dict:
                 "plan_s": startup["seconds"].get("launch_and_plan", 0.0)}
 
 
+def feed_rate(copies: int, batch_size: int = 32) -> dict:
+    """Windows per second through read → parse → tokenize (Ray Data tasks) → batches (one consumer)."""
+    import os
+    import random
+
+    from launcher.data.features import collate
+    from launcher.data.ingest import read_split, tokenize
+    from launcher.data.stream import chunk_batches, features
+    from launcher.recipe.schema import resolve_encoder
+    from zeroship.ray_session import init_ray
+
+    init_ray()
+    data = {"format": "conll"}
+    labels = ["O", "B-LOC", "B-MISC", "B-ORG", "B-PER", "I-LOC", "I-MISC", "I-ORG", "I-PER"]
+    with tempfile.TemporaryDirectory(prefix="zeroship-feed-") as tmp:
+        train = make_copies(Path(tmp), copies, 1)
+        start = time.time()
+        rows, _ = read_split(str(train), data, "token_classification", "data.train")
+        ds = tokenize(rows, resolve_encoder("packaged:all-MiniLM-L6-v2"), "token_classification", labels, 128, 32,
+                      casing=True, label_all=True)
+        windows, rng = 0, random.Random(0)
+        for columns in ds.iter_batches(batch_size=batch_size * 64, batch_format="numpy"):
+            for batch in chunk_batches(columns, batch_size, rng):
+                collate(features(columns, batch), 0, True)
+            windows += len(columns["input_ids"])
+        seconds = time.time() - start
+    cpus = os.cpu_count() or 1
+    return {"copies": copies, "windows": windows, "seconds": seconds, "per_s": windows / seconds,
+            "per_cpu_s": windows / seconds / cpus, "cpus": cpus}
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| copies | train MB | driver peak RSS (MB) | worker peak RSS (MB) | other Ray peak (MB) "
              "| launch → first step (s) | of which plan (s) | Ray Data check pass (s) | worker data phase (s) |",
@@ -164,7 +202,17 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=1, help="write each corpus as a folder of this many files")
     ap.add_argument("--min-free-gb", type=float, default=2.0)
     ap.add_argument("--label", default="", help="a word for the results heading (e.g. before/after)")
+    ap.add_argument("--feed-rate", action="store_true", help="the input pipeline's throughput alone, no model")
     args = ap.parse_args()
+    if args.feed_rate:
+        r = feed_rate(args.copies[0] if args.copies != [1, 16, 64] else 4)
+        out = ("| corpus | windows | seconds | windows/s | windows/s per CPU |\n|---|---|---|---|---|\n"
+               f"| {r['copies']}× CoNLL-2003 train, max_length 128, stride 32, casing | {r['windows']} "
+               f"| {r['seconds']:.1f} | {r['per_s']:.0f} | {r['per_cpu_s']:.0f} ({r['cpus']} CPUs) |")
+        print(out)
+        append_results("Ingest: the input pipeline's feed rate (no model)",
+                       "benchmarks/ingest.py " + " ".join(sys.argv[1:]), out)
+        return
     rows = []
     for copies in args.copies:
         rows.append(measure(copies, args.workers, args.shards, args.min_free_gb))

@@ -121,8 +121,10 @@ def test_boundary_waits_for_more_bytes_and_stops_at_the_end():
 READ_SPLIT = r"""
 import json, os, sys
 from launcher.data.ingest import read_split
+import ray.data
 from zeroship.ray_session import init_ray
 init_ray()
+ray.data.DataContext.get_current().execution_options.preserve_order = True  # as build_datasets sets it
 data = {"format": "conll"}
 ds, _ = read_split(sys.argv[1], data, "token_classification", "data.train")
 rows = ds.take_all()

@@ -88,8 +88,8 @@ class Server:
     def stop(self, sig=signal.SIGINT) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=90)
+            try:  # past the runner's own bound (ray_serve._shut_down: Serve 60 + Ray 30 + 5 s; reached under load)
+                self.proc.wait(timeout=150)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
