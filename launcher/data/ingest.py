@@ -1,6 +1,6 @@
 """Corpora through Ray Data: each split is read and parsed by Ray Data tasks (the same parsers as
-launcher.data.parse, one file, shard or byte range per task: a bad line is still `shard:line`), augmented (train; each copy
-seeded by its example) and tokenized (launcher.data.features, one tokenizer per task process) as the
+launcher.data.parse, one file, shard or byte range per task: a bad line is still `shard:line`), augmented
+(train; each copy seeded by its example) and tokenized (launcher.data.features, one tokenizer per task process) as the
 workers stream their shards (launcher.data.stream): lazily, in every epoch and every evaluation, so nothing
 of the corpus is kept anywhere between passes (the price: tokenization runs once per epoch, on CPUs
 beside the workers, overlapped with their steps; a counting pass before the first step). A train split bigger
