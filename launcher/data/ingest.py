@@ -30,9 +30,6 @@ from launcher.data.parse import (
     check_labels,
     count_invalid_bio,
     label_order,
-    parse_conll,
-    parse_csv,
-    parse_jsonl,
     parse_lines,
     token_line,
 )
@@ -57,17 +54,7 @@ class ParseRange:
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         part = Range.from_row(row)
-        lines, fmt = part.read_lines(), self.data["format"]
-        if fmt == "conll":
-            examples = parse_conll(lines, part.name, part.line, part.ncols)
-        elif fmt == "jsonl":
-            examples = parse_jsonl(lines, part.name, self.task, part.line)
-        elif part.header is None:
-            examples = parse_lines(lines, part.name, self.data, self.task)
-        else:  # a later range of a CSV file: its header first, so the line numbers shift by one more
-            d = self.data
-            examples = parse_csv([part.header, *lines], part.name, d["text_column"], d["label_column"],
-                                 d["delimiter"], shift=part.line - 2)
+        examples = parse_lines(part.read_lines(), part.name, self.data, self.task, part.line, part.ncols, part.header)
         return [ex.to_row() for ex in examples]
 
 

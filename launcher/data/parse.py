@@ -345,12 +345,17 @@ def parse_file(name: str, data: dict, task: str) -> list[Example]:
     return parse_lines(decode_lines(read_bytes(name), name), name, data, task)
 
 
-def parse_lines(lines: list[str], name: str, data: dict, task: str) -> list[Example]:
+def parse_lines(lines: list[str], name: str, data: dict, task: str, first_line: int = 1, ncols: int | None = None,
+                header: str | None = None) -> list[Example]:
+    """A file's lines, or a byte range's (launcher.data.ranges): the number of its first line, the file's CoNLL
+    column count, and for a CSV range after the first the file's header row."""
     if data["format"] == "conll":
-        return parse_conll(lines, name)
+        return parse_conll(lines, name, first_line, ncols)
     if data["format"] == "jsonl":
-        return parse_jsonl(lines, name, task)
-    return parse_csv(lines, name, data["text_column"], data["label_column"], data["delimiter"])
+        return parse_jsonl(lines, name, task, first_line)
+    if header is not None:  # the header goes first, so the reader's line numbers shift by one more
+        lines, first_line = [header, *lines], first_line - 1
+    return parse_csv(lines, name, data["text_column"], data["label_column"], data["delimiter"], shift=first_line - 1)
 
 
 # `launch --check` parses a split whole up to this size; above it, SAMPLE_BYTES spread over SAMPLE_FILES

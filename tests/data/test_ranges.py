@@ -146,3 +146,16 @@ def test_read_split_parses_a_big_file_in_several_ray_data_tasks(tmp_path, ray_tm
     assert ranges >= 8  # one Ray Data task each
     want = [[ex.where, ex.tokens, ex.tags] for ex in read_conll(str(path))]
     assert len(want) == 61 * 13 and got == want
+
+
+def test_the_range_size_setting_is_checked(monkeypatch):
+    from launcher.data.ranges import RANGE_BYTES, range_bytes
+
+    monkeypatch.delenv("ZEROSHIP_RANGE_BYTES", raising=False)
+    assert range_bytes() == RANGE_BYTES
+    monkeypatch.setenv("ZEROSHIP_RANGE_BYTES", "65536")
+    assert range_bytes() == 65536
+    for bad in ("12", "-5", "1e9", "lots"):
+        monkeypatch.setenv("ZEROSHIP_RANGE_BYTES", bad)
+        with pytest.raises(DataError, match="ZEROSHIP_RANGE_BYTES.*not a byte count of at least 1024"):
+            range_bytes()
