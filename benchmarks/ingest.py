@@ -3,15 +3,17 @@ committed) with `train.max_steps` small, so the figures are about reading, token
 data to the workers, not about training. Per copy: the peak RSS of the `launch` process (the driver),
 the peak RSS of each Ray Train worker and of any other Ray process (Ray Data's readers and
 tokenizers), and the seconds from `launch` to the first optimizer step (metrics.jsonl's start-up
-record: before issue 14 with the workers' tokenization phase; since then with the `ray_data` phase, the
-check pass of a big train split before the trainer starts, and the workers' `data_shards` phase, which
-includes waiting for Ray Data's counting pass). RSS is sampled every 0.2 s with psutil.
+record: before issue 14 with the workers' tokenization phase; then with the `ray_data` phase, which held
+the check pass of a big train split, and the workers' `data_shards` phase, which held the wait for Ray Data's
+counting pass; since issue 34 neither pass exists: the schedule starts from the plan's estimate). "vs 1×" is
+each row's time to the first step over the 1× row's, in the same run. `--corpus quickstart` copies the
+quickstart's toy train split (57 KB) instead of CoNLL-2003's. RSS is sampled every 0.2 s with psutil.
 
 The model is the packaged MiniLM cut to one layer (`model.num_hidden_layers=1`): the encoder's size
 is not what this measures. A copy whose run would leave less than `--min-free-gb` of the machine's
 memory free is stopped, and the row says so.
 
-    .venv/bin/python benchmarks/ingest.py [--copies 1 16 64] [--workers 2] [--shards 1]
+    .venv/bin/python benchmarks/ingest.py [--copies 1 16 64] [--workers 2] [--shards 1] [--corpus conll]
     .venv/bin/python benchmarks/ingest.py --feed-rate [--copies 4]
 
 `--feed-rate` measures the input pipeline alone, with no model: Ray Data reads, parses and tokenizes the
@@ -40,10 +42,19 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.conll import fetch  # noqa: E402
 from benchmarks.results import append_results  # noqa: E402
 
+QUICKSTART = ROOT / "recipes" / "data" / "toy_ner"
 
-def make_copies(folder: Path, copies: int, shards: int) -> Path:
-    """`copies` × CoNLL train: one file, or a folder of `shards` files of whole copies."""
-    train = (fetch() / "train.txt").read_bytes()
+
+def splits(corpus: str) -> tuple[Path, Path]:
+    """(train, validation) of the corpus copied: CoNLL-2003 (fetched) or the quickstart's toy NER split."""
+    if corpus == "quickstart":
+        return QUICKSTART / "train.conll", QUICKSTART / "validation.conll"
+    return fetch() / "train.txt", fetch() / "valid.txt"
+
+
+def make_copies(folder: Path, copies: int, shards: int, corpus: str = "conll") -> Path:
+    """`copies` × the corpus' train split: one file, or a folder of `shards` files of whole copies."""
+    train = splits(corpus)[0].read_bytes()
     if shards == 1:
         path = folder / f"train_x{copies}.txt"
         with open(path, "wb") as fh:
@@ -60,12 +71,12 @@ def make_copies(folder: Path, copies: int, shards: int) -> Path:
     return out
 
 
-def recipe(folder: Path, train: Path, workers: int) -> Path:
+def recipe(folder: Path, train: Path, workers: int, corpus: str = "conll") -> Path:
     path = folder / "ingest.yaml"
     path.write_text(json.dumps({  # JSON is YAML
         "model": {"encoder": "packaged:all-MiniLM-L6-v2", "task": "token_classification", "num_hidden_layers": 1,
                   "head": {"dim": 64}},
-        "data": {"format": "conll", "train": str(train), "validation": str(fetch() / "valid.txt"),
+        "data": {"format": "conll", "train": str(train), "validation": str(splits(corpus)[1]),
                  "max_length": 64, "stride": 16},
         "train": {"epochs": 1, "max_steps": 3, "batch_size": 16, "lr": 1e-4, "eval_every": "epoch",
                   "metric": "eval_f1"},
@@ -119,13 +130,14 @@ class PeakRSS(threading.Thread):
             time.sleep(0.2)
 
 
-def measure(copies: int, workers: int, shards: int, min_free: float) -> dict:
+def measure(copies: int, workers: int, shards: int, min_free: float, corpus: str = "conll") -> dict:
     with tempfile.TemporaryDirectory(prefix="zeroship-ingest-") as tmp:
         folder = Path(tmp)
-        train = make_copies(folder, copies, shards)
+        train = make_copies(folder, copies, shards, corpus)
         size = sum(f.stat().st_size for f in ([train] if train.is_file() else train.iterdir()))
         start = time.time()
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "launch"), str(recipe(folder, train, workers))],
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "launch"),
+                                 str(recipe(folder, train, workers, corpus))],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         watch = PeakRSS(proc.pid, min_free)
         watch.start()
@@ -178,20 +190,21 @@ def feed_rate(copies: int, batch_size: int = 32) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = ["| copies | train MB | driver peak RSS (MB) | worker peak RSS (MB) | other Ray peak (MB) "
-             "| launch → first step (s) | of which plan (s) | Ray Data check pass (s) | worker data phase (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| launch → first step (s) | vs 1× | of which plan (s) | ray data phase (s) | worker data phase (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    base = next((r["first_step_s"] for r in rows if r["copies"] == 1 and "failed" not in r), None)
     for r in rows:
         workers = sorted(v for k, v in r["peaks"].items() if k.startswith("worker"))
         shown = " / ".join(f"{w:.0f}" for w in workers) or "–"
         head = (f"| {r['copies']}× | {r['mb']:.0f} | {r['peaks'].get('driver', 0):.0f} | {shown} "
                 f"| {r['peaks'].get('ray other', 0):.0f} ")
         if "failed" in r:
-            lines.append(head + f"| {r['failed']} (after {r['wall_s']:.0f} s) | | | |")
+            lines.append(head + f"| {r['failed']} (after {r['wall_s']:.0f} s) | | | | |")
         else:
             ray_data = "–" if r["ray_data_s"] is None else f"{r['ray_data_s']:.1f}"
-            lines.append(
-                head + f"| {r['first_step_s']:.1f} | {r['plan_s']:.1f} | {ray_data} | {r['tokenization_s']:.1f} |"
-            )
+            ratio = f"{r['first_step_s'] / base:.2f}×" if base else "–"
+            lines.append(head + f"| {r['first_step_s']:.1f} | {ratio} | {r['plan_s']:.1f} | {ray_data} "
+                                f"| {r['tokenization_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -202,6 +215,8 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=1, help="write each corpus as a folder of this many files")
     ap.add_argument("--min-free-gb", type=float, default=2.0)
     ap.add_argument("--label", default="", help="a word for the results heading (e.g. before/after)")
+    ap.add_argument("--corpus", choices=["conll", "quickstart"], default="conll",
+                    help="what is copied: CoNLL-2003 train, or the quickstart's toy train split (57 KB)")
     ap.add_argument("--feed-rate", action="store_true", help="the input pipeline's throughput alone, no model")
     args = ap.parse_args()
     if args.feed_rate:
@@ -215,11 +230,11 @@ def main() -> None:
         return
     rows = []
     for copies in args.copies:
-        rows.append(measure(copies, args.workers, args.shards, args.min_free_gb))
+        rows.append(measure(copies, args.workers, args.shards, args.min_free_gb, args.corpus))
         print(table(rows[-1:]), flush=True)
     out = table(rows)
     print(out)
-    name = "Ingest: driver and worker memory, time to first step, by corpus size" + (
+    name = f"Ingest ({args.corpus}): driver and worker memory, time to first step, by corpus size" + (
         f" ({args.label})" if args.label else "")
     append_results(name, "benchmarks/ingest.py " + " ".join(sys.argv[1:]), out)
 

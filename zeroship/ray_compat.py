@@ -1,6 +1,6 @@
 """Every private Ray API zeroship reaches, each in one place: serving (a private Ray's core processes,
 the replica's gRPC bind), training (Ray Train's placement-group cleaner, DataConfig's execution options)
-and ingest (Ray Data's per-operator statistics).
+and ingest (Ray Data's per-operator statistics of a streaming split, a repartition's task resources).
 
 Each use has a test in tests/base/test_ray_compat.py that fails loudly when a Ray upgrade removes or changes
 what it relies on (Ray 2.60 here). Imports nothing heavy: the serving process loads no torch.
@@ -76,11 +76,33 @@ def execution_options(data_config: Any, dataset: str) -> Any:
     return data_config._resolve_execution_options(dataset)
 
 
-def operator_input_rows(ds: Any, operator: str) -> int | None:
-    """Rows the first Ray Data operator whose name contains `operator` took in, summed over its tasks
-    (from the executed dataset's private stats summary); None when this Ray's statistics look different."""
+def split_operator_rows(iterator: Any, operator: str) -> tuple[int, int] | None:
+    """(rows in, rows out) of the first Ray Data operator whose name contains `operator`, summed over its
+    tasks, in the last execution behind a `streaming_split` iterator (the split coordinator actor's private
+    `stats()`: a DatasetStats whose summary, and its parents', has per-operator rows); None when this Ray's look
+    different."""
+    import ray
+
+    def summaries(summary: Any):  # the split operator's summary holds the operators before it as parents
+        yield summary
+        for parent in summary.parents:
+            yield from summaries(parent)
+
     try:
-        ops = ds._get_stats_summary().operators_stats
-        return next(int(op.total_input_num_rows) for op in ops if operator in op.operator_name)
-    except (AttributeError, StopIteration, TypeError):
+        stats = ray.get(iterator._coord_actor.stats.remote(), timeout=60)
+        op = next(op for s in summaries(stats.to_summary()) for op in s.operators_stats if operator in op.operator_name)
+        return int(op.total_input_num_rows), int(op.output_num_rows.sum)
+    except (AttributeError, StopIteration, TypeError, ray.exceptions.GetTimeoutError):
         return None
+
+
+def repartition_cpus(ds: Any, num_cpus: float) -> Any:
+    """`ds` (just made by `repartition(target_num_rows_per_block=…)`) with its repartition tasks asking for
+    `num_cpus` instead of Ray's default whole CPU (the public API takes no resources for it): on a node
+    whose data CPU is shared by quarter-CPU tasks, whole-CPU repartition tasks wait until every parse task
+    has finished, so the first batch waited for the whole corpus to be parsed. Sets the logical operator's
+    private `ray_remote_args`; `ds` unchanged when this Ray's plan looks different."""
+    op = getattr(getattr(ds, "_logical_plan", None), "dag", None)
+    if type(op).__name__ == "StreamingRepartition" and isinstance(getattr(op, "ray_remote_args", None), dict):
+        op.ray_remote_args["num_cpus"] = num_cpus
+    return ds

@@ -1,12 +1,10 @@
-"""Corpora through Ray Data: each split is read and parsed by Ray Data tasks (the same parsers as
-launcher.data.parse, one file, shard or byte range per task: a bad line is still `shard:line`), augmented
-(train; each copy seeded by its example) and tokenized (launcher.data.features, one tokenizer per task process) as the
-workers stream their shards (launcher.data.stream): lazily, in every epoch and every evaluation, so nothing
-of the corpus is kept anywhere between passes (the price: tokenization runs once per epoch, on CPUs
-beside the workers, overlapped with their steps; a counting pass before the first step). A train split bigger
-than what the driver plans from is checked here in one pass whose
-summary rows are all the driver receives (counts, labels seen, the first unknown label with its line).
-The driver never holds the training corpus.
+"""Corpora through Ray Data (the driver builds the pipeline; Ray Data tasks run it): each split is read and
+parsed by Ray Data tasks (the same parsers as launcher.data.parse, one file, shard or byte range per task: a
+bad line is still `shard:line`), augmented (train; each copy seeded by its example) and tokenized
+(launcher.data.features, one tokenizer per task process) as the workers stream their shards
+(launcher.data.stream). Nothing reads the corpus before the first step: the schedule's length comes from the
+plan (launcher.data.estimate), and a malformed line or a label outside the run's set stops the run when the
+stream reaches it, with its `file:line`. The driver never holds the training corpus.
 
 Ray Data's tasks ask for a quarter CPU each: Ray Train keeps the workers' CPUs out of Ray Data's budget,
 so a run leaves one CPU beside its workers (plan.DATA_CPUS; a local Ray declares one more than the machine
@@ -18,30 +16,23 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from typing import Any
 
 from rich.markup import escape
 
 from launcher.data.augment import CLS_OPS, NER_OPS, Augmenter
-from launcher.data.parse import (
-    Dataset,
-    Example,
-    check_labels,
-    count_invalid_bio,
-    label_order,
-    parse_lines,
-    token_line,
-)
+from launcher.data.parse import Example, parse_lines, token_line
 from launcher.data.ranges import Range, plan_ranges
 from launcher.data.sources import expand
 from launcher.recipe.schema import Recipe, tokenizer_source
 from zeroship.cli import console
 from zeroship.errors import DataError, Problem, excerpt
+from zeroship.ray_compat import repartition_cpus
 from zeroship.tasks import Task
 
 DATA_CPU = 0.25  # what each Ray Data task asks for: the workers hold whole CPUs
-BLOCK_EXAMPLES = 1024  # examples per block after parsing: the unit of tokenization tasks and of sharding
+BLOCK_EXAMPLES = 1024  # examples per block after parsing, at most: the unit of tokenization tasks and of sharding
+BLOCKS_PER_RANK = 8  # blocks per rank, at least, for a small split (block_rows)
 
 
 class ParseRange:
@@ -84,63 +75,6 @@ def read_split(spec: str, data: dict, task: str, field: str):
     return ds.flat_map(ParseRange(data, task), num_cpus=DATA_CPU), files
 
 
-def summarize(batch: dict[str, Any], task: str, conll: bool, known: list[str] | None) -> dict[str, list]:
-    """One summary row per batch: examples, labels seen, invalid-BIO sentences, and the first label that
-    is not in `known` (the recipe's data.labels) with where it is."""
-    labels: set[str] = set()
-    invalid, unknown = 0, ""
-    closed = set(known or ())
-    for i, where in enumerate(batch["where"]):
-        values = [str(t) for t in batch["tags"][i]] if task == Task.TOKEN else [str(batch["label"][i])]
-        labels.update(values)
-        if task == Task.TOKEN:
-            invalid += count_invalid_bio(values)
-        if closed and not unknown:
-            bad = next((j for j, v in enumerate(values) if v not in closed), None)
-            if bad is not None:
-                line = token_line(Example(where=str(where)), bad) if conll else str(where)
-                unknown = json.dumps([line, values[bad]])
-    return {"examples": [len(batch["where"])], "invalid_bio": [invalid], "labels": [sorted(labels)],
-            "unknown": [unknown]}
-
-
-def check_split(ds, task: str, conll: bool = False, known: list[str] | None = None) -> dict[str, Any]:
-    """The check pass: every line parsed (in Ray Data tasks), one summary per block back to the driver."""
-    try:
-        rows = ds.map_batches(summarize, fn_kwargs={"task": task, "conll": conll, "known": known},
-                              batch_format="numpy", batch_size=None, num_cpus=DATA_CPU).take_all()
-    except Exception as exc:  # noqa: BLE001  (a DataError from a task comes back wrapped)
-        err = unwrap(exc)
-        if not isinstance(err, DataError):
-            raise
-        raise err from None
-    unknown = [json.loads(r["unknown"]) for r in rows if r["unknown"]]
-    return {"examples": sum(int(r["examples"]) for r in rows),
-            "invalid_bio": sum(int(r["invalid_bio"]) for r in rows),
-            "labels": sorted({label for r in rows for label in r["labels"]}), "unknown": unknown}
-
-
-def check_train(dataset: Dataset, data: dict, task: str) -> None:
-    """A launch on a train split too big for the driver (planned from a sample, launcher.data.parse.load_dataset):
-    every line is parsed and checked by Ray Data tasks, and the label set, the count and the invalid-BIO
-    count become the whole split's. The driver receives one summary row per block."""
-    split = dataset.splits["train"]
-    if split.sampled_bytes is None:
-        return  # read whole by the plan
-    ds, _ = read_split(split.path, data, task, "data.train")
-    summary = check_split(ds, task, data["format"] == "conll", data.get("labels"))
-    if summary["unknown"]:
-        line, label = summary["unknown"][0]
-        raise DataError(Problem(line, f"label {excerpt(label)} is not in data.labels in the recipe",
-                                f"known labels: {', '.join(data['labels'][:12])}"))
-    if not summary["examples"]:
-        raise DataError(Problem(split.path, "the train split has no examples"))
-    split.sampled_bytes, split.invalid_bio = None, summary["invalid_bio"]
-    if not data.get("labels"):
-        dataset.labels = label_order(task, set(summary["labels"]))
-        check_labels(dataset.splits, dataset.labels, data, task, skip=["train"])
-
-
 def stable_hash(text: str) -> int:
     """A hash of an example's `where` (file:line) that is the same in every process and run (Python's
     own `hash` of a str is salted per process): k-fold assignment and augmentation seeds use it."""
@@ -166,8 +100,26 @@ def _tokenizer(source: str, max_length: int, stride: int):
     return backend(AutoTokenizer.from_pretrained(source), max_length, stride)
 
 
+def unknown_label(examples: list[Example], label2id: dict[str, int], conll: bool, listed: bool) -> DataError | None:
+    """The first label of `examples` outside the run's label set, as the error that names its line: the
+    set comes from data.labels or, for a big train split, from the sample the plan read."""
+    for ex in examples:
+        values = ex.tags if ex.tags is not None else [ex.label]
+        bad = next((i for i, v in enumerate(values) if v is not None and v not in label2id), None)
+        if bad is None:
+            continue
+        where = token_line(ex, bad) if conll and ex.tags is not None else ex.where
+        fix = ("add it to data.labels" if listed else
+               "list every label in data.labels: without it the label set is inferred from the sample of the "
+               "train split the plan reads")
+        return DataError(Problem(where, f"label {excerpt(values[bad])} is not in the run's label set "
+                                 f"({', '.join(list(label2id)[:12])})", fix))
+    return None
+
+
 def tokenize_batch(batch: dict[str, Any], source: str, task: str, labels: list[str], max_length: int,
-                   stride: int, casing: bool = False, label_all: bool = False) -> dict[str, list]:
+                   stride: int, casing: bool = False, label_all: bool = False, conll: bool = False,
+                   listed: bool = False) -> dict[str, list]:
     """Examples → features (launcher.data.features: the same alignment and windows as the small path).
     Columns: input_ids, attention_mask, token_type_ids (when the model has them; with `casing`, the tokens'
     casing classes), labels, `where` (the source example), and for NER each window's word ids (-1 for
@@ -182,6 +134,9 @@ def tokenize_batch(batch: dict[str, Any], source: str, task: str, labels: list[s
         {label: i for i, label in enumerate(labels)},
     )
     examples = Example.from_batch(batch)
+    error = unknown_label(examples, label2id, conll, listed)
+    if error is not None:
+        raise error
     if ner:
         feats = encode_ner(tokenizer, examples, label2id, max_length, stride, casing, label_all)
     else:
@@ -200,11 +155,12 @@ def tokenize_batch(batch: dict[str, Any], source: str, task: str, labels: list[s
 
 
 def tokenize(ds, source: str, task: str, labels: list[str], max_length: int, stride: int, casing: bool,
-             label_all: bool = False):
+             label_all: bool = False, conll: bool = False, listed: bool = False, batch_size: int = 256):
     """The tokenization transform: Ray Data tasks (fused with the parse), a batch of examples per call."""
     return ds.map_batches(tokenize_batch, fn_kwargs=dict(source=source, task=task, labels=labels, max_length=max_length,
-                                                         stride=stride, casing=casing, label_all=label_all),
-                          batch_size=256, batch_format="numpy", num_cpus=DATA_CPU)
+                                                         stride=stride, casing=casing, label_all=label_all,
+                                                         conll=conll, listed=listed),
+                          batch_size=batch_size, batch_format="numpy", num_cpus=DATA_CPU)
 
 
 class AugmentRows:
@@ -219,12 +175,19 @@ class AugmentRows:
         return [row] + [c.to_row() for c, _ in self.augmenter.copies(Example.from_row(row), self.seed)]
 
 
-def build_datasets(recipe: Recipe, labels: list[str], pool: list[Example]) -> tuple[dict, Any]:
+def block_rows(examples: int, world: int) -> int:
+    """Examples per block after parsing, and per tokenization task: each task's output goes whole to a rank
+    (the one with the fewest rows so far), so at least BLOCKS_PER_RANK of them per rank let every rank's
+    share span the corpus (one 1024-row block of a small split would give each rank a contiguous half);
+    at most BLOCK_EXAMPLES."""
+    return max(16, min(BLOCK_EXAMPLES, examples // max(1, world * BLOCKS_PER_RANK)))
+
+
+def build_datasets(recipe: Recipe, labels: list[str], pool: list[Example], examples: int) -> dict:
     """The run's train (augmented when the recipe says so) and validation splits as lazy Ray Datasets:
-    read, parsed and tokenized by Ray Data tasks as the workers stream their shards, epoch after epoch
-    (nothing of the corpus is kept between epochs, in the driver or anywhere). Also a reference to the
-    counting pass (`count_splits`), which runs while the worker group starts."""
-    import ray
+    read, parsed and tokenized by Ray Data tasks as the workers stream their shards (nothing of the corpus
+    is held by the driver; the workers keep the windows after their first pass when the plan says so,
+    launcher.data.stream). `examples`: the plan's count of training examples (block sizes)."""
     import ray.data
 
     # blocks in the order of the files and lines, whichever task finishes first: the same shards and
@@ -234,9 +197,11 @@ def build_datasets(recipe: Recipe, labels: list[str], pool: list[Example]) -> tu
     datasets = {}
     for split in ("train", "validation"):
         rows, _ = read_split(dcfg[split], dcfg, task, f"data.{split}")
-        # a big file parses into one block: cut it, so that tokenization spreads over tasks and the
-        # validation sentences over the ranks (a block goes whole to one rank)
-        rows = rows.repartition(target_num_rows_per_block=BLOCK_EXAMPLES)
+        # a range parses into one block: cut it, so that tokenization spreads over tasks and the sentences
+        # over the ranks (a block goes whole to one rank); at a quarter CPU per task like the others (Ray's
+        # default whole CPU kept it waiting until every range was parsed: 35 s of a 64× CoNLL first step)
+        per_block = block_rows(examples, recipe.scaling.workers) if split == "train" else BLOCK_EXAMPLES
+        rows = repartition_cpus(rows.repartition(target_num_rows_per_block=per_block), DATA_CPU)
         ops = NER_OPS if task == Task.TOKEN else CLS_OPS
         if split == "train" and any(dcfg["augmentation"].get(op) for op in ops):
             rows = rows.flat_map(AugmentRows(dcfg["augmentation"], pool, task, recipe.train.seed),
@@ -244,37 +209,10 @@ def build_datasets(recipe: Recipe, labels: list[str], pool: list[Example]) -> tu
         # every sub-token trains with label_all_tokens; validation keeps first sub-tokens, so its loss, like
         # its F1, is per word
         label_all = split == "train" and dcfg["label_all_tokens"]
+        # one tokenization task per block: each task's output is a bundle the split hands to one rank whole
         datasets[split] = tokenize(rows, source, task, labels, dcfg["max_length"], dcfg["stride"], recipe.model.casing,
-                                   label_all)
-    return datasets, count_splits(datasets)
-
-
-def count_splits(datasets: dict) -> Any:
-    """A Ray task (no CPU of its own: its Ray Data tasks ask for theirs) that runs each split once and
-    returns {split: {"examples": tokenized, "windows": made}}; the workers wait for it (the schedule
-    needs the training windows) and the driver records it."""
-    import ray
-
-    @ray.remote(num_cpus=0)
-    def count(datasets: dict) -> dict:
-        import ray.data
-
-        ray.data.DataContext.get_current().execution_options.preserve_order = True
-        out = {}
-        for name, ds in datasets.items():
-            done = ds.materialize()  # one pass; its blocks are freed when this task returns
-            out[name] = {"examples": tokenized_examples(done), "windows": done.count()}
-        return out
-
-    return count.remote(datasets)
-
-
-def tokenized_examples(ds) -> int | None:
-    """How many examples the tokenization transform took in, from Ray Data's own statistics (counted
-    in the tasks, summed over them; None if this Ray's statistics look different)."""
-    from zeroship.ray_compat import operator_input_rows
-
-    return operator_input_rows(ds, "tokenize_batch")
+                                   label_all, dcfg["format"] == "conll", bool(dcfg.get("labels")), per_block)
+    return datasets
 
 
 def fold_of(where: str, k: int) -> int:
@@ -296,10 +234,9 @@ def fold_sizes(data: dict, task: str, k: int) -> list[int]:
     return [sum(int(p["sizes"][f]) for p in parts) for f in range(k)]
 
 
-def fold_datasets(train, k: int, fold: int) -> tuple[dict, Any]:
+def fold_datasets(train, k: int, fold: int) -> dict:
     """k-fold: the training windows whose sentence hashes to `fold` validate, the rest train. A
     sentence's windows share its `where`, so a fold holds whole sentences, the same in every trial."""
     validation = train.filter(lambda row: fold_of(str(row["where"]), k) == fold, num_cpus=DATA_CPU)
     rest = train.filter(lambda row: fold_of(str(row["where"]), k) != fold, num_cpus=DATA_CPU)
-    folded = {"train": rest, "validation": validation}
-    return folded, count_splits(folded)
+    return {"train": rest, "validation": validation}

@@ -82,8 +82,9 @@ class Dataset:
                     " with invalid BIO (I- without its B-); trained as given"
                 )
             if split.sampled_bytes is not None:
-                out.append(f"data.{name}: checked on a sample ({split.sampled_bytes / 2**20:.1f} of "
-                           f"{split.total_bytes / 2**20:.0f} MB); the launch reads and checks every line")
+                out.append(f"data.{name}: planned from a sample ({split.sampled_bytes / 2**20:.1f} of "
+                           f"{split.total_bytes / 2**20:.0f} MB); the workers' stream checks every line as it "
+                           "reads it, and a malformed line or a label outside the run's set stops the run there")
         return out
 
 
@@ -399,8 +400,8 @@ def load_dataset(data: dict, task: str, sample: bool | str = False) -> Dataset:
     """Read every split named in the recipe's `data` section and settle the label set.
 
     `sample`: a split over CHECK_FULL_BYTES is read as a sample (read_sample) for `launch --check` (True);
-    for a launch ("train") a train split over LAUNCH_TRAIN_BYTES is read as a sample of that size (Ray
-    Data tasks check all of it once Ray is up, launcher.data.ingest.check_train). Then the label set comes
+    for a launch ("train") a train split over LAUNCH_TRAIN_BYTES is read as a sample of that size (the Ray
+    Data tasks that stream it check every line, launcher.data.ingest). Then the label set comes
     from the sample unless the recipe gives it,
     and labels are checked against it only where every line was read."""
     splits: dict[str, Split] = {}

@@ -1,7 +1,8 @@
 """Byte ranges: a big corpus file parsed by several Ray Data tasks, none of which holds the whole file.
 
 A file over `range_bytes()` (16 MB) is cut at record boundaries — a line start for JSONL and CSV, the start
-of a blank line for CoNLL (sentences end there) — into ranges of about that size, each parsed by its own
+of a blank line for CoNLL (sentences end there) — into ranges of about that size (the first few smaller:
+1, 2, 4, 8 MB, so the first batch waits only for a small one, `stretches`), each parsed by its own
 task (launcher.data.ingest.ParseRange). The driver finds the cuts before Ray Data starts, with one Ray task
 per 16 MB stretch of the file (`scan`): it reads its stretch once, counts the newlines and finds the first
 boundary at or after the stretch's start. The counts give each range the number of its first line, so
@@ -117,10 +118,10 @@ def scan(name: str, start: int, stop: int, size: int, fmt: str) -> dict[str, Any
             "before_cut": buf.count(b"\n", start - base, cut - base), "odd_quotes": odd}
 
 
-def file_ranges(source: Source, fmt: str, stretches: list[dict[str, Any]], size: int) -> list[Range]:
+def file_ranges(source: Source, fmt: str, scans: list[dict[str, Any]], size: int) -> list[Range]:
     """A big file's ranges from its stretches' scans (`scan`, in stretch order)."""
     cuts, before = [(0, 1)], 0
-    for i, s in enumerate(stretches):
+    for i, s in enumerate(scans):
         if i:
             cuts.append((s["cut"], 1 + before + s["before_cut"]))
         before += s["newlines"]
@@ -137,7 +138,26 @@ def file_ranges(source: Source, fmt: str, stretches: list[dict[str, Any]], size:
             for i, (start, line) in enumerate(cuts)]
 
 
-SCANNED: dict[tuple, list[Range]] = {}  # a driver scans a file once (the check pass, then the stream)
+RAMP = 4  # a big file's first stretches are limit/2**RAMP, …, limit/2 bytes (stretches)
+
+
+def stretches(size: int, limit: int) -> list[tuple[int, int]]:
+    """[start, stop) of a big file's stretches: `limit` bytes each, but the first ones ramp up from
+    limit / 2**RAMP, doubling. A range's examples leave its task only when it has parsed all of them, and
+    the first batch waits for the first range (preserve_order): a 1 MB first range gives a 200 MB file its
+    first batch about as soon as a small file's, while later ranges parse beside the training."""
+    out, start = [], 0
+    for i in range(RAMP + 1):
+        if start >= size:
+            break
+        stop = min(size, start + max(1, limit >> (RAMP - i)))
+        out.append((start, stop))
+        start = stop
+    out += [(s, min(size, s + limit)) for s in range(start, size, limit)]
+    return out
+
+
+SCANNED: dict[tuple, list[Range]] = {}  # a driver scans a file once (each split's dataset, k-fold's count)
 
 
 def plan_ranges(files: list[Source], fmt: str, num_cpus: float, size_limit: int | None = None
@@ -149,17 +169,17 @@ def plan_ranges(files: list[Source], fmt: str, num_cpus: float, size_limit: int 
     limit = size_limit or range_bytes()
     todo = [f for f in files if f.size > limit and (f.name, f.size, fmt, limit) not in SCANNED]
     task = ray.remote(num_cpus=num_cpus)(scan)
-    pending = {f.name: [task.remote(f.name, s, min(f.size, s + limit), f.size, fmt)
-                        for s in range(0, f.size, limit)] for f in todo}
+    pending = {f.name: [task.remote(f.name, start, stop, f.size, fmt) for start, stop in stretches(f.size, limit)]
+               for f in todo}
     warnings = []
     for f in todo:
-        stretches = ray.get(pending[f.name])
-        if fmt == "csv" and any(s["odd_quotes"] for s in stretches):
+        scans = ray.get(pending[f.name])
+        if fmt == "csv" and any(s["odd_quotes"] for s in scans):
             SCANNED[f.name, f.size, fmt, limit] = [Range(f.name)]
             warnings.append(f"{f.name}: a CSV row holds a newline inside quotes, so the file cannot be cut at "
                             "line starts and one task parses all of it (one row per line, or shards, parse in "
                             "parallel)")
         else:
-            SCANNED[f.name, f.size, fmt, limit] = file_ranges(f, fmt, stretches, f.size)
+            SCANNED[f.name, f.size, fmt, limit] = file_ranges(f, fmt, scans, f.size)
     ranges = [r for f in files for r in (SCANNED[f.name, f.size, fmt, limit] if f.size > limit else [Range(f.name)])]
     return ranges, warnings

@@ -1,15 +1,25 @@
-"""A worker's training batches from its streamed shard (Ray Data), with bounded memory.
+"""A worker's training batches from its streamed shard (Ray Data), with bounded memory (runs in Train workers).
 
-Ray Data hands each rank an equal share of the tokenized windows (`streaming_split(equal=True)`),
-in chunks of `batch_size × CHUNK_BATCHES` rows (`iter_batches`, after a seeded local shuffle). Each
-chunk is sorted by length and cut into batches, whose order is then shuffled (`chunk_batches`): the
-padding saving of length grouping, with at most one chunk (plus Ray Data's shuffle buffer) in memory.
-A global sort would need the whole corpus in one process; a chunk of 64 batches already holds most of
-the length spread of natural-language corpora (the same bound as `features.length_grouped_batches`).
+Ray Data hands each rank an equal share of the tokenized windows (`streaming_split(equal=True)`; blocks are
+small, launcher.data.ingest.block_rows, and dealt to the rank with the fewest rows so far, so every rank's
+share spans the whole corpus), in chunks of `batch_size × CHUNK_BATCHES` rows (`iter_batches`, after a
+seeded local shuffle). Each chunk is sorted by length and cut into batches, whose order is then shuffled
+(`chunk_batches`): the padding saving of length grouping, with at most one chunk (plus Ray Data's shuffle
+buffer) in memory. A global sort would need the whole corpus in one process; a chunk of 64 batches already
+holds most of the length spread of natural-language corpora (the same bound as
+`features.length_grouped_batches`).
+
+Tokenized once: when the plan keeps the windows (launcher.data.estimate, `data.cache_mb`), each rank puts
+its first pass's rows into Ray's object store in pieces of PIECE_BATCHES batches as they stream by; at the
+pass's end the ranks swap the pieces' references, and every later epoch deals all pieces afresh over the
+ranks (`deal`: seeded by the epoch, the same number of rows to each rank) — a global shuffle at piece
+level, with no second read, parse or tokenization. Validation windows are kept after their first pass too.
+Otherwise every epoch streams again (each rank's share is the same; its order changes with the epoch).
 
 Every rank gets the same number of rows, so the same number of chunks and batches (`batches_in_epoch`):
 no rank waits in a collective for a step another never takes. Batches are a pure function of the shard's
-row order and the seed: skipping the first N of an epoch restores a resume's position exactly.
+row order, the pieces and the seed: skipping the first N of an epoch restores a resume's position exactly
+(a restarted group streams its first pass again to rebuild the pieces: the same rows, so the same deal).
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from zeroship.batching import length_sorted_batches
 from zeroship.tasks import Task
 
 CHUNK_BATCHES = 64  # batches per sorted chunk: the bound on what a worker holds beyond Ray Data's buffer
+PIECE_BATCHES = 8  # batches per kept piece: the unit of the later epochs' global shuffle (one object each)
 
 
 def batches_in_epoch(rows: int, batch_size: int, chunk_batches: int = CHUNK_BATCHES) -> int:
@@ -63,18 +74,93 @@ def _labels(value: Any) -> list[int] | int:
     return [int(v) for v in value] if hasattr(value, "__len__") else int(value)
 
 
+def whole_steps(batches, accum: int):
+    """An epoch's micro-batches, whole optimizer steps only: a last group shorter than `accum` is read (every
+    rank's stream runs to its end) and dropped, so no step's gradients spill into the next epoch's."""
+    group: list = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == accum:
+            yield from group
+            group = []
+
+
+def deal(sizes: list[int], world: int, seed: int, epoch: int) -> list[list[int]]:
+    """The pieces (their indices into `sizes`, every rank's pieces in rank order) each rank trains on in
+    `epoch`: pieces of each size are shuffled and dealt in turn, so every rank gets the same number of
+    rows (each rank's first pass made the same sizes); then each rank's hand is shuffled. Seeded by the
+    epoch alone: every rank computes every hand the same way."""
+    rng = random.Random(f"{seed}:{epoch}:deal")
+    by_size: dict[int, list[int]] = {}
+    for i, n in enumerate(sizes):
+        by_size.setdefault(n, []).append(i)
+    hands: list[list[int]] = [[] for _ in range(world)]
+    for n in sorted(by_size):
+        group = by_size[n]
+        rng.shuffle(group)
+        for j in range(len(group) - len(group) % world):  # (equal first passes leave no remainder)
+            hands[j % world].append(group[j])
+    for hand in hands:
+        rng.shuffle(hand)
+    return hands
+
+
+def chunks_of(pieces, rows: int):
+    """Pieces (column dicts) → chunks of exactly `rows` rows (the last shorter), each a dict of lists: the
+    same chunk sizes on every rank whatever the order of its pieces."""
+    chunk: dict[str, list] = {}
+    have = 0
+    for piece in pieces:
+        n, at = len(piece["where"]), 0
+        while at < n:
+            take = min(n - at, rows - have)
+            for k, v in piece.items():
+                chunk.setdefault(k, []).extend(list(v[at:at + take]))
+            at, have = at + take, have + take
+            if have == rows:
+                yield chunk
+                chunk, have = {}, 0
+    if have:
+        yield chunk
+
+
+class Tally:
+    """What Ray Data tokenized for one split over the run, from its own statistics (rank 0 reads them
+    after each pass): examples in, windows out, passes."""
+
+    def __init__(self):
+        self.examples, self.windows, self.passes = 0, 0, 0
+
+    def add(self, iterator) -> None:
+        from zeroship.ray_compat import split_operator_rows
+
+        rows = split_operator_rows(iterator, "tokenize_batch")
+        self.passes += 1
+        if rows is not None:
+            self.examples += rows[0]
+            self.windows = rows[1]
+
+    def to_json(self) -> dict:
+        return {"examples": self.examples, "windows": self.windows, "passes": self.passes}
+
+
 class Shards:
     """This worker's share of the run's data (`ray.train.get_dataset_shard`): the training windows as
-    batches of Features per epoch, and the validation windows with the sentences they came from."""
+    batches of Features per epoch, and the validation windows with the sentences they came from. `keep`:
+    keep both after their first pass (the plan's cache decision)."""
 
-    def __init__(self, task: str, labels: list[str], batch_size: int, seed: int):
+    def __init__(self, task: str, labels: list[str], batch_size: int, seed: int, keep: bool = False):
         import ray.train
 
-        self.rank = ray.train.get_context().get_world_rank()
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.train = ray.train.get_dataset_shard("train")
         self.validation = ray.train.get_dataset_shard("validation")
-        self.task, self.labels, self.batch_size, self.seed = task, labels, batch_size, seed
+        self.task, self.labels, self.batch_size, self.seed, self.keep = task, labels, batch_size, seed, keep
         self.ahead: tuple | None = None  # (epoch, its batches, the thread fetching the first, what it got)
+        self.pieces: list[tuple[Any, int]] | None = None  # every rank's kept pieces: (object ref, rows)
+        self.kept_validation: tuple[list, list[Feature]] | None = None
+        self.tally = {"train": Tally(), "validation": Tally()}
 
     def prefetch(self, epoch: int) -> None:
         """Start `epoch`'s stream now, in a thread that takes its first batch: Ray Data's pipeline
@@ -107,25 +193,70 @@ class Shards:
             yield from batches
 
     def _batches(self, epoch: int):
-        """A seeded local shuffle (Ray Data's buffer), then sorted chunks cut into batches in a seeded
-        order (`chunk_batches`)."""
-        rows = self.batch_size * CHUNK_BATCHES
+        """Kept pieces dealt for this epoch, or the stream (keeping its pieces when the plan says so)."""
         rng = batch_order_rng(self.seed, epoch, self.rank)
-        for columns in self.train.iter_batches(batch_size=rows, batch_format="numpy", local_shuffle_buffer_size=rows,
-                                               local_shuffle_seed=self.seed + epoch):
+        if self.keep and self.pieces is None and epoch > 1:  # a restarted group: its first pass again
+            for _ in self._stream(1, random.Random(0)):
+                pass
+        if self.pieces is not None:
+            yield from self._dealt(epoch, rng)
+        else:
+            yield from self._stream(epoch, rng)
+
+    def _stream(self, epoch: int, rng: random.Random):
+        """A seeded local shuffle (Ray Data's buffer), then sorted chunks cut into batches in a seeded
+        order (`chunk_batches`). The first pass of a kept run puts its rows into the object store too."""
+        import ray
+
+        rows = self.batch_size * CHUNK_BATCHES
+        kept: list[tuple[Any, int]] = []
+        keep = self.keep and self.pieces is None
+        for columns in data_errors(self.train.iter_batches(batch_size=rows, batch_format="numpy",
+                                                           local_shuffle_buffer_size=rows,
+                                                           local_shuffle_seed=self.seed + epoch)):
+            if keep:
+                step = self.batch_size * PIECE_BATCHES
+                for at in range(0, len(columns["where"]), step):
+                    piece = {k: v[at:at + step] for k, v in columns.items()}
+                    kept.append((ray.put(piece), len(piece["where"])))
             for batch in chunk_batches(columns, self.batch_size, rng):
                 yield features(columns, batch)
+        self._pass_done(self.train, "train")
+        if keep:
+            self.pieces = share(kept, self.world)
+
+    def _dealt(self, epoch: int, rng: random.Random):
+        """This rank's hand of every rank's kept pieces (`deal`), as chunks of the stream's size."""
+        import ray
+
+        hand = deal([n for _, n in self.pieces], self.world, self.seed, epoch)[self.rank]
+        pieces = (ray.get(self.pieces[i][0]) for i in hand)
+        for columns in chunks_of(pieces, self.batch_size * CHUNK_BATCHES):
+            for batch in chunk_batches(columns, self.batch_size, rng):
+                yield features(columns, batch)
+
+    def _pass_done(self, iterator, split: str) -> None:
+        """After every rank's pass (a barrier: Ray Data's statistics are whole then), rank 0 tallies it."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+        if self.rank == 0:
+            self.tally[split].add(iterator)
 
     def validation_examples(self) -> tuple[list, list[Feature]]:
         """This rank's validation windows as Features, grouped under the sentences (Examples) they came
         from: windows of one sentence share its `where` and reach the same rank, so each rank scores
-        whole sentences. Examples carry only what scoring reads (gold tags, sentence length, label)."""
+        whole sentences. Examples carry only what scoring reads (gold tags, sentence length, label).
+        Kept after the first pass when the plan keeps the data."""
         from launcher.data.parse import Example
 
+        if self.kept_validation is not None:
+            return self.kept_validation
         examples: list = []
         index: dict[str, int] = {}
         feats: list[Feature] = []
-        for columns in self.validation.iter_batches(batch_size=1024, batch_format="numpy"):
+        for columns in data_errors(self.validation.iter_batches(batch_size=1024, batch_format="numpy")):
             for i, where in enumerate(columns["where"]):
                 where = str(where)
                 if where not in index:
@@ -141,7 +272,43 @@ class Shards:
                     feat.word_ids = [None if w < 0 else int(w) for w in columns["word_ids"][i]]
                     feat.starts = [bool(s) for s in columns["starts"][i]]
                 feats.append(feat)
+        self._pass_done(self.validation, "validation")
+        if self.keep:
+            self.kept_validation = (examples, feats)
         return examples, feats
+
+    def data_record(self) -> dict:
+        """What Ray Data tokenized over the run (rank 0's tally), for status.json's `data`."""
+        return {name: t.to_json() for name, t in self.tally.items()}
+
+
+def share(kept: list[tuple[Any, int]], world: int) -> list[tuple[Any, int]]:
+    """Every rank's kept pieces, in rank order, on every rank: the references travel (Ray's own pickler,
+    which registers them with their owner), the rows stay in the object store. Each rank owns what it put,
+    and lives as long as the run."""
+    import ray.cloudpickle
+    import torch.distributed as dist
+
+    if world == 1 or not dist.is_initialized():
+        return kept
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, ray.cloudpickle.dumps(kept))
+    return [piece for blob in gathered for piece in ray.cloudpickle.loads(blob)]
+
+
+def data_errors(batches):
+    """Ray Data's batches; a DataError raised in one of its tasks (a malformed line, a label outside the
+    run's set) comes out as itself, with its `file:line`, not inside Ray's wrappers."""
+    from launcher.data.ingest import unwrap
+    from zeroship.errors import DataError
+
+    try:
+        yield from batches
+    except Exception as exc:  # noqa: BLE001
+        err = unwrap(exc)
+        if isinstance(err, DataError):
+            raise DataError(err.problems, title=err.title) from None
+        raise
 
 
 def lockstep(batches: list[list[int]], device: Any) -> tuple[list[list[int]], list[bool]]:

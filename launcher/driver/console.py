@@ -51,7 +51,8 @@ class ProgressView:
         self.stop_reasons: dict[str, str] = {}
         self.params: dict[str, dict] = {}
         self.best: dict[str, float] = {}
-        self.totals: dict[str, int] = {}
+        self.totals: dict[str, str] = {}  # per trial, as shown: "120", or "≈ 120" until the workers know it
+        self.data: dict[str, dict] = {}  # per trial: what Ray Data tokenized (the workers' tally)
         self.tasks: dict[str, Any] = {}
         self._stop = threading.Event()
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=20),
@@ -91,9 +92,18 @@ class ProgressView:
                                             f" checkpoint at step {event['resumed_from_step']}")
             if event.get("zero_auto") and event.get("resumed_from_step") is None:
                 self.progress.console.print(f"{trial or self.run.id}: {escape(event['zero_auto'])}", highlight=False)
-            self.totals[trial] = event["total_steps"]
+            self.totals[trial] = f"{'≈' if event.get('estimated') else ''}{event['total_steps']}"
             self.progress.update(task, total=event["total_steps"], info=self._info(trial, "running"),
-                                 steps=f"step 0/{event['total_steps']}")
+                                 steps=f"step 0/{self.totals[trial]}")
+        elif kind == "total":  # the exact step count, known at the end of the first epoch
+            self.totals[trial] = str(event["total_steps"])
+            self.progress.update(task, total=event["total_steps"],
+                                 steps=f"step {event['step']}/{self.totals[trial]}")
+            self.run.append_metrics({"kind": "total", "trial": trial, "step": event["step"],
+                                     "total_steps": event["total_steps"],
+                                     "micro_batches_per_epoch": event["micro_batches"]})
+        elif kind == "data":
+            self.data[trial] = event["splits"]
         elif kind == "step":
             if self.run.logger is not None:
                 self.run.logger.log(trial, event["step"], {"train_loss": event["loss"], "lr": event.get("lr")})

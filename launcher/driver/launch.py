@@ -25,7 +25,6 @@ from pathlib import Path
 import yaml
 from rich.markup import escape
 
-from launcher.data.ingest import check_train
 from launcher.driver import startup
 from launcher.driver.cluster import connect_ray
 from launcher.driver.console import (
@@ -42,7 +41,7 @@ from launcher.driver.winner import Winner, pick_winner, write_best
 from launcher.eval.ranking import best
 from launcher.recipe.schema import Recipe
 from launcher.runs.registry import Registry, Run, atomic_write
-from zeroship.errors import Problem, RunFailed, ZeroshipError
+from zeroship.errors import DataError, Problem, RunFailed, ZeroshipError
 from zeroship.ray_session import lean
 
 
@@ -58,8 +57,9 @@ class FitResult:
 
 def fit(plan: Plan, run: Run) -> FitResult:
     recipe, board = plan.recipe, progress_board()
-    datasets, counts = run_datasets(recipe, plan, run)
-    trainer = make_trainer(recipe, worker_config(recipe, plan, board, counts), run.ray_storage, "train",
+    datasets, figures = run_datasets(recipe, plan, run)
+    run.data_figures = figures
+    trainer = make_trainer(recipe, worker_config(recipe, plan, board, figures), run.ray_storage, "train",
                            datasets, lean=lean())
     with ProgressView(board, run, recipe.metric, recipe.mode) as view:
         result = trainer.fit()
@@ -152,12 +152,10 @@ def execute(run: Run, plan: Plan, verbose: bool = False) -> int:
         run.stamps["ray"] = time.time()
         console.print(f"ray: {where}")
         run.update(state="running", error=None)
-        # a big train split: every line, in Ray Data
-        check_train(plan.dataset, recipe.as_dict()["data"], recipe.model.task)
         fitter = fit_kfold if recipe.sweep is not None and recipe.sweep.kfold else (
             fit_sweep if recipe.sweep is not None else fit)
         res = fitter(plan, run)
-        record_data(run)
+        record_data(run, res.view, run.data_figures)
         wall = time.time() - started
         _close_logger(run, "succeeded")
         run.push("trials", "tensorboard")
@@ -170,6 +168,11 @@ def execute(run: Run, plan: Plan, verbose: bool = False) -> int:
         _fail(run, "interrupted")
         raise
     except Exception as exc:
+        data_error = _data_error(exc)
+        if data_error is not None:  # a line the stream reached, or a label outside the run's set
+            _fail(run, data_error.render())
+            run.logs.collect_workers()
+            raise data_error from None
         reason = _describe_failure(exc, recipe.scaling.timeout_s)
         _fail(run, reason)
         run.logs.collect_workers()
@@ -207,6 +210,22 @@ def _import_in_background() -> threading.Thread:
 
 # what gloo and NCCL say when a collective outlives the process group's timeout
 TIMEOUT_SIGNS = ("timed out", "timeout", "watchdog caught collective")
+
+
+def _data_error(exc: Exception) -> DataError | None:
+    """The data problem behind a failed run, if that is what stopped it: a worker's stream raises the
+    DataError a Ray Data task found (launcher.data.stream.data_errors), which comes back inside Ray Train's
+    WorkerGroupError."""
+    from ray.train import WorkerGroupError
+
+    from launcher.data.ingest import unwrap
+
+    failures = list(exc.worker_failures.values()) if isinstance(exc, WorkerGroupError) else [exc]
+    for err in failures:
+        found = unwrap(err)
+        if isinstance(found, DataError):
+            return DataError(found.problems, title=found.title)
+    return None
 
 
 def _describe_failure(exc: Exception, timeout_s: int | None = None) -> str:
@@ -267,8 +286,8 @@ def fit_kfold(plan: Plan, run: Run) -> FitResult:
     chosen = trial_recipe(recipe, top["params"])
     if recipe.sweep.kfold_refit:
         board = progress_board()
-        datasets, counts = run_datasets(chosen, plan, run)
-        trainer = make_trainer(chosen, worker_config(chosen, plan, board, counts, trial="refit"),
+        datasets, figures = run_datasets(chosen, plan, run)
+        trainer = make_trainer(chosen, worker_config(chosen, plan, board, figures, trial="refit"),
                                run.ray_storage, "refit", datasets)  # a sweep's Ray: never lean
         view.progress.console.print(f"refit on all training data: {json.dumps(top['params'])}", highlight=False)
         with ProgressView(board, run, recipe.metric, recipe.mode) as refit_view:

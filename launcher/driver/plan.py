@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from launcher.data.augment import augment
+from launcher.data.estimate import DataEstimate, estimate
 from launcher.data.parse import Dataset, load_dataset
 from launcher.data.sources import describe, expand
 from launcher.recipe.ds_config import build_ds_config
@@ -36,6 +37,7 @@ class Plan:
     parent: str | None = None  # warm start: the run id or folder this run starts from
     augmentation: dict = field(default_factory=dict)  # examples each augmentation produced
     zero_auto: list[str] = field(default_factory=list)  # zero_stage auto: the estimate and the choice
+    figures: DataEstimate | None = None  # training windows per epoch and the cache decision
 
 
 DATA_CPUS = 1  # what a run leaves free beside its workers for Ray Data's reading and tokenization
@@ -164,7 +166,7 @@ def build_plan(recipe: Recipe, recipe_path: str, check: bool = False) -> Plan:
         shown, zero_lines = (auto_stage_preview(recipe, dataset.labels, local["GPU"])
                              if check and sc.use_gpu else auto_stage_note(recipe))
     return Plan(recipe, dataset, source, build_ds_config(shown.as_dict(), sc.workers), warnings, parent,
-                augmented, zero_lines)
+                augmented, zero_lines, estimate(recipe, dataset))
 
 
 def auto_stage_note(recipe: Recipe) -> tuple[Recipe, list[str]]:
@@ -265,6 +267,8 @@ def print_plan(plan: Plan, console: Console) -> None:
         t.add_row("augmentation", f"{added} copies (seed {r.train.seed}); changed by: " + ", ".join(
             f"{op} {n}" for op, n in plan.augmentation.items() if op != "examples"))
     t.add_row("max length / stride", f"{r.data.max_length} / {r.data.stride}")
+    if plan.figures is not None:
+        t.add_row("windows", plan.figures.describe())
     sc = r.scaling
     res = f"{sc.cpus_per_worker:g} CPU" + (f" + {sc.gpus_per_worker:g} GPU" if sc.use_gpu else "")
     t.add_row("workers", f"{sc.workers} × ({res}), {sc.placement_strategy}; "

@@ -17,10 +17,10 @@ import time
 PHASES = (
     ("launch_and_plan", "process", "plan"),  # Python imports, recipe and data validation
     ("ray_start", "plan", "ray"),  # a local Ray, or connecting to a cluster
-    ("ray_data", "ray", "datasets"),  # a big train split's check pass, the lazy pipeline built (launcher.data.ingest)
+    ("ray_data", "ray", "datasets"),  # the lazy pipeline built (launcher.data.ingest)
     ("worker_group_start", "datasets", "worker"),  # placement group, worker processes, torch.distributed
     ("worker_imports", "worker", "imports"),  # torch, transformers, deepspeed in the worker
-    ("data_shards", "imports", "data"),  # the tokenizer, this rank's shards, the wait for the counting pass
+    ("data_shards", "imports", "data"),  # the tokenizer, this rank's shards (their stream starts in a thread)
     ("model_load", "data", "model"),  # the pretrained encoder and the head
     ("deepspeed_initialize", "model", "engine"),  # engine, optimizer, ZeRO partitioning; resume load
     ("first_step", "engine", "first_step"),  # the first optimizer step (and a warm start's first eval)

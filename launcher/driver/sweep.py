@@ -39,13 +39,13 @@ def sweep_trial(config: dict, shared: dict) -> None:
 
     trial = config["trial"]
     recipe = trial_recipe(shared["recipe"], trial["params"])
-    datasets, counts = shared["datasets"][trial["data"]]  # this trial's data variant (run_sweep)
-    worker_cfg = dict(shared["worker_config"], recipe=recipe, trial=trial["name"], counts=counts)
+    datasets, figures = shared["datasets"][trial["data"]]  # this trial's data variant (run_sweep)
     if trial.get("fold") is not None:  # k-fold: validate on this fold, train on the others
         from launcher.data.ingest import fold_datasets
 
-        datasets, counts = fold_datasets(datasets["train"], shared["kfold"], trial["fold"])
-        worker_cfg["counts"] = counts
+        datasets = fold_datasets(datasets["train"], shared["kfold"], trial["fold"])
+        figures = shared["fold_figures"][trial["data"], trial["fold"]]
+    worker_cfg = dict(shared["worker_config"], recipe=recipe, trial=trial["name"], figures=figures)
     trainer = make_trainer(recipe, worker_cfg, shared["storage"], trial["name"], datasets,
                            callbacks=[TuneReportCallback()])  # never lean: a sweep keeps the cleaner
     trainer.fit()
@@ -92,10 +92,11 @@ def run_sweep(recipe: Recipe, plan, run: Run, view, board) -> list[dict]:
         atomic_write(run.dir / "trials" / "folds.json", json.dumps(
             {"k": k, "fold_of_example": "blake2b (8-byte digest) of its where (file:line), big-endian, mod k",
              "held_out": sizes}) + "\n")
+    from launcher.data.estimate import estimate
     from launcher.driver.trainer import data_key, run_datasets
 
     variants: dict[str, int] = {}  # data_key → index in datasets: a sweep over data.max_length tokenizes per value
-    datasets = []
+    datasets, fold_figures = [], {}
     for t in trials:  # each trial's recipe, as it will run, and the data variant it trains on
         point = trial_recipe(recipe, t["params"])
         atomic_write(run.dir / "trials" / f"{t['name']}.yaml", yaml.safe_dump(point.as_dict(), sort_keys=False))
@@ -104,9 +105,12 @@ def run_sweep(recipe: Recipe, plan, run: Run, view, board) -> list[dict]:
             variants[key] = len(datasets)
             datasets.append(run_datasets(point, plan, run))
         t["data"] = variants[key]
+        if k:  # the fold's own figures: its training windows, from what the plan holds
+            fold_figures.setdefault((t["data"], t["fold"]), estimate(point, plan.dataset, (k, t["fold"])))
+    run.data_figures = datasets[0][1]
     view.expect_trials(trials)
     shared = {"recipe": recipe, "worker_config": worker_config(recipe, plan, board, None),
-              "storage": run.ray_storage, "datasets": datasets, "kfold": k}
+              "storage": run.ray_storage, "datasets": datasets, "kfold": k, "fold_figures": fold_figures}
     scheduler = None
     if recipe.sweep.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=recipe.metric, mode=recipe.mode,

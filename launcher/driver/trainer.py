@@ -3,25 +3,26 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from launcher.data.estimate import DataEstimate
 from launcher.driver.plan import Plan
 from launcher.recipe.schema import Recipe, tokenizer_source
 from launcher.worker.entry import train_worker
 
 
-def run_datasets(recipe: Recipe, plan: Plan, run) -> tuple[dict, Any]:
-    """The run's splits as lazy Ray Datasets and the reference to their counting pass
-    (launcher.data.ingest.build_datasets); `record_data` reports the counts once training is done."""
+def run_datasets(recipe: Recipe, plan: Plan, run) -> tuple[dict, DataEstimate]:
+    """The run's splits as lazy Ray Datasets (launcher.data.ingest.build_datasets) and the plan's figures
+    the workers start from (launcher.data.estimate): no pass over the corpus comes first."""
     import time
 
+    from launcher.data.estimate import estimate
     from launcher.data.ingest import build_datasets
 
-    datasets, counts = build_datasets(recipe, plan.dataset.labels, plan.dataset.splits["train"].examples)
-    if run.data_counts is None:  # a sweep's first variant (data_key) is the one status.json reports
-        run.data_counts = counts
+    same = plan.figures is not None and data_key(recipe) == data_key(plan.recipe)
+    figures = plan.figures if same else estimate(recipe, plan.dataset)  # a sweep point over data.max_length
+    datasets = build_datasets(recipe, plan.dataset.labels, plan.dataset.splits["train"].examples,
+                              figures.train_examples)
     run.stamps.setdefault("datasets", time.time())  # the start-up record's ray_data phase (launcher.driver.startup)
-    return datasets, counts
+    return datasets, figures
 
 
 def data_key(recipe: Recipe) -> str:
@@ -32,22 +33,26 @@ def data_key(recipe: Recipe) -> str:
     return json.dumps([tokenizer_source(recipe.model), recipe.data.max_length, recipe.data.stride])
 
 
-def record_data(run) -> None:
-    """What Ray Data's counting pass found, on the console and in status.json (`data`)."""
-    import ray
-
+def record_data(run, view, figures: DataEstimate | None) -> None:
+    """What Ray Data tokenized (the workers' tally of its own statistics: examples in, windows out, passes)
+    next to the plan's figures, on the console and in status.json (`data`)."""
     from launcher.driver.console import console
 
-    made = ray.get(run.data_counts, timeout=600)  # the workers waited for it already
-    console.print("data (Ray Data): " + ", ".join(f"{name} {c['examples']} examples → {c['windows']} windows"
-                                                  for name, c in made.items()), highlight=False)
-    run.update(data=made)
+    made = view.data.get("") or next(iter(view.data.values()), None)  # a sweep: its first trial's
+    record: dict = {"plan": figures.to_json()} if figures is not None else {}
+    if made:
+        record.update(made)
+        shown = [f"{name} {c['examples']} examples → {c['windows']} windows in {c['passes']} pass(es)"
+                 for name, c in made.items() if c["passes"]]  # a max_steps run may end inside its first pass
+        if shown:
+            console.print("data (Ray Data): " + ", ".join(shown), highlight=False)
+    run.update(data=record)
 
 
-def worker_config(recipe: Recipe, plan: Plan, board, counts: Any, trial: str = "") -> dict:
-    """What every worker receives: the Recipe (pydantic: it pickles), labels, a reference to the data's
-    counts (the data itself comes as Ray Datasets, `make_trainer`), the progress board."""
-    return {"recipe": recipe, "labels": plan.dataset.labels, "counts": counts, "progress": board,
+def worker_config(recipe: Recipe, plan: Plan, board, figures: DataEstimate | None, trial: str = "") -> dict:
+    """What every worker receives: the Recipe (pydantic: it pickles), labels, the plan's data figures (the
+    data itself comes as Ray Datasets, `make_trainer`), the progress board."""
+    return {"recipe": recipe, "labels": plan.dataset.labels, "figures": figures, "progress": board,
             "metric": recipe.metric, "mode": recipe.mode, "trial": trial}
 
 

@@ -130,6 +130,10 @@ class DataConfig(Section):
     # as transformers' `label_all_tokens` does), so runtimes that read every token (Transformers.js,
     # pipeline aggregation "simple"/"average") find the entities Predictor finds; false: the first only
     label_all_tokens: bool = True
+    # the tokenized windows are kept in Ray's object store after their first pass (each example tokenized
+    # once per run) when the plan estimates them at most this many MB; larger corpora stream again every
+    # epoch. 0: always stream (launcher/data/estimate.py)
+    cache_mb: Annotated[int, Field(ge=0, le=2**30)] = 4096
     augmentation: AugmentationConfig = AugmentationConfig()
 
     @model_validator(mode="after")

@@ -76,7 +76,7 @@ class Run:
     logs: Any = field(default=None, compare=False, repr=False)  # launcher.runs.run_logs.RunLogs while training
     remote: RemoteStore | None = field(default=None, compare=False, repr=False)  # storage on a URI
     stamps: dict = field(default_factory=dict, compare=False, repr=False)  # the driver's launcher.driver.startup stamps
-    data_counts: Any = field(default=None, compare=False, repr=False)  # Ray Data's counting pass (an ObjectRef)
+    data_figures: Any = field(default=None, compare=False, repr=False)  # the plan's data figures (DataEstimate)
 
     @property
     def ray_storage(self) -> str:

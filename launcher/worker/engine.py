@@ -20,17 +20,45 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_lambda(schedule: str, warmup: int, total: int):
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        if schedule == "constant":
+class Schedule:
+    """The learning-rate factor per optimizer step (torch's LambdaLR calls it): linear warmup over `warmup`
+    steps, then constant, cosine or linear decay to 0 at step `total`.
+
+    A run that starts from the plan's estimate of its windows (launcher.data.estimate) learns the exact
+    count at the end of its first epoch; `stretch(step, total)` then maps the steps left, [step, total], onto
+    what was left of the planned schedule, [step, planned total], linearly: the factor is continuous at
+    `step` and reaches the planned end (0 for linear and cosine) exactly at the new last step. Its state is
+    plain numbers in `__dict__`, which LambdaLR's `state_dict` saves with DeepSpeed's checkpoint, so a resumed
+    run continues with the stretched schedule."""
+
+    def __init__(self, kind: str, warmup: int, total: int):
+        self.kind, self.warmup, self.total = kind, warmup, total
+        # the stretch: from step `at` (at `planned_at` on the planned axis), `new_total` steps in all
+        self.at: int | None = None
+        self.new_total: int | None = None
+        self.planned_at: float | None = None
+
+    def stretch(self, step: int, total: int) -> None:
+        planned = min(self._planned(step), self.total)  # a second stretch composes with the first
+        self.at, self.new_total, self.planned_at = step, max(total, step), planned
+
+    def _planned(self, step: int) -> float:
+        """Where `step` of the stretched run falls on the planned schedule's axis."""
+        if self.at is None or step <= self.at:
+            return step
+        span = max(1, self.new_total - self.at)
+        return self.planned_at + (step - self.at) * (self.total - self.planned_at) / span
+
+    def __call__(self, step: int) -> float:
+        x = self._planned(step)
+        if x < self.warmup:
+            return (x + 1) / max(1, self.warmup)
+        if self.kind == "constant":
             return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if schedule == "cosine":
+        progress = (x - self.warmup) / max(1, self.total - self.warmup)
+        if self.kind == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
         return max(0.0, 1.0 - progress)
-    return fn
 
 
 def adamw(groups: list[dict], lr: float):

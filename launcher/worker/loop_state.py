@@ -24,11 +24,12 @@ class ResumeState:
     best_value: float | None = None
     bad_evals: int = 0
     epoch: int = 0  # the epoch the checkpoint was taken in (for the record only)
+    epoch_micro: int | None = None  # micro-batches in an epoch, once a whole epoch has counted them
 
     @classmethod
     def from_dict(cls, state: dict) -> ResumeState:
         return cls(**{k: state[k] for k in ("step", "next_epoch", "next_micro", "best_value", "bad_evals")},
-                   epoch=state.get("epoch", 0))
+                   epoch=state.get("epoch", 0), epoch_micro=state.get("epoch_micro"))
 
     def to_dict(self) -> dict:
         return asdict(self)

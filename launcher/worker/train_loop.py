@@ -26,7 +26,7 @@ from deepspeed.utils import logger as ds_logger
 from transformers import AutoTokenizer
 
 from launcher.data.features import collate, length_grouped_batches
-from launcher.data.stream import Shards, batches_in_epoch, lockstep, stand_in
+from launcher.data.stream import Shards, batches_in_epoch, lockstep, stand_in, whole_steps
 from launcher.eval.evaluate import gold_and_pred, metrics_of, predict
 from launcher.nn.device import worker_device
 from launcher.nn.model import apply_freeze, apply_lora, build_model, param_groups, warm_start
@@ -35,9 +35,9 @@ from launcher.recipe.ds_config import build_ds_config
 from launcher.recipe.schema import Recipe, tokenizer_source
 from launcher.worker.checkpoint import CKPT_TAG, STATE_FILE, save_stage0_fp32
 from launcher.worker.engine import (
+    Schedule,
     adamw,
     bound_collective_timeouts,
-    lr_lambda,
     seed_everything,
     skip_shm_comm_build,
     skip_single_rank_allreduce,
@@ -49,7 +49,7 @@ from launcher.worker.signing import sign_checkpoint, verify_checkpoint, worker_k
 
 
 class TrainingRun:
-    """Everything in `config` (the Recipe, the label set, a reference to the data's counts, a handle to the
+    """Everything in `config` (the Recipe, the label set, the plan's data figures, a handle to the
     driver's progress board); nothing is read from module globals. `stamps` times the start-up phases
     (launcher.driver.startup); they are reported after the first optimizer step."""
 
@@ -88,19 +88,24 @@ class TrainingRun:
         self.stamps["engine"] = time.time()
 
     def setup_data(self) -> None:
-        """This rank's shards (launcher.data.stream) and the schedule's step counts: every rank gets the same
-        number of training windows (`streaming_split(equal=True)`), so the same number of batches."""
-        tc = self.recipe.train
+        """This rank's shards (launcher.data.stream) and the schedule's step count, from the plan's training
+        windows (launcher.data.estimate: exact for a split the driver read whole, else estimated); every rank
+        gets the same number of windows (`streaming_split(equal=True)`), so the same number of batches. The
+        first whole epoch counts its micro-batches (`count_epoch`)."""
+        tc, figures = self.recipe.train, self.config["figures"]
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(self.recipe.model))
-        self.data = Shards(self.task, self.labels, tc.batch_size, tc.seed)
+        self.data = Shards(self.task, self.labels, tc.batch_size, tc.seed, keep=figures.cache)
         if ray.train.get_checkpoint() is None:  # a fresh start's first epoch (a resume's is in its checkpoint)
             self.data.prefetch(self.resume.next_epoch)
-        counts = ray.get(self.config["counts"])  # Ray Data's counting pass, started by the driver
-        rows = counts["train"]["windows"] // self.world
-        steps_per_epoch = max(1, batches_in_epoch(rows, tc.batch_size) // tc.grad_accum)
-        self.micro_per_epoch = steps_per_epoch * tc.grad_accum  # whole optimizer steps only
-        self.total_steps = tc.max_steps or steps_per_epoch * tc.epochs  # max_steps overrides epochs
-        self.last_epoch = -(-self.total_steps // steps_per_epoch)
+        self.approximate = not figures.exact and not tc.max_steps  # "≈" on the progress bar until counted
+        self.epoch_micro: int | None = None  # micro-batches per epoch, once an epoch has counted them
+        self.total_steps = self.steps_for(batches_in_epoch(figures.train_windows // self.world, tc.batch_size))
+
+    def steps_for(self, micro_per_epoch: int) -> int:
+        """The run's optimizer steps for epochs of `micro_per_epoch` micro-batches (whole optimizer steps only;
+        train.max_steps overrides epochs)."""
+        tc = self.recipe.train
+        return tc.max_steps or max(1, micro_per_epoch // tc.grad_accum) * tc.epochs
 
     def build_model(self):
         m, reg = self.recipe.model, self.recipe.regularization
@@ -126,7 +131,8 @@ class TrainingRun:
         self.with_type_ids = model.uses_token_type_ids
         optimizer = adamw(param_groups(model, rc.weight_decay, tc.lr, tc.head_lr, tc.layer_decay), tc.lr)
         warmup = int(tc.warmup_ratio * self.total_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.schedule, warmup, self.total_steps))
+        self.schedule = Schedule(tc.schedule, warmup, self.total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=build_ds_config(self.recipe.as_dict(), self.world))
@@ -147,51 +153,83 @@ class TrainingRun:
         self.resume = ResumeState.from_dict(client["zeroship_resume"])
         self.early.best, self.early.bad = self.resume.best_value, self.resume.bad_evals
         self.resumed, self.step = True, self.resume.step
+        if self.resume.epoch_micro is not None:  # counted before the checkpoint (the schedule's stretch came
+            self.epoch_micro = self.resume.epoch_micro  # back with the scheduler's state)
+            self.total_steps, self.approximate = self.steps_for(self.epoch_micro), False
         self.last_eval_step = self.step
 
     # ---------------------------------------------------------------- train
     def train(self) -> None:
-        self.board.push({"kind": "start", "total_steps": self.total_steps, "world": self.world,
+        self.board.push({"kind": "start", "total_steps": self.total_steps, "estimated": self.approximate,
+                         "world": self.world,
                          "resumed_from_step": self.step if self.resumed else None,
                          "zero_auto": self.zero_choice})
         self.initial = None
         if self.recipe.model.init_from and not self.resumed:  # where the parent leaves off, before any step
             self.initial = {"kind": "initial", **self.evaluate(), "epoch": 0, "step": 0}  # after the startup record
         self.started = time.time()
-        stopped = None
-        for epoch in range(self.resume.next_epoch, self.last_epoch + 1):
+        stopped, epoch = None, self.resume.next_epoch
+        while not self.is_past_last(epoch):
             stopped = self.train_epoch(epoch)
             if stopped or self.step >= self.total_steps:
                 break
+            epoch += 1
         if "first_step" not in self.stamps and self.initial is not None:  # no step was taken (nothing left)
             self.board.push(self.initial, wait=True)
         if stopped is None and self.recipe.train.max_steps:
             stopped = f"reached train.max_steps ({self.total_steps} optimizer steps)"
+        if self.rank == 0:
+            self.board.push({"kind": "data", "splits": self.data.data_record()})
         self.board.push({"kind": "end", "step": self.step, "stop_reason": stopped or "completed all epochs"}, wait=True)
+
+    def is_past_last(self, epoch: int) -> bool:
+        """Past the run's last epoch: the recipe's epochs, or with train.max_steps as many as its steps need."""
+        tc = self.recipe.train
+        if tc.max_steps:
+            per_epoch = max(1, (self.epoch_micro or 0) // tc.grad_accum)
+            return self.epoch_micro is not None and epoch > -(-self.total_steps // per_epoch)
+        return epoch > tc.epochs
+
+    def count_epoch(self, micro: int) -> None:
+        """The first whole epoch's micro-batches: the exact step count from now on. When it differs from the
+        plan's, the learning-rate schedule is stretched over the steps that remain (engine.Schedule); the
+        progress display shows the count without its ≈ from here."""
+        if self.epoch_micro is not None:
+            return
+        self.epoch_micro, total = micro, self.steps_for(micro)
+        if self.approximate or total != self.total_steps:
+            self.board.push({"kind": "total", "step": self.step, "total_steps": total, "micro_batches": micro})
+        if total != self.total_steps:
+            self.schedule.stretch(self.step, total)
+            self.total_steps = total
+        self.approximate = False
 
     def train_epoch(self, epoch: int) -> str | None:
         """One epoch (or what is left of it after a resume); returns why training stops, if it does."""
         accum, eval_every = self.recipe.train.grad_accum, self.recipe.train.eval_every
         self.engine.train()
         step_started = time.perf_counter()
-        for micro, feats in enumerate(self.data.epoch(epoch)):
-            if micro >= self.micro_per_epoch or self.resume.consumed(epoch, micro):
+        micro = -1
+        for micro, feats in enumerate(whole_steps(self.data.epoch(epoch), accum)):
+            if self.resume.consumed(epoch, micro):
                 continue  # read to the end: every rank's stream finishes the epoch together
-            if self.step >= self.total_steps:
+            if self.step >= self.total_steps and not self.approximate:
                 break
             terms = self.train_micro_batch(feats)
             if (micro + 1) % accum:
                 continue  # DeepSpeed accumulates; an optimizer step happens every grad_accum micro-batches
             self.after_step(epoch, terms, time.perf_counter() - step_started)
             if isinstance(eval_every, int) and self.step % eval_every == 0:
-                nxt = (epoch, micro + 1) if micro + 1 < self.micro_per_epoch else (epoch + 1, 0)
+                nxt = (epoch, micro + 1) if self.epoch_micro is None or micro + 1 < self.epoch_micro else (epoch + 1, 0)
                 if self.evaluate_and_save(epoch, nxt):
                     return self.early.reason(self.metric)
             step_started = time.perf_counter()  # step time excludes evaluation and checkpointing
+        else:
+            self.count_epoch(micro + 1)  # the stream ran to its end: a whole epoch
         done = self.step >= self.total_steps
-        if self.last_eval_step != self.step and (eval_every == "epoch" or epoch == self.last_epoch or done):
+        if self.last_eval_step != self.step and (eval_every == "epoch" or self.is_past_last(epoch + 1) or done):
             # a max_steps stop mid-epoch resumes (if the worker dies now) where it stopped: at the end
-            nxt = (epoch, self.micro_per_epoch) if done else (epoch + 1, 0)
+            nxt = (epoch, micro + 1) if done else (epoch + 1, 0)
             if self.evaluate_and_save(epoch, nxt):
                 return self.early.reason(self.metric)
         return None
@@ -246,7 +284,8 @@ class TrainingRun:
             metrics["train_peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         stop = [self.early.update(metrics[self.metric])]
         dist.broadcast_object_list(stop, src=0)
-        state = ResumeState(self.step, next_pos[0], next_pos[1], self.early.best, self.early.bad, epoch)
+        state = ResumeState(self.step, next_pos[0], next_pos[1], self.early.best, self.early.bad, epoch,
+                            self.epoch_micro)
         self.save_checkpoint(metrics, state)
         return stop[0]
 

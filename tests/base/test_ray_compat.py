@@ -105,23 +105,58 @@ def test_execution_options_are_the_data_configs_own():
     assert execution_options(DataConfig(), "validation").preserve_order is False
 
 
-def test_operator_input_rows_reads_ray_datas_stats_summary():
-    """The fields read: Dataset._get_stats_summary().operators_stats[i].operator_name / .total_input_num_rows
-    (the e2e ingest test checks the count on a real run)."""
-    import dataclasses
+SPLIT_STATS = r"""
+import json, threading
+import ray.data
+from zeroship.ray_session import init_ray
+from zeroship.ray_compat import split_operator_rows
+init_ray()
+ray.data.DataContext.get_current().execution_options.preserve_order = True
 
+def tokenize_batch(batch):  # two rows out per row in, as a sentence becomes two windows
+    return {"id": [i for i in batch["id"] for _ in (0, 1)]}
+
+ds = ray.data.range(1000, override_num_blocks=4).repartition(target_num_rows_per_block=64)
+splits = ds.map_batches(tokenize_batch, batch_size=100).streaming_split(2, equal=True)
+rows = [0, 0]
+
+def eat(i):
+    for batch in splits[i].iter_batches(batch_size=128):
+        rows[i] += len(batch["id"])
+
+threads = [threading.Thread(target=eat, args=(i,)) for i in (0, 1)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(json.dumps({"stats": split_operator_rows(splits[0], "tokenize_batch"), "rows": rows,
+                  "missing": split_operator_rows(splits[0], "no_such_operator"),
+                  "unfamiliar": split_operator_rows(object(), "tokenize_batch")}))
+"""
+
+
+def test_split_operator_rows_reads_the_split_coordinators_statistics(ray_tmp):
+    """The private path read: a streaming_split iterator's `_coord_actor.stats()` (DatasetStats), whose
+    summary keeps the operators before the split in `parents`, each with `operator_name`,
+    `total_input_num_rows` and `output_num_rows.sum`. Real Ray, two consumers, one execution."""
+    res = subprocess.run([sys.executable, "-c", SPLIT_STATS], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={"PATH": "/usr/bin:/bin", "ZEROSHIP_RAY_TMPDIR": ray_tmp, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["rows"] == [1000, 1000]  # what the two consumers read: every window once, split equally
+    assert got["stats"] == [1000, 2000]  # Ray Data's own count: rows into the operator, windows out
+    assert got["missing"] is None and got["unfamiliar"] is None  # no such operator / an unfamiliar Ray: no crash
+
+
+def test_repartition_cpus_sets_the_streaming_repartitions_task_resources():
+    """The private path written: Dataset._logical_plan.dag is the StreamingRepartition operator that
+    `repartition(target_num_rows_per_block=…)` adds, with a `ray_remote_args` dict its tasks are started with
+    (Ray 2.60's public repartition takes no resources; without this its tasks ask for a whole CPU)."""
     import ray.data
-    from ray.data._internal.stats import DatasetStatsSummary, OperatorStatsSummary
 
-    from zeroship.ray_compat import operator_input_rows
+    from zeroship.ray_compat import repartition_cpus
 
-    assert callable(ray.data.Dataset._get_stats_summary)
-    assert "operators_stats" in {f.name for f in dataclasses.fields(DatasetStatsSummary)}
-    assert {"operator_name", "total_input_num_rows"} <= {f.name for f in dataclasses.fields(OperatorStatsSummary)}
-
-    class Summary:  # the one fake: a summary of an executed dataset with two operators
-        operators_stats = [type("Op", (), {"operator_name": "ReadText", "total_input_num_rows": 0}),
-                           type("Op", (), {"operator_name": "MapBatches(tokenize_batch)", "total_input_num_rows": 42})]
-
-    assert operator_input_rows(type("Ds", (), {"_get_stats_summary": lambda self: Summary()})(), "tokenize_batch") == 42
-    assert operator_input_rows(object(), "tokenize_batch") is None  # an unfamiliar Ray: no count, no crash
+    ds = ray.data.range(10).repartition(target_num_rows_per_block=5)
+    op = ds._logical_plan.dag
+    assert type(op).__name__ == "StreamingRepartition" and op.ray_remote_args == {}
+    assert repartition_cpus(ds, 0.25) is ds and op.ray_remote_args == {"num_cpus": 0.25}
+    other = ray.data.range(10).map_batches(lambda b: b)  # not a repartition: left alone
+    assert repartition_cpus(other, 0.25)._logical_plan.dag.ray_remote_args.get("num_cpus") is None

@@ -159,3 +159,17 @@ def test_the_range_size_setting_is_checked(monkeypatch):
         monkeypatch.setenv("ZEROSHIP_RANGE_BYTES", bad)
         with pytest.raises(DataError, match="ZEROSHIP_RANGE_BYTES.*not a byte count of at least 1024"):
             range_bytes()
+
+
+
+@pytest.mark.parametrize(("size", "limit"), [(200 * 2**20, 16 * 2**20), (20 * 2**20, 16 * 2**20), (5000, 1024),
+                                             (1025, 1024)])
+def test_stretches_cover_the_file_and_ramp_up_to_the_range_size(size, limit):
+    from launcher.data.ranges import stretches
+
+    got = stretches(size, limit)
+    assert got[0][0] == 0 and got[-1][1] == size
+    assert all(a[1] == b[0] for a, b in zip(got, got[1:]))  # contiguous, in order
+    widths = [stop - start for start, stop in got]
+    assert widths[0] == min(size, limit // 16)  # the first range is small: the first batch waits for it alone
+    assert all(w <= limit for w in widths) and widths[:4] == sorted(widths[:4])

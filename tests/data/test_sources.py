@@ -162,7 +162,7 @@ def test_check_samples_a_big_split_and_estimates_its_size(tmp_path):
     true_count = 6 * 60 * len(TOY) + 1
     assert abs(train.estimate(len(train.examples)) - true_count) / true_count < 0.02
     assert "B-RARE" not in ds.labels  # inferred from the sample, and validation's B-RARE is no error
-    assert any("checked on a sample" in w for w in ds.warnings())
+    assert any("planned from a sample" in w for w in ds.warnings())
     assert ds.splits["validation"].sampled_bytes is None  # small splits are read whole
     # the launch reads every line: the malformed one the sample skipped fails it, with its shard and line
     with pytest.raises(DataError) as err:
@@ -189,7 +189,7 @@ def test_check_on_a_big_split_prints_an_estimate(tmp_path):
     res = cli("launch", "--check", str(recipe), timeout=300)
     assert res.returncode == 0, res.stderr
     out = " ".join(res.stdout.split())
-    assert "6 files" in out and "≈" in out and "checked on a sample" in out and "9 in the sample:" in out
+    assert "6 files" in out and "≈" in out and "planned from a sample" in out and "9 in the sample:" in out
 
 
 def test_check_reads_a_big_split_whole_when_no_record_ends_inside_the_sample(tmp_path):

@@ -113,3 +113,60 @@ def test_prefetch_failure_is_raised_in_the_training_thread():
     shards.prefetch(1)
     with pytest.raises(RuntimeError, match="shard:12: bad line"):
         next(shards.epoch(1))
+
+
+def _pieces_of_ranks(rows_per_rank: int, world: int, piece: int) -> list[int]:
+    """The piece sizes every rank's first pass keeps (rows cut every `piece`), in rank order."""
+    one = [min(piece, rows_per_rank - at) for at in range(0, rows_per_rank, piece)]
+    return one * world
+
+
+def test_deal_gives_every_rank_the_same_rows_and_every_piece_once_per_epoch():
+    from launcher.data.stream import deal
+
+    for rows, world, piece in ((300, 2, 128), (1000, 3, 64), (64, 4, 64), (5, 2, 128)):
+        sizes = _pieces_of_ranks(rows, world, piece)
+        hands = deal(sizes, world, seed=7, epoch=2)
+        assert sorted(i for hand in hands for i in hand) == list(range(len(sizes)))  # each piece once
+        assert {sum(sizes[i] for i in hand) for hand in hands} == {rows}  # the same rows on every rank
+
+
+def test_deal_shuffles_across_ranks_per_epoch_and_replays_exactly():
+    from launcher.data.stream import deal
+
+    sizes = _pieces_of_ranks(1000, 2, 16)  # rank 0 kept pieces 0..62, rank 1 pieces 63..125
+    first = deal(sizes, 2, seed=7, epoch=2)
+    assert first == deal(sizes, 2, seed=7, epoch=2)  # a resume deals the same hands
+    assert first != deal(sizes, 2, seed=7, epoch=3) and first != deal(sizes, 2, seed=8, epoch=2)
+    mine = set(first[0])
+    from_other = len([i for i in mine if i >= len(sizes) // 2])
+    assert 0.3 < from_other / len(mine) < 0.7  # rank 0 now trains on about half of what rank 1 read
+
+
+def test_chunks_have_the_streams_sizes_whatever_the_order_of_pieces():
+    from launcher.data.stream import chunks_of
+
+    def piece(start: int, n: int) -> dict:
+        return {"where": np.array([f"f:{start + i}" for i in range(n)]), "input_ids": _chunk([5] * n)["input_ids"]}
+
+    pieces = [piece(0, 64), piece(64, 64), piece(128, 20)]
+    for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):
+        chunks = list(chunks_of([pieces[i] for i in order], 50))
+        assert [len(c["where"]) for c in chunks] == [50, 50, 48]
+        assert sorted(w for c in chunks for w in c["where"]) == sorted(f"f:{i}" for i in range(148))
+        assert all(len(c["input_ids"]) == len(c["where"]) for c in chunks)
+
+
+def test_whole_steps_reads_to_the_end_and_drops_a_partial_accumulation():
+    from launcher.data.stream import whole_steps
+
+    read = []
+
+    def stream(n):
+        for i in range(n):
+            read.append(i)
+            yield i
+
+    assert list(whole_steps(stream(7), 3)) == [0, 1, 2, 3, 4, 5] and read == list(range(7))
+    assert list(whole_steps(stream(6), 1)) == list(range(6))
+    assert list(whole_steps(stream(2), 4)) == []

@@ -14,10 +14,11 @@ from conftest import BIN, ROOT, cli, plant_payload, tiny_ner_recipe
 
 pytestmark = pytest.mark.e2e
 
-# 19 optimizer steps per epoch on the toy data (600 sentences / (2 workers × 16)); evaluate every 5
-FAULTY = dict(train={"epochs": 1, "eval_every": 5}, run={"keep_best": 2})
-# the killed driver's run is longer: it must still be training a few seconds after its step-10 evaluation
-LONGER = dict(FAULTY, train={"epochs": 2, "eval_every": 5})
+# 19 optimizer steps per epoch on the toy data (600 sentences / (2 workers × 16)); evaluate every 5. Two
+# epochs: the second trains on the windows the first kept (launcher.data.stream), so a worker that dies in
+# it leaves a group that must rebuild them, and still retrace the uninterrupted run
+FAULTY = dict(train={"epochs": 2, "eval_every": 5}, run={"keep_best": 2})
+LONGER = FAULTY  # the killed driver's run: still training a few seconds after its step-10 evaluation
 
 
 def evals(run: Path) -> list[dict]:
@@ -40,16 +41,18 @@ def uninterrupted(tmp_path_factory) -> Path:
 def test_dead_worker_resumes_from_checkpoint(tmp_path, ray_tmp, uninterrupted):
     marker = tmp_path / "fault-fired"
     recipe = tiny_ner_recipe(tmp_path, **{**FAULTY, "run": {**FAULTY["run"], "max_failures": 1}})
-    res = cli("launch", str(recipe), env={"ZEROSHIP_FAULT": f"1:13:{marker}", "ZEROSHIP_RAY_TMPDIR": ray_tmp})
+    res = cli("launch", str(recipe), env={"ZEROSHIP_FAULT": f"1:27:{marker}", "ZEROSHIP_RAY_TMPDIR": ray_tmp})
     assert res.returncode == 0, res.stderr[-3000:]
-    assert marker.exists()  # the worker really died at step 13
+    assert marker.exists()  # the worker really died at step 27, in epoch 2
     run = only_run(tmp_path)
-    assert json.loads((run / "status.json").read_text())["state"] == "succeeded"
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "succeeded"
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     resume = [x for x in lines if x["kind"] == "resume"]
-    assert [r["step"] for r in resume] == [10]  # continued from the step-10 checkpoint, not from zero
+    assert [r["step"] for r in resume] == [25]  # continued from the step-25 checkpoint, not from zero
     steps = [e["step"] for e in evals(run)]
-    assert steps[:2] == [5, 10] and steps[2] == 15 and steps[-1] == 19
+    assert steps == [5, 10, 15, 20, 25, 30, 35, 38]
+    assert status["data"]["train"]["passes"] == 1  # the restarted group's own first pass: its epoch 2's pieces
     # Data order, optimizer, scheduler and each rank's RNG are restored, so the resumed run retraces
     # the uninterrupted one: same evaluations at the same steps.
     clean = {e["step"]: e for e in evals(uninterrupted)}

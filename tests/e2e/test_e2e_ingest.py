@@ -20,13 +20,20 @@ from launcher.data.parse import LAUNCH_TRAIN_BYTES, read_conll
 pytestmark = pytest.mark.e2e
 
 
-def test_each_example_is_tokenized_once_not_once_per_worker(ner_run):
-    """The session run has 2 workers; Ray Data's own statistics count what the tokenization tasks took in."""
+def test_each_example_is_tokenized_once_in_a_two_epoch_run_not_once_per_worker_or_epoch(ner_run):
+    """The session run has 2 workers and 2 epochs and keeps its windows (launcher.data.stream): Ray Data's own
+    statistics, summed over every pass the workers streamed, count what the tokenization tasks took in."""
     status = json.loads((ner_run / "status.json").read_text())
-    train, validation = status["data"]["train"], status["data"]["validation"]
-    assert train["examples"] == len(read_conll(str(TOY_NER / "train.conll")))  # not 2× (one pass per worker)
+    data = status["data"]
+    train, validation = data["train"], data["validation"]
+    assert data["plan"]["cache"] and data["plan"]["exact"]
+    assert train["passes"] == 1 and validation["passes"] == 1  # epoch 2 and the second evaluation: kept windows
+    assert train["examples"] == len(read_conll(str(TOY_NER / "train.conll")))  # not 2× (per worker or per epoch)
     assert validation["examples"] == len(read_conll(str(TOY_NER / "validation.conll")))
+    assert train["windows"] == data["plan"]["train_windows"]  # the plan's count is what the stream made
     assert train["windows"] >= train["examples"] and validation["windows"] >= validation["examples"]
+    metrics = [json.loads(line) for line in (ner_run / "metrics.jsonl").read_text().splitlines()]
+    assert not [m for m in metrics if m["kind"] == "total"]  # an exact plan needs no correction
 
 
 def _launch_peak_rss(recipe: Path, ray_tmp: str, **env: str) -> tuple[subprocess.CompletedProcess, int]:
@@ -72,13 +79,16 @@ def test_driver_memory_stays_flat_on_a_64x_corpus_and_a_late_bad_line_still_fail
         res, peaks[name] = _launch_peak_rss(recipe, ray_tmp)
         assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
         status = json.loads(next((folder / "runs").glob("run-*/status.json")).read_text())
-        assert status["data"]["train"]["examples"] == 600 * (64 if name == "64x" else 1)
+        plan = status["data"]["plan"]  # no pass over the corpus first: the 64× count is the plan's estimate
+        assert plan["exact"] == (name == "1x")
+        assert abs(plan["train_windows"] - 600 * (64 if name == "64x" else 1)) <= 0.05 * plan["train_windows"]
     print(f"driver peak RSS: 1x {peaks['1x'] / 2**20:.0f} MB, 64x {peaks['64x'] / 2**20:.0f} MB")
     # The old driver parsed the whole split and pickled it into every worker's config (+1.5 GB at 16×
     # CoNLL); now it reads at most LAUNCH_TRAIN_BYTES of it. Stated bound: 64× within 64 MB of 1×.
     assert peaks["64x"] - peaks["1x"] < 64 * 2**20, peaks
 
-    # a malformed line near the end, far past the driver's sample: Ray Data's check pass finds it
+    # a malformed line near the end, far past the driver's sample: the workers' stream finds it (a whole epoch,
+    # so the stream must reach it; Ray Data parses ahead of the steps, so the run stops before its first)
     lines = big.read_text().splitlines(keepends=True)
     bad_at = len(lines) - 3
     lines[bad_at] = "token-without-a-tag\n"
@@ -87,9 +97,10 @@ def test_driver_memory_stays_flat_on_a_64x_corpus_and_a_late_bad_line_still_fail
     folder.mkdir()
     # ranges of 1 MB: the bad line sits in the file's last range, parsed by a task of its own
     # (launcher.data.ranges), which must still name its line in the whole file
-    res, _ = _launch_peak_rss(tiny_ner_recipe(folder, data={"train": str(big)}, **sections), ray_tmp,
+    whole_epoch = {**sections, "train": {"epochs": 1, "batch_size": 256, "eval_every": 10**6}}
+    res, _ = _launch_peak_rss(tiny_ner_recipe(folder, data={"train": str(big)}, **whole_epoch), ray_tmp,
                               ZEROSHIP_RANGE_BYTES=str(2**20))
-    assert res.returncode != 0
+    assert res.returncode == 2  # a user error
     assert f"{big}:{bad_at + 1}" in res.stdout + res.stderr, (res.stdout + res.stderr)[-3000:]
     assert "Traceback" not in res.stderr
     status = json.loads(next((folder / "runs").glob("run-*/status.json")).read_text())

@@ -22,7 +22,9 @@ def test_resume_state_reads_what_a_checkpoint_holds_and_skips_only_consumed_batc
     held = {"epoch": 2, "step": 7, "next_epoch": 2, "next_micro": 3, "best_value": 0.5, "bad_evals": 1}
     state = ResumeState.from_dict(held)
     assert (state.step, state.next_epoch, state.next_micro, state.best_value, state.bad_evals) == (7, 2, 3, 0.5, 1)
-    assert state.to_dict() == held
+    assert state.to_dict() == {**held, "epoch_micro": None}  # a checkpoint from before the count
+    counted = {**held, "epoch_micro": 19}  # after the first whole epoch counted its micro-batches
+    assert ResumeState.from_dict(counted).epoch_micro == 19 and ResumeState.from_dict(counted).to_dict() == counted
     assert [state.consumed(2, m) for m in range(5)] == [True, True, True, False, False]
     assert not state.consumed(1, 0) and not state.consumed(3, 0)
     fresh = ResumeState()
@@ -93,3 +95,47 @@ def test_fault_hook_comes_only_from_its_env_var_for_its_rank(monkeypatch, tmp_pa
     crash.after_step(2)  # not its step: returns
     marker.write_text("x")  # it already happened once: the restarted worker runs on
     assert type(step_hook(0)) is StepHook
+
+
+def test_a_stretched_linear_schedule_is_continuous_and_ends_at_zero_at_the_last_step():
+    import torch
+
+    from launcher.worker.engine import Schedule
+
+    for planned, exact, at in ((100, 130, 50), (100, 70, 50), (100, 100, 50), (40, 90, 3)):
+        sched = Schedule("linear", 10, planned)
+        before = sched(at)
+        sched.stretch(at, exact)
+        assert sched(at) == pytest.approx(before)  # no jump where the count became exact
+        assert sched(exact) == 0.0 and sched(exact - 1) > 0.0  # 0 at the last step, not before
+        peak = max(range(at, exact + 1), key=sched)  # a stretch inside the warmup stretches the warmup too
+        assert all(sched(s) >= sched(s + 1) for s in range(peak, exact))
+    # torch's LambdaLR drives it step by step, and its state_dict carries the stretch to a resumed run
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    sched = Schedule("linear", 0, 20)
+    lr = torch.optim.lr_scheduler.LambdaLR(opt, sched)
+    for _ in range(10):
+        opt.step()
+        lr.step()
+    sched.stretch(10, 30)
+    saved = lr.state_dict()
+    resumed = Schedule("linear", 0, 20)  # as a restarted worker builds it, from the plan
+    lr2 = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), resumed)
+    lr2.load_state_dict(saved)
+    assert [resumed(s) for s in range(10, 31)] == [sched(s) for s in range(10, 31)]
+    while lr.last_epoch < 30:
+        opt.step()
+        lr.step()
+    assert lr.get_last_lr()[0] == 0.0
+
+
+def test_a_stretched_cosine_schedule_ends_at_zero_and_constant_stays_constant():
+    from launcher.worker.engine import Schedule
+
+    cos = Schedule("cosine", 0, 50)
+    cos.stretch(25, 80)
+    assert cos(25) == pytest.approx(0.5) and cos(80) == pytest.approx(0.0, abs=1e-12)
+    const = Schedule("constant", 5, 50)
+    const.stretch(20, 90)
+    assert {const(s) for s in range(20, 100)} == {1.0}
