@@ -8,8 +8,8 @@ stream reaches it, with its `file:line`. The driver never holds the training cor
 
 Ray Data's tasks ask for a quarter CPU each: Ray Train keeps the workers' CPUs out of Ray Data's budget,
 so a run leaves one CPU beside its workers (plan.DATA_CPUS; a local Ray declares one more than the machine
-has). One file is one parse task, and a file over 16 MB one task per 16 MB byte range (launcher.data.ranges):
-no process holds a whole big file.
+has). A file up to 1 MB is one parse task, a bigger one one task per byte range (1, 2, 4, 8, then 16 MB,
+launcher.data.ranges): no process holds a whole big file, and the first batch waits for a small range only.
 """
 
 from __future__ import annotations

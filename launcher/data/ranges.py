@@ -1,8 +1,8 @@
 """Byte ranges: a big corpus file parsed by several Ray Data tasks, none of which holds the whole file.
 
-A file over `range_bytes()` (16 MB) is cut at record boundaries — a line start for JSONL and CSV, the start
-of a blank line for CoNLL (sentences end there) — into ranges of about that size (the first few smaller:
-1, 2, 4, 8 MB, so the first batch waits only for a small one, `stretches`), each parsed by its own
+A file over 1 MB (`range_bytes()` / 16) is cut at record boundaries — a line start for JSONL and CSV, the
+start of a blank line for CoNLL (sentences end there) — into ranges of `range_bytes()` (16 MB), the first few
+smaller (1, 2, 4, 8 MB: the first batch waits only for a small one, `stretches`), each parsed by its own
 task (launcher.data.ingest.ParseRange). The driver finds the cuts before Ray Data starts, with one Ray task
 per 16 MB stretch of the file (`scan`): it reads its stretch once, counts the newlines and finds the first
 boundary at or after the stretch's start. The counts give each range the number of its first line, so
@@ -162,12 +162,13 @@ SCANNED: dict[tuple, list[Range]] = {}  # a driver scans a file once (each split
 
 def plan_ranges(files: list[Source], fmt: str, num_cpus: float, size_limit: int | None = None
                 ) -> tuple[list[Range], list[str]]:
-    """Every file of a split as ranges, in order: small files whole, big ones cut (Ray tasks scan them).
+    """Every file of a split as ranges, in order: files up to 1 MB whole, bigger ones cut (Ray tasks scan them).
     Also a warning for each CSV file scanned now that must be parsed whole."""
     import ray
 
     limit = size_limit or range_bytes()
-    todo = [f for f in files if f.size > limit and (f.name, f.size, fmt, limit) not in SCANNED]
+    cut = max(1, limit >> RAMP)  # a file over the first stretch is cut: its first batch waits for that alone
+    todo = [f for f in files if f.size > cut and (f.name, f.size, fmt, limit) not in SCANNED]
     task = ray.remote(num_cpus=num_cpus)(scan)
     pending = {f.name: [task.remote(f.name, start, stop, f.size, fmt) for start, stop in stretches(f.size, limit)]
                for f in todo}
@@ -181,5 +182,5 @@ def plan_ranges(files: list[Source], fmt: str, num_cpus: float, size_limit: int 
                             "parallel)")
         else:
             SCANNED[f.name, f.size, fmt, limit] = file_ranges(f, fmt, scans, f.size)
-    ranges = [r for f in files for r in (SCANNED[f.name, f.size, fmt, limit] if f.size > limit else [Range(f.name)])]
+    ranges = [r for f in files for r in (SCANNED[f.name, f.size, fmt, limit] if f.size > cut else [Range(f.name)])]
     return ranges, warnings
