@@ -8,8 +8,10 @@ stream reaches it, with its `file:line`. The driver never holds the training cor
 
 Ray Data's tasks ask for a quarter CPU each: Ray Train keeps the workers' CPUs out of Ray Data's budget,
 so a run leaves one CPU beside its workers (plan.DATA_CPUS; a local Ray declares one more than the machine
-has). A file up to 1 MB is one parse task, a bigger one one task per byte range (1, 2, 4, 8, then 16 MB,
-launcher.data.ranges): no process holds a whole big file, and the first batch waits for a small range only.
+has); tokenization runs at most one task per CPU Ray Data has (`data_tasks`), since each concurrent task is
+a Python process of its own. A file up to 1 MB is one parse task, a bigger one one task per byte range (1, 2,
+4, 8, then 16 MB, launcher.data.ranges): no process holds a whole big file, and the first batch waits for a
+small range only.
 """
 
 from __future__ import annotations
@@ -155,11 +157,14 @@ def tokenize_batch(batch: dict[str, Any], source: str, task: str, labels: list[s
 
 
 def tokenize(ds, source: str, task: str, labels: list[str], max_length: int, stride: int, casing: bool,
-             label_all: bool = False, conll: bool = False, listed: bool = False, batch_size: int = 256):
-    """The tokenization transform: Ray Data tasks (fused with the parse), a batch of examples per call."""
-    return ds.map_batches(tokenize_batch, fn_kwargs=dict(source=source, task=task, labels=labels, max_length=max_length,
-                                                         stride=stride, casing=casing, label_all=label_all,
-                                                         conll=conll, listed=listed),
+             label_all: bool = False, conll: bool = False, listed: bool = False, batch_size: int = 256,
+             tasks: int | None = None):
+    """The tokenization transform: Ray Data tasks, a batch of examples per call, at most `tasks` at once."""
+    import ray.data
+
+    kwargs = dict(source=source, task=task, labels=labels, max_length=max_length, stride=stride, casing=casing,
+                  label_all=label_all, conll=conll, listed=listed)
+    return ds.map_batches(tokenize_batch, fn_kwargs=kwargs, compute=ray.data.TaskPoolStrategy(size=tasks),
                           batch_size=batch_size, batch_format="numpy", num_cpus=DATA_CPU)
 
 
@@ -173,6 +178,18 @@ class AugmentRows:
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         return [row] + [c.to_row() for c, _ in self.augmenter.copies(Example.from_row(row), self.seed)]
+
+
+def data_tasks(recipe: Recipe) -> int:
+    """How many tokenization tasks run at once: one per CPU Ray Data has (the cluster's CPUs less the
+    workers'), at least 2 so that one parses while another tokenizes. Quarter-CPU tasks would otherwise
+    start four per CPU, each in a Python process of its own: on a small split, ~2 CPU-s of start-up per
+    process for milliseconds of tokenization (8 of them beside a 1-worker run on 2 cores)."""
+    import ray
+
+    sc = recipe.scaling
+    spare = ray.cluster_resources().get("CPU", 0) - sc.workers * sc.cpus_per_worker
+    return max(2, int(spare))
 
 
 def block_rows(examples: int, world: int) -> int:
@@ -211,7 +228,8 @@ def build_datasets(recipe: Recipe, labels: list[str], pool: list[Example], examp
         label_all = split == "train" and dcfg["label_all_tokens"]
         # one tokenization task per block: each task's output is a bundle the split hands to one rank whole
         datasets[split] = tokenize(rows, source, task, labels, dcfg["max_length"], dcfg["stride"], recipe.model.casing,
-                                   label_all, dcfg["format"] == "conll", bool(dcfg.get("labels")), per_block)
+                                   label_all, dcfg["format"] == "conll", bool(dcfg.get("labels")), per_block,
+                                   tasks=data_tasks(recipe))
     return datasets
 
 

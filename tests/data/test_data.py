@@ -224,3 +224,22 @@ def test_kfold_fold_of_an_example_is_its_where_hashed_the_same_in_every_process(
         out = subprocess.run([sys.executable, "-c", code], input=json.dumps(wheres), capture_output=True, text=True,
                              env={**os.environ, "PYTHONHASHSEED": salt}, cwd=ROOT, check=True).stdout
         assert json.loads(out) == folds
+
+
+@pytest.mark.parametrize("cluster_cpus,workers,cpus_per_worker,expected", [
+    (3, 2, 1, 2),  # a local Ray on 2 cores, 2 workers: 1 CPU for Ray Data, yet 2 tasks (parse and tokenize overlap)
+    (3, 1, 1, 2),  # 1 worker: 2 CPUs, 2 tasks (quarter-CPU tasks alone would start 8 processes)
+    (16, 1, 4, 12),  # a GPU node with 16 CPUs and one 4-CPU worker: a task per spare CPU
+    (2, 4, 1, 2),  # more workers than CPUs (refused by the plan before this): still 2
+])
+def test_tokenization_runs_one_task_per_spare_cpu_and_at_least_two(monkeypatch, cluster_cpus, workers,
+                                                                     cpus_per_worker, expected):
+    import ray
+
+    from launcher.data.ingest import data_tasks
+    from launcher.recipe.schema import load_recipe
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": float(cluster_cpus)})  # the one fake: a cluster
+    recipe = load_recipe(ROOT / "recipes/quickstart_ner.yaml",
+                         [f"scaling.workers={workers}", f"scaling.cpus_per_worker={cpus_per_worker}"])
+    assert data_tasks(recipe) == expected
