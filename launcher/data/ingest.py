@@ -211,6 +211,7 @@ def build_datasets(recipe: Recipe, labels: list[str], pool: list[Example], examp
     # batches in every pass and every launch of the recipe (a resumed run replays its epoch exactly)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     task, source, dcfg = recipe.model.task, tokenizer_source(recipe.model), recipe.as_dict()["data"]
+    tasks = data_tasks(recipe)
     datasets = {}
     for split in ("train", "validation"):
         rows, _ = read_split(dcfg[split], dcfg, task, f"data.{split}")
@@ -229,7 +230,7 @@ def build_datasets(recipe: Recipe, labels: list[str], pool: list[Example], examp
         # one tokenization task per block: each task's output is a bundle the split hands to one rank whole
         datasets[split] = tokenize(rows, source, task, labels, dcfg["max_length"], dcfg["stride"], recipe.model.casing,
                                    label_all, dcfg["format"] == "conll", bool(dcfg.get("labels")), per_block,
-                                   tasks=data_tasks(recipe))
+                                   tasks=tasks)
     return datasets
 
 
