@@ -27,6 +27,9 @@ from launcher.recipe.schema import load_recipe
 from zeroship.ray_session import init_ray
 
 recipe, out = load_recipe(sys.argv[1]), sys.argv[2]
+# the private loopback Ray first, as the driver does: Ray Data would otherwise start a default one, and
+# build_datasets sizes its tokenization tasks by the cluster's CPUs
+init_ray()
 dataset = load_dataset(recipe.as_dict()["data"], recipe.model.task, sample="train")
 datasets = build_datasets(recipe, dataset.labels, dataset.splits["train"].examples, 600)
 
@@ -39,7 +42,6 @@ def worker(config):
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
         json.dump({"epochs": epochs, "data": shards.data_record()}, fh)
 
-init_ray()
 # half a CPU per worker: Ray Data keeps the rest (a launch declares a CPU more than the machine has)
 TorchTrainer(worker, datasets=datasets, dataset_config=shard_config(),
              scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5})).fit()
