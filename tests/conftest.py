@@ -19,6 +19,23 @@ BIN = Path(sys.executable).parent
 TOY_NER = ROOT / "recipes" / "data" / "toy_ner"
 TOY_CLS = ROOT / "recipes" / "data" / "toy_cls"
 
+# The session's trained runs and servers: `make test` runs two pytest processes (pytest-xdist), and each
+# would build its own copy of a session fixture, so every test that uses one runs in the same process.
+SHARED = {"ner_run", "ner_bundle", "cls_run", "cls_bundle", "plain_ner_bundle", "mlflow_server"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks (--dist loadgroup)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """One xdist group for the tests of the session's runs; one per module for the tests that share a
+    module-scoped fixture (a server, a Node install, a model), so that it, too, is built once."""
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        if used & SHARED:
+            item.add_marker(pytest.mark.xdist_group("shared-runs"))
+        elif any(d[-1].scope == "module" for name, d in defs.items() if name in used and d):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
 
 def cli(
     *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900

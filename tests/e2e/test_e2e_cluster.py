@@ -66,7 +66,8 @@ def test_runs_show_prints_the_recipe_diff_history_and_winner(ner_run, tmp_path):
     edited.write_text(yaml.safe_dump(base))
     status["recipe"] = str(edited)
     (runs / "run-3" / "status.json").write_text(json.dumps(status))
-    res = cli("zeroship", "runs", "show", "3", "--runs", str(runs))
+    # wide: a long tmp path (pytest-xdist's popen-gwN) must not wrap a figure across lines
+    res = cli("zeroship", "runs", "show", "3", "--runs", str(runs), env={"COLUMNS": "400"})
     assert res.returncode == 0, res.stderr
     out = " ".join(res.stdout.split())
     assert "train.lr" in out and "0.123" in out and str(status["winner"]["value"])[:6] in out
@@ -218,7 +219,8 @@ def test_run_and_export_through_a_storage_uri(tmp_path, ray_tmp):
     toy_ner_shards(bucket / "validation", "jsonl", 1, split="validation")
     recipe = tiny_ner_recipe(tmp_path, run={"storage": uri}, data={
         "format": "jsonl", "train": f"file://{bucket}/train/part-*.jsonl", "validation": f"file://{bucket}/validation"})
-    res = cli("launch", str(recipe), env={"ZEROSHIP_RAY_TMPDIR": ray_tmp, "ZEROSHIP_CACHE": str(tmp_path / "c1")})
+    res = cli("launch", str(recipe), env={"ZEROSHIP_RAY_TMPDIR": ray_tmp, "ZEROSHIP_CACHE": str(tmp_path / "c1"),
+                                          "COLUMNS": "400"})  # rich folds a URI longer than the line
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
     assert f"--runs {uri}" in " ".join(out.split())
@@ -236,5 +238,5 @@ def test_run_and_export_through_a_storage_uri(tmp_path, ray_tmp):
     bundle = remote / "onnx"
     ents = Predictor.load(bundle).predict("Mara Okafor joined Kestrel Systems in Port Selwyn .")
     assert {e["label"] for e in ents} <= {"PER", "ORG", "LOC", "MISC"}
-    listed = cli("zeroship", "runs", "--runs", uri, env={"ZEROSHIP_CACHE": str(tmp_path / "c3")})
+    listed = cli("zeroship", "runs", "--runs", uri, env={"ZEROSHIP_CACHE": str(tmp_path / "c3"), "COLUMNS": "400"})
     assert listed.returncode == 0 and "run-1" in listed.stdout and "succeeded" in listed.stdout

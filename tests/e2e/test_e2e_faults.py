@@ -18,7 +18,6 @@ pytestmark = pytest.mark.e2e
 # epochs: the second trains on the windows the first kept (launcher.data.stream), so a worker that dies in
 # it leaves a group that must rebuild them, and still retrace the uninterrupted run
 FAULTY = dict(train={"epochs": 2, "eval_every": 5}, run={"keep_best": 2})
-LONGER = FAULTY  # the killed driver's run: still training a few seconds after its step-10 evaluation
 
 
 def evals(run: Path) -> list[dict]:
@@ -38,27 +37,48 @@ def uninterrupted(tmp_path_factory) -> Path:
     return only_run(folder)
 
 
-def test_dead_worker_resumes_from_checkpoint(tmp_path, ray_tmp, uninterrupted):
+def test_killed_driver_then_dead_worker_resume_and_retrace_the_uninterrupted_run(tmp_path, ray_tmp, uninterrupted):
+    """The driver (and the local Ray it started) is killed after the step-10 evaluation; `--resume`
+    continues the run from its checkpoint, and in the resumed launch rank 1 dies at step 27, in epoch 2:
+    the worker group restarts from the step-25 checkpoint. Data order, optimizer, scheduler and each
+    rank's RNG are restored both times, so every evaluation equals the uninterrupted run's at its step."""
     marker = tmp_path / "fault-fired"
     recipe = tiny_ner_recipe(tmp_path, **{**FAULTY, "run": {**FAULTY["run"], "max_failures": 1}})
-    res = cli("launch", str(recipe), env={"ZEROSHIP_FAULT": f"1:27:{marker}", "ZEROSHIP_RAY_TMPDIR": ray_tmp})
+    env = {**os.environ, "ZEROSHIP_RAY_TMPDIR": ray_tmp, "ZEROSHIP_FAULT": f"1:27:{marker}"}
+    driver = subprocess.Popen([str(BIN / "launch"), str(recipe)], cwd=ROOT, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "runs" / "run-1" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and driver.poll() is None:
+        if metrics.exists() and '"step": 10' in metrics.read_text():
+            break
+        time.sleep(0.5)
+    assert driver.poll() is None, "the run ended before it could be interrupted"
+    time.sleep(3)  # let Ray Train persist the step-10 checkpoint it just reported
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    driver.wait()
+    run = tmp_path / "runs" / "run-1"
+    assert json.loads((run / "status.json").read_text())["state"] == "running"
+    assert not marker.exists()  # killed long before step 27
+
+    res = cli("launch", "--resume", "run-1", "--runs", str(tmp_path / "runs"), env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert marker.exists()  # the worker really died at step 27, in epoch 2
-    run = only_run(tmp_path)
+    assert marker.exists()  # the worker really died at step 27, in the resumed launch
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["run-1"]  # no new id allocated
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "succeeded"
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    resume = [x for x in lines if x["kind"] == "resume"]
-    assert [r["step"] for r in resume] == [25]  # continued from the step-25 checkpoint, not from zero
-    steps = [e["step"] for e in evals(run)]
-    assert steps == [5, 10, 15, 20, 25, 30, 35, 38]
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()]
+    resumed = [x["step"] for x in lines if x["kind"] == "resume"]
+    # from a checkpoint, not from zero; then from step 25's, not from the launch's start
+    assert len(resumed) == 2 and resumed[0] >= 5 and resumed[1] == 25, resumed
+    assert sorted({e["step"] for e in evals(run)}) == [5, 10, 15, 20, 25, 30, 35, 38]
     assert status["data"]["train"]["passes"] == 1  # the restarted group's own first pass: its epoch 2's pieces
-    # Data order, optimizer, scheduler and each rank's RNG are restored, so the resumed run retraces
-    # the uninterrupted one: same evaluations at the same steps.
     clean = {e["step"]: e for e in evals(uninterrupted)}
-    for e in evals(run):
+    for e in evals(run):  # a step evaluated before the kill and again after the resume matches both times
         assert abs(e["eval_loss"] - clean[e["step"]]["eval_loss"]) < 1e-4, (e["step"], e, clean[e["step"]])
         assert e["eval_f1"] == pytest.approx(clean[e["step"]]["eval_f1"], abs=1e-9)
+    res = cli("launch", "--resume", "run-1", "--runs", str(tmp_path / "runs"))
+    assert res.returncode == 2 and "already succeeded" in res.stderr
 
 
 def test_dead_worker_without_retries_fails_the_run(tmp_path, ray_tmp):
@@ -87,36 +107,6 @@ def test_dead_worker_without_retries_fails_the_run(tmp_path, ray_tmp):
     assert "mp_rank_00_model_states.pt was changed" in status["error"]
     assert not payload_ran.exists()  # nothing was unpickled
     assert not (run / "best").exists()
-
-
-def test_resume_after_driver_killed(tmp_path, ray_tmp):
-    recipe = tiny_ner_recipe(tmp_path, **LONGER)
-    env = {**os.environ, "ZEROSHIP_RAY_TMPDIR": ray_tmp}
-    driver = subprocess.Popen([str(BIN / "launch"), str(recipe)], cwd=ROOT, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "runs" / "run-1" / "metrics.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline and driver.poll() is None:
-        if metrics.exists() and '"step": 10' in metrics.read_text():
-            break
-        time.sleep(0.5)
-    assert driver.poll() is None, "the run ended before it could be interrupted"
-    time.sleep(3)  # let Ray Train persist the step-10 checkpoint it just reported
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    driver.wait()
-    run = tmp_path / "runs" / "run-1"
-    assert json.loads((run / "status.json").read_text())["state"] == "running"
-    res = cli("launch", "--resume", "run-1", "--runs", str(tmp_path / "runs"), env={"ZEROSHIP_RAY_TMPDIR": ray_tmp})
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["run-1"]  # no new id allocated
-    status = json.loads((run / "status.json").read_text())
-    assert status["state"] == "succeeded"
-    lines = [json.loads(x) for x in metrics.read_text().splitlines()]
-    resumed = [x["step"] for x in lines if x["kind"] == "resume"]
-    assert resumed and resumed[0] >= 5  # from a checkpoint, not from zero
-    assert max(e["step"] for e in evals(run)) == 38
-    res = cli("launch", "--resume", "run-1", "--runs", str(tmp_path / "runs"))
-    assert res.returncode == 2 and "already succeeded" in res.stderr
 
 
 def test_hung_rank_fails_the_run_at_the_collective_timeout(tmp_path, ray_tmp):

@@ -1,6 +1,6 @@
 """bf16 end to end on CPU workers (DeepSpeed's CPU accelerator runs bf16): ZeRO-2 and ZeRO-3 with 2
 workers, 1 epoch (bf16 is ~5× slower than fp32 on CPUs without AMX). The run trains in bf16, `best/`
-holds fp32 master weights, reloads in a fresh process, and exports with fp32 parity.
+holds fp32 master weights, reloads in a fresh process, and (ZeRO-3's) exports with fp32 parity.
 
 Tolerance: the workers' reported metric comes from the bf16 model (8-bit mantissa: logits off by
 ~1e-2), the fresh evaluation from the fp32 masters, so an argmax can flip where two labels are
@@ -46,6 +46,8 @@ def test_bf16_run_keeps_fp32_best_that_reloads_and_exports(stage, tmp_path, ray_
     assert merged["eval_f1"] == pytest.approx(again["eval_f1"], abs=1e-9)
     assert again["eval_f1"] >= 0.8  # it learned: chance is below 0.2 (test_e2e_train.random_tagger_f1)
 
+    if stage == 2:  # best/ is fp32 safetensors either way: the export does not depend on the stage
+        return
     res = cli("zeroship", "export", "onnx", run.name, "--runs", str(run.parent), "--fp16")
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     manifest = json.loads((Path(run) / "onnx" / "manifest.json").read_text())
