@@ -1,6 +1,7 @@
 """Every private Ray API zeroship reaches, each in one place: serving (a private Ray's core processes,
 the replica's gRPC bind), training (Ray Train's placement-group cleaner, DataConfig's execution options)
-and ingest (Ray Data's per-operator statistics of a streaming split, a repartition's task resources).
+and ingest (Ray Data's per-operator statistics of a streaming split and of a materialized dataset, a
+repartition's task resources).
 
 Each use has a test in tests/base/test_ray_compat.py that fails loudly when a Ray upgrade removes or changes
 what it relies on (Ray 2.60 here). Imports nothing heavy: the serving process loads no torch.
@@ -94,6 +95,23 @@ def split_operator_rows(iterator: Any, operator: str) -> tuple[int, int] | None:
         return int(op.total_input_num_rows), int(op.output_num_rows.sum)
     except (AttributeError, StopIteration, TypeError, ray.exceptions.GetTimeoutError):
         return None
+
+
+def dataset_operator_rows(ds: Any, operator: str) -> tuple[int, int] | None:
+    """(rows in, rows out) of the first Ray Data operator whose name contains `operator`, in the execution
+    that materialized `ds` (`get_stats_summary`, a DeveloperAPI: the DatasetStatsSummary whose operator
+    fields `split_operator_rows` reads too); None when this Ray's look different."""
+    try:
+        stack = [ds.get_stats_summary()]
+        while stack:
+            s = stack.pop(0)
+            for op in s.operators_stats:
+                if operator in op.operator_name:
+                    return int(op.total_input_num_rows), int(op.output_num_rows.sum)
+            stack.extend(s.parents)
+    except (AttributeError, TypeError):
+        pass
+    return None
 
 
 def repartition_cpus(ds: Any, num_cpus: float) -> Any:

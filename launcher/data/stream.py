@@ -126,15 +126,17 @@ def chunks_of(pieces, rows: int):
 
 class Tally:
     """What Ray Data tokenized for one split over the run, from its own statistics (rank 0 reads them
-    after each pass): examples in, windows out, passes."""
+    after each pass): examples in, windows out, passes. `tokenized`: False when the split arrives tokenized
+    (a sweep's data, launcher.driver.sweep.tokenize_once): the statistics then still show the tokenization
+    that materialized it, which this run did not do, so only its passes count."""
 
-    def __init__(self):
-        self.examples, self.windows, self.passes = 0, 0, 0
+    def __init__(self, tokenized: bool = True):
+        self.examples, self.windows, self.passes, self.tokenized = 0, 0, 0, tokenized
 
     def add(self, iterator) -> None:
         from zeroship.ray_compat import split_operator_rows
 
-        rows = split_operator_rows(iterator, "tokenize_batch")
+        rows = split_operator_rows(iterator, "tokenize_batch") if self.tokenized else None
         self.passes += 1
         if rows is not None:
             self.examples += rows[0]
@@ -147,9 +149,11 @@ class Tally:
 class Shards:
     """This worker's share of the run's data (`ray.train.get_dataset_shard`): the training windows as
     batches of Features per epoch, and the validation windows with the sentences they came from. `keep`:
-    keep both after their first pass (the plan's cache decision)."""
+    keep both after their first pass (the plan's cache decision). `tokenized`: the splits that come
+    tokenized already (materialized once for a sweep's trials)."""
 
-    def __init__(self, task: str, labels: list[str], batch_size: int, seed: int, keep: bool = False):
+    def __init__(self, task: str, labels: list[str], batch_size: int, seed: int, keep: bool = False,
+                 tokenized: frozenset[str] = frozenset()):
         import ray.train
 
         ctx = ray.train.get_context()
@@ -160,7 +164,7 @@ class Shards:
         self.ahead: tuple | None = None  # (epoch, its batches, the thread fetching the first, what it got)
         self.pieces: list[tuple[Any, int]] | None = None  # every rank's kept pieces: (object ref, rows)
         self.kept_validation: tuple[list, list[Feature]] | None = None
-        self.tally = {"train": Tally(), "validation": Tally()}
+        self.tally = {split: Tally(split not in tokenized) for split in ("train", "validation")}
 
     def prefetch(self, epoch: int) -> None:
         """Start `epoch`'s stream now, in a thread that takes its first batch: Ray Data's pipeline

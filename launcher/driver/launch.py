@@ -36,7 +36,14 @@ from launcher.driver.console import (
     progress_board,
 )
 from launcher.driver.plan import Plan
-from launcher.driver.trainer import make_trainer, record_data, run_datasets, worker_config
+from launcher.driver.trainer import (
+    data_key,
+    make_trainer,
+    record_data,
+    run_datasets,
+    tokenized_splits,
+    worker_config,
+)
 from launcher.driver.winner import Winner, pick_winner, write_best
 from launcher.eval.ranking import best
 from launcher.recipe.schema import Recipe
@@ -286,8 +293,10 @@ def fit_kfold(plan: Plan, run: Run) -> FitResult:
     chosen = trial_recipe(recipe, top["params"])
     if recipe.sweep.kfold_refit:
         board = progress_board()
-        datasets, figures = run_datasets(chosen, plan, run)
-        trainer = make_trainer(chosen, worker_config(chosen, plan, board, figures, trial="refit"),
+        # the trials' tokenization of its data variant, when they shared one (launcher.driver.sweep.tokenize_once)
+        datasets, figures = run.sweep_datasets.get(data_key(chosen)) or run_datasets(chosen, plan, run)
+        trainer = make_trainer(chosen, worker_config(chosen, plan, board, figures, trial="refit",
+                                                     tokenized=tokenized_splits(datasets)),
                                run.ray_storage, "refit", datasets)  # a sweep's Ray: never lean
         view.progress.console.print(f"refit on all training data: {json.dumps(top['params'])}", highlight=False)
         with ProgressView(board, run, recipe.metric, recipe.mode) as refit_view:

@@ -35,17 +35,20 @@ def sweep_trial(config: dict, shared: dict) -> None:
     """Tune function trainable: runs one trial's distributed training to completion."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from launcher.driver.trainer import make_trainer
+    from launcher.driver.trainer import make_trainer, tokenized_splits
 
     trial = config["trial"]
     recipe = trial_recipe(shared["recipe"], trial["params"])
     datasets, figures = shared["datasets"][trial["data"]]  # this trial's data variant (run_sweep)
+    tokenized = tokenized_splits(datasets)
     if trial.get("fold") is not None:  # k-fold: validate on this fold, train on the others
         from launcher.data.ingest import fold_datasets
 
         datasets = fold_datasets(datasets["train"], shared["kfold"], trial["fold"])
         figures = shared["fold_figures"][trial["data"], trial["fold"]]
-    worker_cfg = dict(shared["worker_config"], recipe=recipe, trial=trial["name"], figures=figures)
+        tokenized = list(datasets) if "train" in tokenized else []  # both filter the train split
+    worker_cfg = dict(shared["worker_config"], recipe=recipe, trial=trial["name"], figures=figures,
+                      tokenized=tokenized)
     trainer = make_trainer(recipe, worker_cfg, shared["storage"], trial["name"], datasets,
                            callbacks=[TuneReportCallback()])  # never lean: a sweep keeps the cleaner
     trainer.fit()
@@ -108,6 +111,8 @@ def run_sweep(recipe: Recipe, plan, run: Run, view, board) -> list[dict]:
         if k:  # the fold's own figures: its training windows, from what the plan holds
             fold_figures.setdefault((t["data"], t["fold"]), estimate(point, plan.dataset, (k, t["fold"])))
     run.data_figures = datasets[0][1]
+    run.shared_data = tokenize_once(datasets, trials, k, bool(k and recipe.sweep.kfold_refit), view)
+    run.sweep_datasets = {key: datasets[i] for key, i in variants.items()}  # the k-fold refit's (launch.fit_kfold)
     view.expect_trials(trials)
     shared = {"recipe": recipe, "worker_config": worker_config(recipe, plan, board, None),
               "storage": run.ray_storage, "datasets": datasets, "kfold": k, "fold_figures": fold_figures}
@@ -134,6 +139,44 @@ def run_sweep(recipe: Recipe, plan, run: Run, view, board) -> list[dict]:
         t = result.config["trial"]
         table.append({"name": name, "params": t["params"], "point": t["point"], "fold": t["fold"], "error": error})
     return sorted(table, key=lambda t: int(t["name"].split("-")[1]))
+
+
+def tokenize_once(datasets: list[tuple[dict, Any]], trials: list[dict], k: int, refit: bool, view) -> list[dict]:
+    """Trials that train on the same data variant (launcher.driver.trainer.data_key) read one tokenization
+    of it: when the plan keeps the windows (`data.cache_mb`), the driver materializes the variant's splits
+    in Ray's object store (spilling to disk beyond it) before the first trial, instead of every trial's
+    workers reading, parsing and tokenizing the corpus again. The blocks are the driver's, so they outlive
+    each trial; a k-fold trial filters its folds out of the materialized train split (the validation split
+    is read by the refit alone, so it stays streamed). The trials' workers still keep their own pass's
+    windows for their later epochs' global shuffle (launcher.data.stream). Each variant is replaced in
+    `datasets`; returns, per variant, what Ray Data tokenized (its own statistics) or why it streams."""
+    from collections import Counter
+
+    from zeroship.ray_compat import dataset_operator_rows
+
+    readers = Counter(t["data"] for t in trials)
+    record = []
+    for i, (splits, figures) in enumerate(datasets):
+        names = ["train"] if k else ["train", "validation"]
+        entry: dict[str, Any] = {"variant": i, "trials": readers[i]}
+        if readers[i] + (1 if refit else 0) < 2 or not figures.cache:
+            entry["tokenized"] = ("by its one trial's workers" if figures.cache else
+                                  f"by each trial's workers (≈ {figures.megabytes:,.0f} MB > data.cache_mb "
+                                  f"{figures.cache_mb})")
+            record.append(entry)
+            continue
+        view.progress.console.print(f"data: tokenizing {' and '.join(names)} once for {readers[i]} trials"
+                                    + (" and the refit" if refit else ""), highlight=False)
+        kept = dict(splits)
+        for name in names:
+            kept[name] = splits[name].materialize()
+            rows = dataset_operator_rows(kept[name], "tokenize_batch")
+            entry[name] = ({"examples": rows[0], "windows": rows[1]} if rows is not None
+                           else {"windows": kept[name].count()})
+        entry["tokenized"] = "once, by Ray Data tasks before the first trial"
+        datasets[i] = (kept, figures)
+        record.append(entry)
+    return record
 
 
 def cross_validation(trials: list[dict], best: dict[str, float]) -> list[dict]:

@@ -40,20 +40,39 @@ def record_data(run, view, figures: DataEstimate | None) -> None:
 
     made = view.data.get("") or next(iter(view.data.values()), None)  # a sweep: its first trial's
     record: dict = {"plan": figures.to_json()} if figures is not None else {}
+    shown = []
+    if run.shared_data:  # a sweep: each data variant tokenized once for its trials (or why not), and each
+        record["shared"] = run.shared_data  # trial's own tally
+        record["trials"] = dict(view.data)
+        for v in run.shared_data:
+            shown += [f"{name} {v[name].get('examples', '?')} examples → {v[name]['windows']} windows once for"
+                      f" {v['trials']} trials" for name in ("train", "validation") if name in v]
     if made:
         record.update(made)
-        shown = [f"{name} {c['examples']} examples → {c['windows']} windows in {c['passes']} pass(es)"
-                 for name, c in made.items() if c["passes"]]  # a max_steps run may end inside its first pass
-        if shown:
-            console.print("data (Ray Data): " + ", ".join(shown), highlight=False)
+        # a max_steps run may end inside its first pass; a sweep's trial may tokenize nothing itself
+        shown += [f"{name} {c['examples']} examples → {c['windows']} windows in {c['passes']} pass(es)"
+                  for name, c in made.items() if c["passes"] and c["examples"]]
+    if shown:
+        console.print("data (Ray Data): " + ", ".join(shown), highlight=False)
     run.update(data=record)
 
 
-def worker_config(recipe: Recipe, plan: Plan, board, figures: DataEstimate | None, trial: str = "") -> dict:
+def worker_config(recipe: Recipe, plan: Plan, board, figures: DataEstimate | None, trial: str = "",
+                  tokenized: list[str] | tuple = ()) -> dict:
     """What every worker receives: the Recipe (pydantic: it pickles), labels, the plan's data figures (the
-    data itself comes as Ray Datasets, `make_trainer`), the progress board."""
+    data itself comes as Ray Datasets, `make_trainer`), the progress board; `tokenized`: the splits that
+    come tokenized already (`tokenized_splits`)."""
     return {"recipe": recipe, "labels": plan.dataset.labels, "figures": figures, "progress": board,
-            "metric": recipe.metric, "mode": recipe.mode, "trial": trial}
+            "metric": recipe.metric, "mode": recipe.mode, "trial": trial, "tokenized": list(tokenized)}
+
+
+def tokenized_splits(datasets: dict) -> list[str]:
+    """The splits that come tokenized already (materialized for a sweep's trials,
+    launcher.driver.sweep.tokenize_once): the workers' tally then counts no tokenization of their own
+    (launcher.data.stream.Tally)."""
+    from ray.data.dataset import MaterializedDataset
+
+    return [name for name, ds in datasets.items() if isinstance(ds, MaterializedDataset)]
 
 
 def shard_config():

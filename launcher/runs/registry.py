@@ -77,6 +77,10 @@ class Run:
     remote: RemoteStore | None = field(default=None, compare=False, repr=False)  # storage on a URI
     stamps: dict = field(default_factory=dict, compare=False, repr=False)  # the driver's launcher.driver.startup stamps
     data_figures: Any = field(default=None, compare=False, repr=False)  # the plan's data figures (DataEstimate)
+    # a sweep's data variants tokenized once for its trials (launcher.driver.sweep.tokenize_once): what Ray
+    # Data tokenized, for status.json, and the variants' datasets by data key, for the k-fold refit
+    shared_data: list = field(default_factory=list, compare=False, repr=False)
+    sweep_datasets: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def ray_storage(self) -> str:

@@ -94,7 +94,8 @@ class TrainingRun:
         first whole epoch counts its micro-batches (`count_epoch`)."""
         tc, figures = self.recipe.train, self.config["figures"]
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(self.recipe.model))
-        self.data = Shards(self.task, self.labels, tc.batch_size, tc.seed, keep=figures.cache)
+        self.data = Shards(self.task, self.labels, tc.batch_size, tc.seed, keep=figures.cache,
+                           tokenized=frozenset(self.config.get("tokenized", ())))
         if ray.train.get_checkpoint() is None:  # a fresh start's first epoch (a resume's is in its checkpoint)
             self.data.prefetch(self.resume.next_epoch)
         self.approximate = not figures.exact and not tc.max_steps  # "≈" on the progress bar until counted

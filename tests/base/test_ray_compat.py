@@ -109,7 +109,7 @@ SPLIT_STATS = r"""
 import json, threading
 import ray.data
 from zeroship.ray_session import init_ray
-from zeroship.ray_compat import split_operator_rows
+from zeroship.ray_compat import dataset_operator_rows, split_operator_rows
 init_ray()
 ray.data.DataContext.get_current().execution_options.preserve_order = True
 
@@ -127,13 +127,23 @@ def eat(i):
 threads = [threading.Thread(target=eat, args=(i,)) for i in (0, 1)]
 [t.start() for t in threads]
 [t.join() for t in threads]
+# a sweep's data (launcher.driver.sweep.tokenize_once): tokenized once into the object store, then split
+mat = ds.map_batches(tokenize_batch, batch_size=100).materialize()
+again = mat.streaming_split(2, equal=True)
+threads = [threading.Thread(target=lambda i=i: sum(1 for _ in again[i].iter_batches())) for i in (0, 1)]
+[t.start() for t in threads]
+[t.join() for t in threads]
 print(json.dumps({"stats": split_operator_rows(splits[0], "tokenize_batch"), "rows": rows,
                   "missing": split_operator_rows(splits[0], "no_such_operator"),
-                  "unfamiliar": split_operator_rows(object(), "tokenize_batch")}))
+                  "unfamiliar": split_operator_rows(object(), "tokenize_batch"),
+                  "materialized": dataset_operator_rows(mat, "tokenize_batch"),
+                  "materialized_missing": dataset_operator_rows(mat, "no_such_operator"),
+                  "materialized_unfamiliar": dataset_operator_rows(object(), "tokenize_batch"),
+                  "split_of_materialized": split_operator_rows(again[0], "tokenize_batch")}))
 """
 
 
-def test_split_operator_rows_reads_the_split_coordinators_statistics(ray_tmp):
+def test_split_and_dataset_operator_rows_read_ray_datas_statistics(ray_tmp):
     """The private path read: a streaming_split iterator's `_coord_actor.stats()` (DatasetStats), whose
     summary keeps the operators before the split in `parents`, each with `operator_name`,
     `total_input_num_rows` and `output_num_rows.sum`. Real Ray, two consumers, one execution."""
@@ -144,6 +154,12 @@ def test_split_operator_rows_reads_the_split_coordinators_statistics(ray_tmp):
     assert got["rows"] == [1000, 1000]  # what the two consumers read: every window once, split equally
     assert got["stats"] == [1000, 2000]  # Ray Data's own count: rows into the operator, windows out
     assert got["missing"] is None and got["unfamiliar"] is None  # no such operator / an unfamiliar Ray: no crash
+    # a materialized dataset's statistics (`get_stats_summary`): the execution that made it
+    assert got["materialized"] == [1000, 2000]
+    assert got["materialized_missing"] is None and got["materialized_unfamiliar"] is None
+    # a split of it still shows that tokenization, which its readers did not do: why a sweep's trials tell
+    # their tally that their data came tokenized (launcher.data.stream.Tally)
+    assert got["split_of_materialized"] == [1000, 2000]
 
 
 def test_repartition_cpus_sets_the_streaming_repartitions_task_resources():

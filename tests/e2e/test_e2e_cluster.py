@@ -74,7 +74,7 @@ def test_runs_show_prints_the_recipe_diff_history_and_winner(ner_run, tmp_path):
     evals = [json.loads(line) for line in (ner_run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     assert all(f"{e['eval_f1']:.4f}" in out for e in evals)  # the metric history
     # the unedited original: no differences to show
-    same = cli("zeroship", "runs", "show", ner_run.name, "--runs", str(ner_run.parent))
+    same = cli("zeroship", "runs", "show", ner_run.name, "--runs", str(ner_run.parent), env={"COLUMNS": "400"})
     assert same.returncode == 0 and "as it is, no overrides" in same.stdout
 
 

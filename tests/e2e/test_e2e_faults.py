@@ -71,7 +71,10 @@ def test_killed_driver_then_dead_worker_resume_and_retrace_the_uninterrupted_run
     resumed = [x["step"] for x in lines if x["kind"] == "resume"]
     # from a checkpoint, not from zero; then from step 25's, not from the launch's start
     assert len(resumed) == 2 and resumed[0] >= 5 and resumed[1] == 25, resumed
-    assert sorted({e["step"] for e in evals(run)}) == [5, 10, 15, 20, 25, 30, 35, 38]
+    # every evaluation from the first resume point on; up to it, one the killed driver had not
+    # written yet may be missing (its checkpoint was persisted, its line in metrics.jsonl not)
+    steps = sorted({e["step"] for e in evals(run)})
+    assert [s for s in steps if s > resumed[0]] == [s for s in (5, 10, 15, 20, 25, 30, 35, 38) if s > resumed[0]]
     assert status["data"]["train"]["passes"] == 1  # the restarted group's own first pass: its epoch 2's pieces
     clean = {e["step"]: e for e in evals(uninterrupted)}
     for e in evals(run):  # a step evaluated before the kill and again after the resume matches both times

@@ -44,6 +44,17 @@ def test_grid_sweep_with_asha_winner_is_best_evaluation_over_all_trials(tmp_path
     assert trial_recipe["train"]["lr"] == winner["params"]["train.lr"]
     assert trial_recipe["model"]["head"]["dim"] == winner["params"]["model.head.dim"]
     assert len(status["trials"]) == 4 and not any(t["error"] for t in status["trials"])
+    # the four trials share one data variant: Ray Data tokenized each split once, before the first trial
+    # (its own statistics), and no trial's workers tokenized anything
+    data = status["data"]
+    (shared,) = data["shared"]
+    assert shared["trials"] == 4 and shared["tokenized"].startswith("once")
+    assert shared["train"]["examples"] == 600 and shared["validation"]["examples"] == 150
+    assert shared["train"]["windows"] >= 600 and shared["validation"]["windows"] >= 150
+    # (a trial ASHA stopped ends before it reports its tally)
+    assert "trial-0" in data["trials"] and set(data["trials"]) <= {"trial-0", "trial-1", "trial-2", "trial-3"}
+    for tally in data["trials"].values():
+        assert tally["train"]["examples"] == 0 and tally["validation"]["examples"] == 0, tally
     # best/ is the winner, rebuilt with the winner's head size, and reproduces its metric
     meta = json.loads((run / "best" / "model.json").read_text())
     assert meta["head"]["dim"] == winner["params"]["model.head.dim"]
@@ -98,3 +109,10 @@ def test_kfold_with_grid_scores_points_by_fold_mean_and_refits(tmp_path, ray_tmp
     assert winner["trial"] == "refit" and winner["params"] == top["params"] and winner["cv_mean"] == top["mean"]
     assert any(e["trial"] == "refit" for e in evals) and (run / "best" / "model.safetensors").is_file()
     assert "2-fold cross-validation" in res.stdout
+    # each max_length tokenized the training sentences once for its two folds' trials and the refit (Ray
+    # Data's statistics); the trials' workers filtered their folds out of it and tokenized nothing
+    data = status["data"]
+    assert [(v["trials"], v["train"]["examples"]) for v in data["shared"]] == [(2, n), (2, n)], data["shared"]
+    assert data["shared"][1]["train"]["windows"] > data["shared"][0]["train"]["windows"]  # 12 makes more windows
+    assert set(data["trials"]) == {f"trial-{i}" for i in range(4)}
+    assert all(t["train"]["examples"] == t["validation"]["examples"] == 0 for t in data["trials"].values())
