@@ -48,8 +48,8 @@ quickstart: install
 	  "Mara Okafor joined Kestrel Systems in Port Selwyn last spring." \
 	  "According to Zofia Brandt, the Solstice Summit talks in Aldmere went well."
 
-# Two test processes (pytest-xdist): the unit tests run beside the end-to-end tests, which stay in one
-# process, one launch at a time (tests/conftest.py says why).
+# Two test processes (pytest-xdist): a launch alone leaves ~30% of 2 cores idle; the tests that share a
+# session's runs stay in one process (tests/conftest.py).
 TEST_PROCS ?= 2
 test: install
 	$(BIN)/python -m pytest -q -rs --durations=25 -n $(TEST_PROCS) --dist loadgroup

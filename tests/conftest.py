@@ -19,23 +19,21 @@ BIN = Path(sys.executable).parent
 TOY_NER = ROOT / "recipes" / "data" / "toy_ner"
 TOY_CLS = ROOT / "recipes" / "data" / "toy_cls"
 
-# `make test` runs two pytest processes (pytest-xdist, --dist loadgroup). The end-to-end tests all run in
-# one of them, one after another, while the other takes the unit tests: two launches at once on 2 cores
-# (each with its own Ray and workers) ran every launch ~2x slower and past the serving tests' shutdown
-# limits, for ~15% less wall time than one process. One process also builds each session fixture (the
-# trained runs, the MLflow server) once.
+# `make test` runs two pytest processes (pytest-xdist, --dist loadgroup): a launch alone leaves ~30% of
+# 2 cores idle (Ray's start-up and exits, polls, waits). Each process would build its own copy of a
+# session fixture (a trained run, the MLflow server), so every test that uses one runs in one process.
 SHARED = {"ner_run", "ner_bundle", "cls_run", "cls_bundle", "plain_ner_bundle", "mlflow_server"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The `launches` xdist group: every e2e test and every test of a session fixture; one group per module
-    for the other tests that share a module-scoped fixture (a model), so that it, too, is built once."""
+    """One xdist group for the tests of the session's runs; one per module for the tests that share a
+    module-scoped fixture (a server, a Node install, a model), so that it, too, is built once."""
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
         defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-        if used & SHARED or item.get_closest_marker("e2e"):
-            item.add_marker(pytest.mark.xdist_group("launches"))
+        if used & SHARED:
+            item.add_marker(pytest.mark.xdist_group("shared-runs"))
         elif any(d[-1].scope == "module" for name, d in defs.items() if name in used and d):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 

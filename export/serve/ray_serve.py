@@ -222,7 +222,10 @@ def run_forever(opts: ServeOptions, host: str, port: int, say, warn=None, verbos
         logging.getLogger("ray.serve").setLevel(logging.ERROR)
     where = init_ray(log_to_driver=verbose, logging_level=None if verbose else logging.ERROR)
     local = not where.startswith("cluster")
+    # SIGINT too, as the in-process runner (uvicorn) does: a process started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and Python then installs no KeyboardInterrupt for it
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     failure = ""
     known: dict[int, Any] = {}  # pid → psutil.Process of the private Ray's processes
     ready_dir = tempfile.mkdtemp(prefix="zeroship-serve-") if local else None
