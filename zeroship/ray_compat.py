@@ -77,41 +77,39 @@ def execution_options(data_config: Any, dataset: str) -> Any:
     return data_config._resolve_execution_options(dataset)
 
 
-def split_operator_rows(iterator: Any, operator: str) -> tuple[int, int] | None:
-    """(rows in, rows out) of the first Ray Data operator whose name contains `operator`, summed over its
-    tasks, in the last execution behind a `streaming_split` iterator (the split coordinator actor's private
-    `stats()`: a DatasetStats whose summary, and its parents', has per-operator rows); None when this Ray's look
-    different."""
-    import ray
+def _operator_rows(summary: Any, operator: str) -> tuple[int, int]:
+    """(rows in, rows out) of the first operator whose name contains `operator` in a DatasetStatsSummary or
+    the summaries before it (`parents`): StopIteration when none has it."""
 
-    def summaries(summary: Any):  # the split operator's summary holds the operators before it as parents
+    def summaries(summary: Any):
         yield summary
         for parent in summary.parents:
             yield from summaries(parent)
 
+    op = next(op for s in summaries(summary) for op in s.operators_stats if operator in op.operator_name)
+    return int(op.total_input_num_rows), int(op.output_num_rows.sum)
+
+
+def split_operator_rows(iterator: Any, operator: str) -> tuple[int, int] | None:
+    """(rows in, rows out) of the first Ray Data operator whose name contains `operator`, summed over its
+    tasks, in the last execution behind a `streaming_split` iterator (the split coordinator actor's private
+    `stats()`: a DatasetStats whose summary holds the operators before the split as parents); None when
+    this Ray's look different."""
+    import ray
+
     try:
-        stats = ray.get(iterator._coord_actor.stats.remote(), timeout=60)
-        op = next(op for s in summaries(stats.to_summary()) for op in s.operators_stats if operator in op.operator_name)
-        return int(op.total_input_num_rows), int(op.output_num_rows.sum)
+        return _operator_rows(ray.get(iterator._coord_actor.stats.remote(), timeout=60).to_summary(), operator)
     except (AttributeError, StopIteration, TypeError, ray.exceptions.GetTimeoutError):
         return None
 
 
 def dataset_operator_rows(ds: Any, operator: str) -> tuple[int, int] | None:
-    """(rows in, rows out) of the first Ray Data operator whose name contains `operator`, in the execution
-    that materialized `ds` (`get_stats_summary`, a DeveloperAPI: the DatasetStatsSummary whose operator
-    fields `split_operator_rows` reads too); None when this Ray's look different."""
+    """The same for the execution that materialized `ds` (`get_stats_summary`, a DeveloperAPI); None when
+    this Ray's look different."""
     try:
-        stack = [ds.get_stats_summary()]
-        while stack:
-            s = stack.pop(0)
-            for op in s.operators_stats:
-                if operator in op.operator_name:
-                    return int(op.total_input_num_rows), int(op.output_num_rows.sum)
-            stack.extend(s.parents)
-    except (AttributeError, TypeError):
-        pass
-    return None
+        return _operator_rows(ds.get_stats_summary(), operator)
+    except (AttributeError, StopIteration, TypeError):
+        return None
 
 
 def repartition_cpus(ds: Any, num_cpus: float) -> Any:

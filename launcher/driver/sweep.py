@@ -155,9 +155,9 @@ def tokenize_once(datasets: list[tuple[dict, Any]], trials: list[dict], k: int, 
     from zeroship.ray_compat import dataset_operator_rows
 
     readers = Counter(t["data"] for t in trials)
+    names = ["train"] if k else ["train", "validation"]
     record = []
     for i, (splits, figures) in enumerate(datasets):
-        names = ["train"] if k else ["train", "validation"]
         entry: dict[str, Any] = {"variant": i, "trials": readers[i]}
         if readers[i] + (1 if refit else 0) < 2 or not figures.cache:
             entry["tokenized"] = ("by its one trial's workers" if figures.cache else
