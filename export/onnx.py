@@ -93,11 +93,15 @@ def resolve_run(run_id: str, runs_dir: str | Path) -> Run:
     return run
 
 
-def load_validation(run: Run, meta: dict, tokenizer, max_length: int, batch_size: int = 16) -> Validation:
+def load_validation(run: Run, meta: dict, tokenizer, max_length: int, batch_size: int = 16,
+                    log=lambda msg: None) -> Validation:
     import yaml
 
     recipe = yaml.safe_load((run.dir / "recipe.yaml").read_text())
-    data = dict(recipe["data"], labels=meta["labels"])
+    recorded, notes = run.recorded_data()
+    for note in notes:
+        log(note)
+    data = dict(recorded, labels=meta["labels"])
     ds = load_dataset(data, meta["task"], sample="train")  # train only for its format: at most its first MB
     casing = bool(meta.get("casing"))
 
@@ -356,7 +360,7 @@ def export_run(run_id: str, runs_dir: str | Path, opts: ExportOptions) -> tuple[
     out = Path(os.path.abspath(opts.out)) if opts.out else run.bundle_dir
     check_out(out)
     model, meta, tokenizer, max_length = load_for_export(run, opts)
-    val = load_validation(run, meta, tokenizer, max_length)
+    val = load_validation(run, meta, tokenizer, max_length, log=opts.log)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; services read the bundle as another user
     (tmp / "onnx").mkdir()  # the graphs, where Hugging Face loaders look for them

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ TOY_CLS = ROOT / "recipes" / "data" / "toy_cls"
 # `make test` runs two pytest processes (pytest-xdist, --dist loadgroup): a launch alone leaves ~30% of
 # 2 cores idle (Ray's start-up and exits, polls, waits). Each process would build its own copy of a
 # session fixture (a trained run, the MLflow server), so every test that uses one runs in one process.
-SHARED = {"ner_run", "ner_bundle", "cls_run", "cls_bundle", "plain_ner_bundle", "mlflow_server"}
+SHARED = {"ner_run", "ner_bundle", "cls_run", "cls_bundle", "quickstart_job", "plain_ner_bundle", "mlflow_server"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
@@ -215,7 +216,10 @@ def mlflow_server(tmp_path_factory):
     proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
                              "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
                              "--default-artifact-root", str(folder / "artifacts"), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            # no job runner: its ~8 worker processes cost ~30 CPU-s to start, and the
+                            # tests only log runs and read them back
+                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     try:
         deadline = time.time() + 180
         while True:
@@ -286,18 +290,74 @@ def cls_bundle(cls_run) -> Path:
     return cls_run / "onnx"
 
 
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+@dataclass
+class QuickstartJob:
+    """What `ray job submit -- launch recipes/quickstart_ner.yaml` left: the good job and the bad one."""
+
+    runs: Path
+    good: subprocess.CompletedProcess
+    good_wall_s: float
+    bad: subprocess.CompletedProcess
+
+
 @pytest.fixture(scope="session")
-def plain_ner_bundle(tmp_path_factory) -> Path:
-    """recipes/quickstart_ner.yaml as a new user runs it (the whole 6-layer MiniLM, no casing classes,
-    every sub-token trained), exported with int8: the bundle a Transformers.js user loads (test_e2e_node)."""
+def quickstart_job(tmp_path_factory) -> QuickstartJob:
+    """recipes/quickstart_ner.yaml as it ships (the whole 6-layer MiniLM, 3 epochs, no casing classes),
+    submitted with `ray job submit` to a Ray head started here on loopback, then the same recipe with
+    more workers than that cluster has (a job that must fail). One launch serves the job-submit test
+    (test_e2e_cluster) and the bundle a Transformers.js user loads (plain_ner_bundle, test_e2e_node)."""
+    import socket
+    import time
+
     runs = tmp_path_factory.mktemp("quickstart") / "runs"
+    env = {**os.environ, **LOOPBACK_ENV, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    gcs, dash = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="zs-", dir="/tmp") as ray_dir:
-        res = cli("launch", str(ROOT / "recipes" / "quickstart_ner.yaml"), "--runs", str(runs),
-                  env={"ZEROSHIP_RAY_TMPDIR": ray_dir})
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    res = cli("zeroship", "export", "onnx", "run-1", "--runs", str(runs), "--quantize", "int8-dynamic")
+        head = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+             "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+             "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
+             "--temp-dir", ray_dir, "--num-cpus", "3", "--include-dashboard", "true"],  # 2 workers + data
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                try:
+                    with socket.create_connection(("127.0.0.1", dash), timeout=1):
+                        break
+                except OSError:
+                    assert head.poll() is None, f"ray start exited with {head.returncode}"
+                    time.sleep(1)
+
+            def submit(*args: str) -> subprocess.CompletedProcess:
+                return subprocess.run(
+                    [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+                     "--working-dir", str(ROOT), "--", "launch", "recipes/quickstart_ner.yaml", *args,
+                     "--runs", str(runs)],
+                    env=env, capture_output=True, text=True, timeout=900)
+
+            started = time.time()
+            good = submit()
+            wall = time.time() - started
+            bad = submit("scaling.workers=64")  # more workers than the cluster has CPUs
+        finally:
+            stop_process_group(head, 60)
+    return QuickstartJob(runs, good, wall, bad)
+
+
+@pytest.fixture(scope="session")
+def plain_ner_bundle(quickstart_job) -> Path:
+    """The quickstart's run (quickstart_job), exported with int8: the bundle a Transformers.js user
+    loads (test_e2e_node)."""
+    job = quickstart_job
+    assert job.good.returncode == 0, (job.good.stdout + job.good.stderr)[-4000:]
+    res = cli("zeroship", "export", "onnx", "run-1", "--runs", str(job.runs), "--quantize", "int8-dynamic")
     assert res.returncode == 0, res.stdout + res.stderr
-    return runs / "run-1" / "onnx"
+    (job.runs.parent / "export.txt").write_text(res.stdout + res.stderr)  # what the user saw (test_e2e_cluster)
+    return job.runs / "run-1" / "onnx"
 
 
 def is_loopback(ip: str) -> bool:

@@ -106,6 +106,7 @@ def launch_run(plan: Plan, recipe_path: str, overrides: list[str], verbose: bool
         {
             "task": recipe.model.task,
             "recipe": str(Path(recipe_path).resolve()),
+            "cwd": os.getcwd(),  # data paths under it are found again from a checkout (Run.recorded_data)
             "overrides": list(overrides),
             "parent": plan.parent,
             **({"augmentation": plan.augmentation} if plan.augmentation else {}),

@@ -125,6 +125,38 @@ class Run:
                                    "the run cannot be used; launch it again"))
         return status
 
+    def recorded_data(self) -> tuple[dict, list[str]]:
+        """The `data` section of the run's recipe.yaml, for reading its splits again after training
+        (export's checks), and a note for each path that had to be found again.
+
+        The recorded paths are absolute. Under `ray job submit --working-dir .` they point into the job's
+        copy of the checkout, which Ray deletes with the job: a split whose recorded file is gone but
+        lay under the folder the launch ran in (status `cwd`) is read from the same place under this
+        process's folder — the checkout the job was submitted from."""
+        import yaml
+
+        where = str(self.dir / "recipe.yaml")
+        try:
+            data = dict(yaml.safe_load((self.dir / "recipe.yaml").read_text(encoding="utf-8"))["data"])
+        except (OSError, ValueError, TypeError, KeyError, RecursionError, yaml.YAMLError) as exc:
+            raise RunError(Problem(where, f"unreadable: {excerpt(str(exc), 200)}",
+                                   "the run cannot be used; launch it again")) from None
+        launched_in, notes = self.status().get("cwd"), []
+        for split in ("train", "validation", "test"):
+            path = data.get(split)
+            if not isinstance(path, str) or not launched_in or is_uri(path) or _exists(path):
+                continue
+            try:
+                rel = Path(os.path.normpath(path)).relative_to(os.path.normpath(launched_in))  # no ".."
+            except ValueError:
+                continue  # outside the launch's folder: load_dataset says it is missing
+            here = Path.cwd() / rel
+            if _exists(str(here)):
+                data[split] = str(here)
+                notes.append(f"data.{split}: {excerpt(path, 120)} is gone (the launch's folder); "
+                             f"reading ./{rel} instead")
+        return data, notes
+
     def update(self, **fields: Any) -> dict:
         status = self.status()
         if "state" in fields and fields["state"] not in STATES:
@@ -165,6 +197,16 @@ class Run:
         return records
 
 
+def _exists(path: str) -> bool:
+    """A data path (file, folder of shards or glob) that names something."""
+    import glob
+
+    try:
+        return Path(path).exists() or bool(glob.glob(path))
+    except ValueError:  # a NUL or a lone surrogate: names nothing
+        return False
+
+
 def _status_problem(status: Any) -> str:
     """What is wrong with a status file's shape ("" when nothing)."""
     if not isinstance(status, dict):
@@ -175,7 +217,7 @@ def _status_problem(status: Any) -> str:
     if winner is not None and not (isinstance(winner, dict) and isinstance(winner.get("metric"), str)
                                    and isinstance(winner.get("value"), (int, float, type(None)))):
         return "winner must be null or {metric, value, ...}"
-    for key in ("error", "recipe", "parent", "task", "created"):
+    for key in ("error", "recipe", "parent", "task", "created", "cwd"):
         if status.get(key) is not None and not isinstance(status[key], str):
             return f"{key} must be text"
     return ""

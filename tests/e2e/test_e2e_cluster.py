@@ -6,21 +6,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, ROOT, cli, free_port, stop_process_group, tiny_ner_recipe, toy_ner_shards
+from conftest import LOOPBACK_ENV, cli, free_port, tiny_ner_recipe, toy_ner_shards
 
 pytestmark = pytest.mark.e2e
-
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
-
 
 def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     """Parse TensorBoard event files (TFRecord framing: length, crc, Event proto, crc) independently
@@ -154,55 +149,33 @@ def test_storage_one_node_cannot_see_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------------ ray job submit
-def test_ray_job_submit_and_its_exit_code(tmp_path, ray_tmp):
-    """`ray job submit -- launch recipes/quickstart_ner.yaml` against a head this test starts on
-    loopback; a recipe that cannot run makes the job, and `ray job submit`, fail."""
-    env = {**os.environ, **LOOPBACK_ENV, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    gcs, dash = free_port(), free_port()
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-         "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
-         "--temp-dir", ray_tmp, "--num-cpus", "3", "--include-dashboard", "true"],  # 2 workers + data
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        address = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", dash), timeout=1):
-                    break
-            except OSError:
-                time.sleep(1)
-        runs = tmp_path / "runs"
+def test_ray_job_submit_and_its_exit_code(quickstart_job, plain_ner_bundle):
+    """`ray job submit --working-dir . -- launch recipes/quickstart_ner.yaml` against a head started on
+    loopback (conftest.quickstart_job); the run exports from the checkout after Ray deleted the job's copy
+    of it (conftest.plain_ner_bundle); a recipe that cannot run makes the job, and `ray job submit`, fail."""
+    job = quickstart_job
+    out = job.good.stdout + job.good.stderr
+    assert job.good.returncode == 0, out[-4000:]
+    run = job.runs / "run-1"
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "succeeded"
+    assert {"recipe.yaml", "metrics.jsonl", "best", "tensorboard"} <= {p.name for p in run.iterdir()}
+    assert (run / "best" / "model.safetensors").is_file()
+    assert "cluster at" in out  # it joined the test's cluster instead of starting its own
+    assert "zeroship export onnx run-1" in out  # and says how to export the result
+    print(f"job submit wall time: {job.good_wall_s:.0f} s")
+    # the recipe's data paths were the job's copy of the checkout, gone with the job: the export read
+    # the same files in the checkout it ran in, and said so
+    assert "_ray_pkg_" in status["cwd"] and not Path(status["cwd"]).exists()
+    said = (job.runs.parent / "export.txt").read_text()
+    for split in ("train", "validation", "test"):
+        assert f"data.{split}: " in said and f"reading ./recipes/data/toy_ner/{split}.conll instead" in said
+    assert json.loads((plain_ner_bundle / "manifest.json").read_text())["metrics"]
 
-        def submit(*args: str) -> subprocess.CompletedProcess:
-            return subprocess.run(
-                [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-                 "launch", "recipes/quickstart_ner.yaml", *args, "--runs", str(runs)],
-                env=env, capture_output=True, text=True, timeout=900)
-
-        started = time.time()
-        res = submit("train.epochs=1", "model.num_hidden_layers=2")
-        wall = time.time() - started
-        out = res.stdout + res.stderr
-        assert res.returncode == 0, out[-4000:]
-        run = runs / "run-1"
-        status = json.loads((run / "status.json").read_text())
-        assert status["state"] == "succeeded"
-        assert {"recipe.yaml", "metrics.jsonl", "best", "tensorboard"} <= {p.name for p in run.iterdir()}
-        assert (run / "best" / "model.safetensors").is_file()
-        assert "cluster at" in out  # it joined the test's cluster instead of starting its own
-        assert "zeroship export onnx run-1" in out  # and says how to export the result
-        print(f"job submit wall time: {wall:.0f} s")
-
-        bad = submit("scaling.workers=64")  # more workers than the cluster has CPUs
-        out = bad.stdout + bad.stderr
-        assert bad.returncode != 0, out[-3000:]
-        assert "64 workers" in out and "failed with exit code 2" in out  # launch's user-error code
-        assert json.loads((runs / "run-2" / "status.json").read_text())["state"] == "failed"
-    finally:
-        stop_process_group(head, 60)
+    out = job.bad.stdout + job.bad.stderr
+    assert job.bad.returncode != 0, out[-3000:]
+    assert "64 workers" in out and "failed with exit code 2" in out  # launch's user-error code
+    assert json.loads((job.runs / "run-2" / "status.json").read_text())["state"] == "failed"
 
 
 # ------------------------------------------------------------------ storage on a URI

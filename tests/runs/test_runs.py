@@ -6,6 +6,7 @@ import json
 import multiprocessing as mp
 
 import pytest
+import yaml
 from conftest import cli
 
 from zeroship.errors import RunError
@@ -128,3 +129,46 @@ def test_a_bundle_name_the_file_system_cannot_hold_is_a_bad_run_id_not_a_traceba
     if len(text) == 5000:  # and through the command line: exit 2, the same message
         res = cli("zeroship", "export", "predict", text, "hello", "--runs", str(tmp_path / "runs"))
         assert res.returncode == 2 and "Traceback" not in res.stderr and "not a run id" in res.stdout + res.stderr
+
+
+def test_recorded_data_finds_a_job_copys_splits_again_in_this_checkout(tmp_path, monkeypatch):
+    """A run launched under `ray job submit --working-dir .` recorded paths inside the job's copy of the
+    checkout, which Ray deleted: they are read from the same place under this folder, with a note; a
+    path that still exists, a URI, a path outside the launch's folder, one that climbs out with "..",
+    and one missing here too stay as recorded (reading them then says what is missing)."""
+    job = tmp_path / "ray" / "working_dir_files" / "_ray_pkg_1"  # gone: never created
+    checkout, elsewhere = tmp_path / "checkout", tmp_path / "kept.conll"
+    (checkout / "recipes" / "data").mkdir(parents=True)
+    (checkout / "recipes" / "data" / "validation.conll").write_text("a O\n")
+    (checkout / "recipes" / "data" / "shards").mkdir()
+    (checkout / "recipes" / "data" / "shards" / "part-0.conll").write_text("a O\n")
+    elsewhere.write_text("a O\n")
+    run = Registry(tmp_path / "runs").allocate({"task": "token_classification", "cwd": str(job)})
+    data = {"format": "conll", "train": f"{job}/recipes/data/shards/*.conll",
+            "validation": f"{job}/recipes/data/validation.conll", "test": f"{job}/recipes/../../../kept.conll",
+            "labels": ["O"]}
+    (run.dir / "recipe.yaml").write_text(yaml.safe_dump({"data": data}))
+    monkeypatch.chdir(checkout)
+    found, notes = run.recorded_data()
+    assert found["train"] == f"{checkout}/recipes/data/shards/*.conll"
+    assert found["validation"] == f"{checkout}/recipes/data/validation.conll"
+    assert found["test"] == data["test"] and found["labels"] == ["O"] and found["format"] == "conll"
+    assert len(notes) == 2 and notes[1].startswith("data.validation:") and "./recipes/data/validation.conll" in notes[1]
+
+    for kept in (str(elsewhere), "s3://bucket/val.conll", f"{job}/recipes/data/missing.conll",
+                 "/elsewhere/recipes/data/validation.conll", f"{job}/x\udcff\x00.conll"):
+        (run.dir / "recipe.yaml").write_text(yaml.safe_dump({"data": {**data, "validation": kept}}, allow_unicode=True))
+        assert run.recorded_data()[0]["validation"] == kept
+
+    run.update(cwd=None)  # a run from before `cwd` was recorded
+    (run.dir / "recipe.yaml").write_text(yaml.safe_dump({"data": data}))
+    assert run.recorded_data() == (data, [])
+
+
+@pytest.mark.parametrize("text", ["- a list\n", "data: 3\n", "{{{\n", "model: {}\n", "\udcff"])
+def test_recorded_data_of_an_unreadable_recipe_is_a_run_error(tmp_path, text):
+    run = Registry(tmp_path / "runs").allocate({"task": "token_classification", "cwd": str(tmp_path)})
+    (run.dir / "recipe.yaml").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(RunError) as err:
+        run.recorded_data()
+    assert "recipe.yaml" in str(err.value) and "launch it again" in str(err.value)
