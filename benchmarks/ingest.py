@@ -19,8 +19,10 @@ memory free is stopped, and the row says so.
 `--feed-rate` measures the input pipeline alone, with no model: Ray Data reads, parses and tokenizes the
 corpus (`launcher.data.ingest`, as a launch builds it) and one consumer turns the windows into padded
 batches as a worker does (`launcher.data.stream`, `features.collate`); windows per second, and per CPU of
-the machine (every CPU is Ray Data's here). A GPU worker needs its step's windows per second from the
-CPUs beside it: cluster/README.md divides one by the other.
+the machine (every CPU is Ray Data's here). Then a real launch of the whole MiniLM on the same windows
+measures what one worker's step consumes on this machine's CPU (`train_samples_per_s`), and
+`--step-rate W` adds a GPU worker's figure measured on a GPU: the data CPUs a worker needs are the one
+divided by the other, the arithmetic in cluster/README.md.
 """
 
 from __future__ import annotations
@@ -177,15 +179,67 @@ def feed_rate(copies: int, batch_size: int = 32) -> dict:
         rows, _ = read_split(str(train), data, "token_classification", "data.train")
         ds = tokenize(rows, resolve_encoder("packaged:all-MiniLM-L6-v2"), "token_classification", labels, 128, 32,
                       casing=True, label_all=True)
-        windows, rng = 0, random.Random(0)
+        windows, tokens, rng = 0, 0, random.Random(0)
         for columns in ds.iter_batches(batch_size=batch_size * 64, batch_format="numpy"):
             for batch in chunk_batches(columns, batch_size, rng):
                 collate(features(columns, batch), 0, True)
             windows += len(columns["input_ids"])
+            tokens += sum(len(ids) for ids in columns["input_ids"])  # unpadded: what the tokenizer made
         seconds = time.time() - start
     cpus = os.cpu_count() or 1
     return {"copies": copies, "windows": windows, "seconds": seconds, "per_s": windows / seconds,
-            "per_cpu_s": windows / seconds / cpus, "cpus": cpus}
+            "per_cpu_s": windows / seconds / cpus, "tokens_per_cpu_s": tokens / seconds / cpus, "cpus": cpus}
+
+
+def step_rate(copies: int, steps: int = 24, batch_size: int = 32) -> dict:
+    """Windows per second one training worker's step consumes, on this machine's CPU: a real `launch` of
+    the whole packaged MiniLM (6 layers) on the same corpus and windows as feed_rate (max_length 128,
+    stride 32, casing, every sub-token labelled), 1 worker, ZeRO-0, fp32; Ray Data streams beside it.
+    The median of the run's three `train_samples_per_s` records (each over 8 steps, the steps alone)."""
+    with tempfile.TemporaryDirectory(prefix="zeroship-step-") as tmp:
+        folder = Path(tmp)
+        train = make_copies(folder, copies, 1)
+        validation = folder / "validation.conll"  # 200 sentences: the evaluations are not what is timed
+        validation.write_text("\n\n".join(splits("conll")[1].read_text().strip().split("\n\n")[:200]) + "\n")
+        path = folder / "step.yaml"
+        path.write_text(json.dumps({  # JSON is YAML
+            "model": {"encoder": "packaged:all-MiniLM-L6-v2", "task": "token_classification", "casing": True},
+            "data": {"format": "conll", "train": str(train), "validation": str(validation),
+                     "max_length": 128, "stride": 32, "label_all_tokens": True},
+            "train": {"epochs": 1, "max_steps": steps, "batch_size": batch_size, "lr": 1e-4,
+                      "eval_every": steps // 3, "metric": "eval_f1"},
+            "deepspeed": {"zero_stage": 0, "precision": "fp32"},
+            "scaling": {"workers": 1, "cpus_per_worker": 1},
+            "run": {"storage": str(folder / "runs")},
+        }))
+        res = subprocess.run([str(Path(sys.executable).parent / "launch"), str(path)], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise SystemExit(f"the step-rate launch failed: {(res.stdout + res.stderr)[-2000:]}")
+        run = next((folder / "runs").glob("run-*"))
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rates = sorted(r["train_samples_per_s"] for r in records if "train_samples_per_s" in r)
+    step_s = sorted(r["train_step_s"] for r in records if "train_step_s" in r)
+    tokens = sorted(r["train_tokens_per_s"] for r in records if "train_tokens_per_s" in r)
+    return {"per_s": rates[len(rates) // 2], "step_s": step_s[len(step_s) // 2], "batch_size": batch_size,
+            "tokens_per_s": tokens[len(tokens) // 2]}
+
+
+def feed_table(feed: dict, step: dict, gpu_rate: float | None) -> str:
+    """The feed rate against what a step consumes, and the arithmetic cluster/README.md states."""
+    lines = ["| corpus | windows | seconds | windows/s | windows/s per CPU | tokens/s per CPU |",
+             "|---|---|---|---|---|---|",
+             f"| {feed['copies']}× CoNLL-2003 train, max_length 128, stride 32, casing | {feed['windows']} "
+             f"| {feed['seconds']:.1f} | {feed['per_s']:.0f} | {feed['per_cpu_s']:.0f} ({feed['cpus']} CPUs) "
+             f"| {feed['tokens_per_cpu_s']:.0f} |",
+             "", "| a step of | consumes windows/s | tokens/s | data CPUs it needs (÷ windows/s per CPU) |",
+             "|---|---|---|---|",
+             f"| MiniLM (6 layers), 1 worker on this machine's CPU, batch {step['batch_size']} "
+             f"({step['step_s']:.2f} s a step) | {step['per_s']:.1f} | {step['tokens_per_s']:.0f} "
+             f"| {step['per_s'] / feed['per_cpu_s']:.3f} |"]
+    if gpu_rate:
+        lines.append(f"| a GPU worker (--step-rate, measured on the GPU) | {gpu_rate:.0f} | "
+                     f"| {gpu_rate / feed['per_cpu_s']:.2f} |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
@@ -217,13 +271,16 @@ def main() -> None:
     ap.add_argument("--label", default="", help="a word for the results heading (e.g. before/after)")
     ap.add_argument("--corpus", choices=["conll", "quickstart"], default="conll",
                     help="what is copied: CoNLL-2003 train, or the quickstart's toy train split (57 KB)")
-    ap.add_argument("--feed-rate", action="store_true", help="the input pipeline's throughput alone, no model")
+    ap.add_argument("--feed-rate", action="store_true",
+                    help="the input pipeline's throughput alone (no model), against what a training step consumes")
+    ap.add_argument("--step-rate", type=float, metavar="WINDOWS_PER_S",
+                    help="with --feed-rate: what a GPU worker's step consumes (train_samples_per_s of a GPU run, "
+                         "e.g. from benchmarks/gpu.sh), added as a row")
     args = ap.parse_args()
     if args.feed_rate:
-        r = feed_rate(args.copies[0] if args.copies != [1, 16, 64] else 4)
-        out = ("| corpus | windows | seconds | windows/s | windows/s per CPU |\n|---|---|---|---|---|\n"
-               f"| {r['copies']}× CoNLL-2003 train, max_length 128, stride 32, casing | {r['windows']} "
-               f"| {r['seconds']:.1f} | {r['per_s']:.0f} | {r['per_cpu_s']:.0f} ({r['cpus']} CPUs) |")
+        copies = args.copies[0] if args.copies != [1, 16, 64] else 4
+        feed = feed_rate(copies)  # alone on the machine first, then the training step alone
+        out = feed_table(feed, step_rate(copies), args.step_rate)
         print(out)
         append_results("Ingest: the input pipeline's feed rate (no model)",
                        "benchmarks/ingest.py " + " ".join(sys.argv[1:]), out)

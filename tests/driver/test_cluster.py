@@ -92,6 +92,19 @@ def test_large_recipe_fits_the_shipped_gpu_cluster_with_cpus_left_for_ray_data()
     assert "for reading data" in str(resource_problems(greedy, have, "the RayJob's cluster"))
 
 
+def test_large_recipe_leaves_each_gpu_node_the_data_cpus_its_gpu_needs():
+    """cluster/README.md (Feeding the GPUs): an A10G worker on XLM-R-large consumes at most ~1.8 CPUs of
+    tokenization, so on the RayJob's GPU pods 2 CPUs per GPU stay Ray Data's."""
+    from launcher.recipe.schema import load_recipe
+
+    cluster = yaml.safe_load((ROOT / "cluster/kuberay-rayjob.yaml").read_text())["spec"]["rayClusterSpec"]
+    scaling = load_recipe(ROOT / "recipes/large_ner.yaml", []).scaling
+    for group in cluster["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        workers = int(limits["nvidia.com/gpu"]) // scaling.gpus_per_worker
+        assert workers >= 1 and float(limits["cpu"]) - workers * scaling.cpus_per_worker >= 2 * workers
+
+
 def test_large_recipe_uses_the_shared_mount():
     recipe = yaml.safe_load((ROOT / "recipes/large_ner.yaml").read_text())
     assert recipe["run"]["storage"].startswith("/mnt/shared/")
