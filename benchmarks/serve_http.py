@@ -1,14 +1,16 @@
 """`zeroship serve` under load, side by side with the server a user would write by hand.
 
-Three servers on the same bundle, one after the other, each driven by `wrk` (a compiled load generator,
+The servers, on the same bundle, one after the other, each driven by `wrk` (a compiled load generator,
 Debian's `wrk` package, so the client is not the bottleneck) with 1, 8 and 32 connections, each request
 one CoNLL-2003 test sentence (real lengths, rotating through `--sentences` of them):
 
 - hand-written: `benchmarks/handwritten_server.py`, FastAPI + uvicorn around `Predictor`, one process,
   no batching (what the README's Python snippet plus a route gives);
 - zeroship serve: the one-box runner (this process's uvicorn, export.serve.local's batcher);
-- zeroship serve --ray-serve: the same app on Ray Serve, 1 replica (and again with -v: Serve's
-  per-request log on, to measure what logging costs).
+- zeroship serve --ray-serve: the same app on Ray Serve, 1 replica, which answers on the port itself
+  (Serve's direct ingress; again with -v: Serve's per-request log on, to measure what logging costs);
+- zeroship serve --autoscale 1:1: 1 replica behind Serve's proxy and router, the path of several
+  replicas and of a cluster (where the time goes without direct ingress).
 
 Also the Predictor in process at batch 32 (the ceiling on this box), and each zeroship row's texts per
 model call (from /stats). Appends the table and the ratios the targets are stated in to RESULTS.md.
@@ -132,9 +134,14 @@ def servers(bundle: Path, threads: int, port: int) -> dict[str, list[str]]:
     return {"hand-written FastAPI + uvicorn": [sys.executable, str(ROOT / "benchmarks" / "handwritten_server.py"),
                                                str(bundle), str(port), str(threads)],
             "zeroship serve (one box)": [zeroship, "serve", str(bundle), *common],
-            "zeroship serve --ray-serve (1 replica)": [zeroship, "serve", str(bundle), "--ray-serve", *common],
+            "zeroship serve --ray-serve (1 replica, direct ingress)": [zeroship, "serve", str(bundle), "--ray-serve",
+                                                                      *common],
             "zeroship serve --ray-serve -v (Serve's request log on)": [zeroship, "serve", str(bundle), "--ray-serve",
-                                                                      "-v", *common]}
+                                                                      "-v", *common],
+            # --autoscale keeps requests on Serve's proxy and router (as several replicas do): where the
+            # time went before direct ingress
+            "zeroship serve --autoscale 1:1 (1 replica behind Serve's proxy)": [zeroship, "serve", str(bundle),
+                                                                               "--autoscale", "1:1", *common]}
 
 
 def measure(name: str, cmd: list[str], url: str, seconds: float, script: Path, bodies: Path) -> dict:
@@ -196,7 +203,7 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         results = {name: measure(name, cmd, url, args.seconds, script, bodies)
                    for name, cmd in servers(bundle, args.threads, port).items()}
-    hand, local, ray, ray_logged = (results[name] for name in servers(bundle, args.threads, 0))
+    hand, local, ray, ray_logged, proxied = (results[name] for name in servers(bundle, args.threads, 0))
     lines = ["| server | clients | req/s | p50 ms | p99 ms | non-2xx | texts per model call |",
              "|---|---|---|---|---|---|---|"]
     for name, rows in results.items():
@@ -220,11 +227,15 @@ def main() -> None:
         f"one box ÷ hand-written, 32 clients: {local[32]['per_s'] / hand[32]['per_s']:.2f}× req/s (target ≥ 1.1×); "
         f"{local[32]['per_s'] / ceiling:.2f} of the in-process batch-32 ceiling; "
         f"{local[32]['per_call']:.2f} texts per call",
-        f"Ray Serve ÷ hand-written, 32 clients: {ray[32]['per_s'] / hand[32]['per_s']:.2f}× req/s (target ≥ 0.7×); "
-        f"its proxy and router alone serve {ray['healthz']['per_s']:.0f} GET /healthz a second at 32 clients "
-        f"({1000 / ray['healthz']['per_s']:.2f} ms of the box's time per request, one box: "
-        f"{1000 / local['healthz']['per_s']:.2f} ms); Serve's request log costs "
+        f"Ray Serve (1 replica, direct ingress) ÷ hand-written, 32 clients: "
+        f"{ray[32]['per_s'] / hand[32]['per_s']:.2f}× req/s (target ≥ 0.7×); "
+        f"{ray[32]['per_call']:.2f} texts per call; Serve's request log costs "
         f"{1 - ray_logged[32]['per_s'] / ray[32]['per_s']:.0%} of its req/s at 32 clients (off unless -v)",
+        f"behind Serve's proxy (1 replica, --autoscale 1:1) ÷ hand-written, 32 clients: "
+        f"{proxied[32]['per_s'] / hand[32]['per_s']:.2f}×: the proxy and router alone serve "
+        f"{proxied['healthz']['per_s']:.0f} GET /healthz a second at 32 clients "
+        f"({1000 / proxied['healthz']['per_s']:.2f} ms of the box's time per request; the replica answering "
+        f"itself: {1000 / ray['healthz']['per_s']:.2f} ms; one box: {1000 / local['healthz']['per_s']:.2f} ms)",
     ]
     table = "\n".join(lines) + "\n\n" + "\n".join(f"- {r}" for r in ratios) + (
         f"\n\nModel: {run.id} bundle ({json.loads((bundle / 'manifest.json').read_text())['task']}), "

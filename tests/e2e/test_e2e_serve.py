@@ -224,6 +224,9 @@ def test_every_listener_of_the_server_is_on_loopback(server):
     assert any(port == server.port for _, _, port in listeners), listeners  # the check sees the HTTP listener
     if server.runner == "ray":
         assert any("ServeRepli" in name for name in names), names  # and the replica (its gRPC server)
+        # one replica on a Ray of its own answers on the port itself (Serve's direct ingress), not the proxy
+        on_port = [name for name, _, port in listeners if port == server.port]
+        assert on_port and all(name.startswith("ray::ServeReplica") for name in on_port), listeners
     else:
         assert names == {"zeroship"}, listeners  # one process, one listener
     assert all(is_loopback(ip) for _, ip, _ in listeners), listeners
@@ -271,6 +274,9 @@ def test_killing_a_replica_mid_load_loses_no_request(bundle):
             time.sleep(1)
         victims = replica_pids()
         assert len(victims) == 2, victims
+        # two replicas: Serve's proxy listens on the port and spreads the requests (not direct ingress)
+        on_port = {name for name, _, port in listeners_of(srv.proc.pid) if port == srv.port}
+        assert on_port and not any("ServeRepli" in name for name in on_port), on_port
         reference = spans(Predictor.load(bundle).predict(TEXTS[:8]))
         stop, lock = threading.Event(), threading.Lock()
         done, retried, failed = [0], [0], []
