@@ -176,3 +176,44 @@ def test_repartition_cpus_sets_the_streaming_repartitions_task_resources():
     assert repartition_cpus(ds, 0.25) is ds and op.ray_remote_args == {"num_cpus": 0.25}
     other = ray.data.range(10).map_batches(lambda b: b)  # not a repartition: left alone
     assert repartition_cpus(other, 0.25)._logical_plan.dag.ray_remote_args.get("num_cpus") is None
+
+
+def test_direct_ingress_env_names_ray_reads_and_a_one_port_range_gives_that_port():
+    """Every variable direct_ingress_env sets is one Ray 2.60's Serve reads; the replica's port comes from a
+    PortAllocator over [MIN, MAX): one port wide, it hands out exactly the port asked for, and only once."""
+    from ray.serve._private import constants
+    from ray.serve._private.node_port_manager import NoAvailablePortError, PortAllocator
+
+    from zeroship.ray_compat import direct_ingress_env
+
+    env = direct_ingress_env(43210)
+    source = inspect.getsource(constants)
+    assert all(f'"{name}"' in source for name in env), [n for n in env if f'"{n}"' not in source]
+    ports = PortAllocator(int(env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]),
+                          int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]), "HTTP", "node")
+    assert ports.allocate("replica-1") == 43210
+    with pytest.raises(NoAvailablePortError):
+        ports.allocate("replica-2")
+
+
+def test_reuse_address_for_direct_ingress_gives_serves_http_socket_so_reuseaddr(monkeypatch):
+    """Ray 2.60's start_asgi_http_server makes its socket with `socket.socket(...)` of its module's `socket`,
+    which reuse_address_for_direct_ingress replaces (once) by one whose sockets allow address reuse."""
+    import socket
+
+    from ray.serve._private import http_util
+
+    from zeroship.ray_compat import reuse_address_for_direct_ingress
+
+    assert "sock = socket.socket(" in inspect.getsource(http_util.start_asgi_http_server)
+    monkeypatch.setattr(http_util, "socket", socket)  # restored after the test
+    with socket.socket() as plain:
+        assert plain.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 0
+    reuse_address_for_direct_ingress()
+    patched = http_util.socket
+    reuse_address_for_direct_ingress()  # twice: still the one wrapper
+    assert http_util.socket is patched and http_util.socket.AF_INET == socket.AF_INET
+    with http_util.socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1
+    with socket.socket() as plain:  # the process's own sockets are untouched
+        assert plain.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 0
