@@ -333,11 +333,18 @@ def quickstart_job(tmp_path_factory) -> QuickstartJob:
                     time.sleep(1)
 
             def submit(*args: str) -> subprocess.CompletedProcess:
-                return subprocess.run(
-                    [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
-                     "--working-dir", str(ROOT), "--", "launch", "recipes/quickstart_ner.yaml", *args,
-                     "--runs", str(runs)],
-                    env=env, capture_output=True, text=True, timeout=900)
+                retry_until = time.time() + 120
+                while True:
+                    res = subprocess.run(
+                        [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+                         "--working-dir", str(ROOT), "--", "launch", "recipes/quickstart_ner.yaml", *args,
+                         "--runs", str(runs)],
+                        env=env, capture_output=True, text=True, timeout=900)
+                    # the dashboard answers before the head's job agent has registered; Ray's 500 then says
+                    # "No available agent to submit job, please try again later" and no job exists yet
+                    if "No available agent to submit job" not in res.stdout + res.stderr or time.time() > retry_until:
+                        return res
+                    time.sleep(2)
 
             started = time.time()
             good = submit()
