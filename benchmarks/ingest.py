@@ -277,6 +277,8 @@ def main() -> None:
                     help="with --feed-rate: what a GPU worker's step consumes (train_samples_per_s of a GPU run, "
                          "e.g. from benchmarks/gpu.sh), added as a row")
     args = ap.parse_args()
+    if args.step_rate is not None and not args.step_rate > 0:
+        ap.error(f"--step-rate: windows per second must be above 0, got {args.step_rate}")
     if args.feed_rate:
         copies = args.copies[0] if args.copies != [1, 16, 64] else 4
         feed = feed_rate(copies)  # alone on the machine first, then the training step alone

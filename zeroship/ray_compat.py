@@ -62,11 +62,11 @@ def direct_ingress_env(port: int) -> dict[str, str]:
 
     Ray 2.60's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS, read by the controller and the replicas when
     they start): each ingress replica runs its own HTTP server on a port the controller hands out from
-    [MIN_HTTP_PORT, MAX_HTTP_PORT), so a request skips Serve's proxy and router — on one 2-core box 463
-    against 104 requests/s at 32 clients (benchmarks/RESULTS.md). A range of one port puts the replica on
-    the port asked for; a released port goes back to the pool at once (it is quarantined for HAProxy
-    otherwise), so a restarted replica takes it again; and a stopping replica drains its requests for 1 s
-    at least instead of 30 (which waits for load balancers to deregister it)."""
+    [MIN_HTTP_PORT, MAX_HTTP_PORT), so a request skips Serve's proxy and router — on one 2-core box 264–272
+    against 71–76 requests/s at 32 clients (benchmarks/RESULTS.md, serve_http of 2026-12-03). A range of
+    one port puts the replica on the port asked for; a released port goes back to the pool at once (it is
+    quarantined for HAProxy otherwise), so a restarted replica takes it again; and a stopping replica
+    drains its requests for 1 s at least instead of 30 (which waits for load balancers to deregister it)."""
     return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
             "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),

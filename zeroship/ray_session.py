@@ -41,7 +41,7 @@ def init_ray(env_vars: dict[str, str] | None = None, log_to_driver: bool = True,
         # address the cleaner looks for "the" local Ray, and fails with "Found multiple active Ray
         # instances" when another launch on this machine runs its own. So the dashboard gets a port
         # chosen here, and every process of the job (and this driver) is told where it is.
-        port = _free_loopback_port()
+        port = free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
     # A Ray started here is this process's child and so is every worker: they inherit os.environ.
@@ -74,9 +74,10 @@ def lean() -> bool:
     return _LEAN
 
 
-def _free_loopback_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on at `host` now (IPv4 or IPv6)."""
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
         return sock.getsockname()[1]

@@ -20,7 +20,7 @@ one by one, so only the request whose text fails gets the 500.
 503, the command says why and exits 1. Every listener binds the address asked for (the replicas'
 inter-deployment gRPC server included: zeroship.ray_compat). With one replica on a Ray started here, the
 replica answers on the port itself (Serve's direct ingress, zeroship.ray_compat.direct_ingress_env) and
-Serve's proxy listens on a spare port: a request then skips the proxy and the router (~4× the requests/s
+Serve's proxy listens on a spare port: a request then skips the proxy and the router (~3.5× the requests/s
 on 2 cores); with more replicas, or on a cluster, requests go through the proxy.
 
 `build_app(args)` is also the application builder that `serve deploy` imports from a config file
@@ -230,8 +230,9 @@ def run_forever(opts: ServeOptions, host: str, port: int, say, warn=None, verbos
     proxy_port = port
     if direct:
         from zeroship.ray_compat import direct_ingress_env
+        from zeroship.ray_session import free_port
 
-        proxy_port = _free_port(host)
+        proxy_port = free_port(host)
         os.environ.update(direct_ingress_env(port))  # before Ray starts: its processes inherit them
     where = init_ray(log_to_driver=verbose, logging_level=None if verbose else logging.ERROR)
     local = not where.startswith("cluster")
@@ -279,14 +280,6 @@ def run_forever(opts: ServeOptions, host: str, port: int, say, warn=None, verbos
         sys.stderr.flush()
         os._exit(1)
     return 0
-
-
-def _free_port(host: str) -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _shut_down(local: bool, failed: bool, known: list) -> None:
