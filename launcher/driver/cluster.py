@@ -27,14 +27,21 @@ def connect_ray(recipe: Recipe, storage: str | None = None, log_to_driver: bool 
     if os.environ.get("ZEROSHIP_FAULT"):  # test-only fault hook (launcher.worker.loop_state.FaultHook)
         env["ZEROSHIP_FAULT"] = os.environ["ZEROSHIP_FAULT"]
     env[KEY_ENV] = load_key().hex()  # workers sign their checkpoints with it (launcher.worker.signing)
-    # a sweep's Ray gets the dashboard that Ray Train's placement-group cleaner needs (launcher.driver.trainer)
-    where = init_ray(env, log_to_driver, dashboard=recipe.sweep is not None)
+    # a sweep that stops trials early (ASHA) gets the dashboard that Ray Train's placement-group cleaner
+    # needs (launcher.driver.trainer.trainer_class); every other run, k-fold and plain grids included, is lean
+    where = init_ray(env, log_to_driver, dashboard=stops_trials_early(recipe))
     if where == "existing ray session":
         return where
     _check_resources(recipe)
     if storage and not is_uri(storage):  # a URI is reachable from every node by construction
         check_shared_storage(Path(storage))
     return where
+
+
+def stops_trials_early(recipe: Recipe) -> bool:
+    """Whether Tune may kill a trial while it trains (a scheduler prunes it): only then can a trial's
+    placement group outlive its controller, and the run needs Ray Train's cleaner."""
+    return recipe.sweep is not None and recipe.sweep.scheduler != "none"
 
 
 def check_shared_storage(root: Path, nodes: list[dict] | None = None, probe=None) -> int:

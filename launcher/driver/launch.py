@@ -267,7 +267,9 @@ def _fail(run: Run, error: str) -> None:
     shutil.rmtree(run.dir / ".best.tmp", ignore_errors=True)
     _close_logger(run, "failed")
     run.push("trials", "tensorboard")
-    run.update(state="failed", error=error)
+    # the plan's data figures, as a run that succeeds records them (its Ray Data tally never came)
+    plan = {} if run.data_figures is None else {"data": {"plan": run.data_figures.to_json()}}
+    run.update(state="failed", error=error, **plan)
 
 
 def _close_logger(run: Run, state: str) -> None:
@@ -298,7 +300,7 @@ def fit_kfold(plan: Plan, run: Run) -> FitResult:
         datasets, figures = run.sweep_datasets.get(data_key(chosen)) or run_datasets(chosen, plan, run)
         trainer = make_trainer(chosen, worker_config(chosen, plan, board, figures, trial="refit",
                                                      tokenized=tokenized_splits(datasets)),
-                               run.ray_storage, "refit", datasets)  # a sweep's Ray: never lean
+                               run.ray_storage, "refit", datasets, lean=lean())
         view.progress.console.print(f"refit on all training data: {json.dumps(top['params'])}", highlight=False)
         with ProgressView(board, run, recipe.metric, recipe.mode) as refit_view:
             result = trainer.fit()

@@ -19,6 +19,7 @@ from launcher.recipe.schema import Recipe, set_dotted, sweep_points
 from launcher.runs.registry import Run, atomic_write
 from launcher.worker.checkpoint import STATE_FILE
 from zeroship.errors import RunFailed
+from zeroship.ray_session import lean
 
 
 def trial_recipe(recipe: Recipe, params: dict[str, Any]) -> Recipe:
@@ -50,7 +51,7 @@ def sweep_trial(config: dict, shared: dict) -> None:
     worker_cfg = dict(shared["worker_config"], recipe=recipe, trial=trial["name"], figures=figures,
                       tokenized=tokenized)
     trainer = make_trainer(recipe, worker_cfg, shared["storage"], trial["name"], datasets,
-                           callbacks=[TuneReportCallback()])  # never lean: a sweep keeps the cleaner
+                           callbacks=[TuneReportCallback()], lean=shared["lean"])
     trainer.fit()
 
 
@@ -115,7 +116,8 @@ def run_sweep(recipe: Recipe, plan, run: Run, view, board) -> list[dict]:
     run.sweep_datasets = {key: datasets[i] for key, i in variants.items()}  # the k-fold refit's (launch.fit_kfold)
     view.expect_trials(trials)
     shared = {"recipe": recipe, "worker_config": worker_config(recipe, plan, board, None),
-              "storage": run.ray_storage, "datasets": datasets, "kfold": k, "fold_figures": fold_figures}
+              "storage": run.ray_storage, "datasets": datasets, "kfold": k, "fold_figures": fold_figures,
+              "lean": lean()}  # without a scheduler no trial is killed: no placement-group cleaner
     scheduler = None
     if recipe.sweep.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=recipe.metric, mode=recipe.mode,

@@ -105,10 +105,12 @@ def trainer_class(lean: bool):
     detached actor that frees a run's placement group when its controller dies while Ray lives on.
     A single run's controller dies only with the driver, and a private Ray with it, placement
     groups and all; so there it would only cost a Python process, and with no dashboard to answer
-    its State API queries log a warning every second. A sweep keeps it (and the dashboard): Tune
-    stops a pruned trial by killing its actor, controller included, and the trial's leaked
-    placement group would hold its worker's CPU until the launch ends (measured: an ASHA sweep on
-    2 cores then starved Ray Data of its CPU and hung)."""
+    its State API queries log a warning every second. A sweep with a scheduler keeps it (and the
+    dashboard): Tune stops a pruned trial by killing its actor, controller included, and the trial's
+    leaked placement group would hold its worker's CPU until the launch ends (measured: an ASHA sweep
+    on 2 cores then starved Ray Data of its CPU and hung). A grid or k-fold sweep without one ends
+    every trial's fit normally, as a single run ends, and goes without (launcher.driver.cluster.
+    stops_trials_early): one Python process less per trial, ~2 CPU-s each on 2 cores."""
     from ray.train.torch import TorchTrainer
 
     if not lean:

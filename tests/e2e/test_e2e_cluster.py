@@ -104,25 +104,54 @@ def two_nodes(ray_tmp, monkeypatch):
         cluster.shutdown()
 
 
-def test_two_node_run_on_shared_storage(two_nodes, tmp_path):
-    """One worker per node (2 workers, SPREAD), ZeRO-2; the shards of both meet in best/."""
-    recipe = tiny_ner_recipe(tmp_path, scaling={"workers": 2, "placement_strategy": "SPREAD"})
+def test_two_node_run_on_a_storage_uri_and_its_export_from_there(two_nodes, tmp_path):
+    """One worker per node (2 workers, SPREAD), ZeRO-2, with run.storage a URI (file:// here; s3:// and gs://
+    go through the same pyarrow calls) as a multi-node user's would be: Ray's checkpoints from both nodes,
+    status, best/ and TensorBoard land at the URI; an export on a machine whose cache never saw the run
+    pulls it from there and pushes the bundle back. The training data is a URI too: a glob of JSONL
+    shards, which Ray Data's tasks read through pyarrow. Then `--check` with a local storage folder finds
+    it visible from both nodes. One launch for the cluster and the URI (~100 CPU-s less than one each)."""
+    from export.runtime import Predictor
+
+    bucket = tmp_path / "bucket"
+    uri = f"file://{bucket}/runs"
+    toy_ner_shards(bucket / "train", "jsonl", 3)
+    toy_ner_shards(bucket / "validation", "jsonl", 1, split="validation")
+    recipe = tiny_ner_recipe(tmp_path, run={"storage": uri}, scaling={"workers": 2, "placement_strategy": "SPREAD"},
+                             data={"format": "jsonl", "train": f"file://{bucket}/train/part-*.jsonl",
+                                   "validation": f"file://{bucket}/validation"})
     started = time.time()
-    res = cli("launch", str(recipe), env={"RAY_ADDRESS": two_nodes.address})
+    res = cli("launch", str(recipe), env={"RAY_ADDRESS": two_nodes.address, "ZEROSHIP_CACHE": str(tmp_path / "c1"),
+                                          "COLUMNS": "400"})  # rich folds a URI longer than the line
     wall = time.time() - started
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    assert "cluster at" in res.stdout + res.stderr  # joined the 2-node cluster, started no Ray of its own
-    run = tmp_path / "runs" / "run-1"
-    status = json.loads((run / "status.json").read_text())
-    assert status["state"] == "succeeded"
-    assert {"model.safetensors", "model.json", "metrics.json", "report.json", "tokenizer.json"} <= {
-        p.name for p in (run / "best").iterdir()}
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert "cluster at" in out  # joined the 2-node cluster, started no Ray of its own
+    assert f"--runs {uri}" in " ".join(out.split())
     print(f"2-node run wall time: {wall:.0f} s")
-    # --check against the cluster: joins it, and finds the storage folder visible from both nodes
-    check = cli("launch", str(recipe), "--check", env={"RAY_ADDRESS": two_nodes.address})
+    remote = bucket / "runs" / "run-1"
+    status = json.loads((remote / "status.json").read_text())
+    assert status["state"] == "succeeded" and status["data"]["train"]["examples"] == 600  # every shard, once
+    assert {"model.safetensors", "model.json", "metrics.json", "report.json", "tokenizer.json"} <= {
+        p.name for p in (remote / "best").iterdir()}  # the shards of both nodes met in best/
+    assert list((remote / "ray" / "train").glob("checkpoint_*")), "Ray Train did not write to the URI"
+    assert list((remote / "tensorboard" / "train").glob("events.out.tfevents.*"))
+    assert not (tmp_path / "runs").exists()
+
+    res = cli("zeroship", "export", "onnx", "latest", "--runs", uri, env={"ZEROSHIP_CACHE": str(tmp_path / "c2")})
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    bundle = remote / "onnx"
+    ents = Predictor.load(bundle).predict("Mara Okafor joined Kestrel Systems in Port Selwyn .")
+    assert {e["label"] for e in ents} <= {"PER", "ORG", "LOC", "MISC"}
+    listed = cli("zeroship", "runs", "--runs", uri, env={"ZEROSHIP_CACHE": str(tmp_path / "c3"), "COLUMNS": "400"})
+    assert listed.returncode == 0 and "run-1" in listed.stdout and "succeeded" in listed.stdout
+
+    # --check against the cluster: joins it, and finds a local storage folder visible from both nodes
+    local = tmp_path / "runs"
+    check = cli("launch", str(recipe), "--check", f"run.storage={local}", env={"RAY_ADDRESS": two_nodes.address})
     assert check.returncode == 0, check.stderr[-3000:]
     assert "cluster OK" in check.stdout and "2 node(s)" in check.stdout
-    assert not list((tmp_path / "runs").glob(".zeroship-shared-check-*"))  # its marker is cleaned up
+    assert not list(local.glob(".zeroship-shared-check-*"))  # its marker is cleaned up
 
 
 def test_storage_one_node_cannot_see_is_refused(tmp_path):
@@ -176,40 +205,3 @@ def test_ray_job_submit_and_its_exit_code(quickstart_job, plain_ner_bundle):
     assert job.bad.returncode != 0, out[-3000:]
     assert "64 workers" in out and "failed with exit code 2" in out  # launch's user-error code
     assert json.loads((job.runs / "run-2" / "status.json").read_text())["state"] == "failed"
-
-
-# ------------------------------------------------------------------ storage on a URI
-def test_run_and_export_through_a_storage_uri(tmp_path, ray_tmp):
-    """run.storage as a URI (file:// here; s3:// and gs:// go through the same pyarrow calls): Ray's
-    checkpoints, status, best/ and TensorBoard land at the URI; an export on a machine whose cache
-    never saw the run pulls it from there and pushes the bundle back. The training data is a URI too:
-    a glob of JSONL shards, which Ray Data's tasks read through pyarrow."""
-    from export.runtime import Predictor
-
-    bucket = tmp_path / "bucket"
-    uri = f"file://{bucket}/runs"
-    toy_ner_shards(bucket / "train", "jsonl", 3)
-    toy_ner_shards(bucket / "validation", "jsonl", 1, split="validation")
-    recipe = tiny_ner_recipe(tmp_path, run={"storage": uri}, data={
-        "format": "jsonl", "train": f"file://{bucket}/train/part-*.jsonl", "validation": f"file://{bucket}/validation"})
-    res = cli("launch", str(recipe), env={"ZEROSHIP_RAY_TMPDIR": ray_tmp, "ZEROSHIP_CACHE": str(tmp_path / "c1"),
-                                          "COLUMNS": "400"})  # rich folds a URI longer than the line
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-4000:]
-    assert f"--runs {uri}" in " ".join(out.split())
-    remote = bucket / "runs" / "run-1"
-    status = json.loads((remote / "status.json").read_text())
-    assert status["state"] == "succeeded" and status["data"]["train"]["examples"] == 600  # every shard, once
-    assert {"model.safetensors", "model.json", "metrics.json", "tokenizer.json"} <= {
-        p.name for p in (remote / "best").iterdir()}
-    assert list((remote / "ray" / "train").glob("checkpoint_*")), "Ray Train did not write to the URI"
-    assert list((remote / "tensorboard" / "train").glob("events.out.tfevents.*"))
-    assert not (tmp_path / "runs").exists()
-
-    res = cli("zeroship", "export", "onnx", "latest", "--runs", uri, env={"ZEROSHIP_CACHE": str(tmp_path / "c2")})
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    bundle = remote / "onnx"
-    ents = Predictor.load(bundle).predict("Mara Okafor joined Kestrel Systems in Port Selwyn .")
-    assert {e["label"] for e in ents} <= {"PER", "ORG", "LOC", "MISC"}
-    listed = cli("zeroship", "runs", "--runs", uri, env={"ZEROSHIP_CACHE": str(tmp_path / "c3"), "COLUMNS": "400"})
-    assert listed.returncode == 0 and "run-1" in listed.stdout and "succeeded" in listed.stdout

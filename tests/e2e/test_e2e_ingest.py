@@ -65,19 +65,31 @@ def _launch_peak_rss(recipe: Path, ray_tmp: str, **env: str) -> tuple[subprocess
 
 
 def test_driver_memory_stays_flat_on_a_64x_corpus_and_a_late_bad_line_still_fails(tmp_path, ray_tmp):
+    """Two launches: the toy split (1×) for two steps, then 64 copies of it with a malformed line near the
+    end for a whole epoch. The 64× launch both plans from a sample (no pass over the corpus first) with its
+    driver's memory flat, and fails on the bad line the workers' stream reaches far past that sample."""
     toy = (TOY_NER / "train.conll").read_text()
     big = tmp_path / "train64.conll"
-    big.write_text(toy * 64)  # 38,400 sentences, each copy at its own lines
+    lines = (toy * 64).splitlines(keepends=True)  # 38,400 sentences, each copy at its own lines
+    bad_at = len(lines) - 3
+    lines[bad_at] = "token-without-a-tag\n"
+    big.write_text("".join(lines))
     assert big.stat().st_size > 2 * LAUNCH_TRAIN_BYTES  # the driver plans from a sample of it
-    sections = dict(model={"num_hidden_layers": 1}, train={"max_steps": 2, "eval_every": 2},
-                    scaling={"workers": 1}, deepspeed={"zero_stage": 0})
-    peaks = {}
-    for name, train in (("1x", TOY_NER / "train.conll"), ("64x", big)):
+    sections = dict(model={"num_hidden_layers": 1}, scaling={"workers": 1}, deepspeed={"zero_stage": 0})
+    runs = {
+        # two steps suffice to measure the driver's start and stream
+        "1x": (TOY_NER / "train.conll", {"max_steps": 2, "eval_every": 2}),
+        # a whole epoch, so the stream must reach the bad line; Ray Data parses ahead of the steps, so the run
+        # stops before its first. Ranges of 1 MB: the bad line sits in the file's last range, parsed by a task
+        # of its own (launcher.data.ranges), which must still name its line in the whole file
+        "64x": (big, {"epochs": 1, "batch_size": 256, "eval_every": 10**6}),
+    }
+    peaks, results = {}, {}
+    for name, (train, schedule) in runs.items():
         folder = tmp_path / name
         folder.mkdir()
-        recipe = tiny_ner_recipe(folder, data={"train": str(train)}, **sections)
-        res, peaks[name] = _launch_peak_rss(recipe, ray_tmp)
-        assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+        recipe = tiny_ner_recipe(folder, data={"train": str(train)}, train=schedule, **sections)
+        results[name], peaks[name] = _launch_peak_rss(recipe, ray_tmp, ZEROSHIP_RANGE_BYTES=str(2**20))
         status = json.loads(next((folder / "runs").glob("run-*/status.json")).read_text())
         plan = status["data"]["plan"]  # no pass over the corpus first: the 64× count is the plan's estimate
         assert plan["exact"] == (name == "1x")
@@ -86,23 +98,12 @@ def test_driver_memory_stays_flat_on_a_64x_corpus_and_a_late_bad_line_still_fail
     # The old driver parsed the whole split and pickled it into every worker's config (+1.5 GB at 16×
     # CoNLL); now it reads at most LAUNCH_TRAIN_BYTES of it. Stated bound: 64× within 64 MB of 1×.
     assert peaks["64x"] - peaks["1x"] < 64 * 2**20, peaks
+    assert results["1x"].returncode == 0, (results["1x"].stdout + results["1x"].stderr)[-3000:]
 
-    # a malformed line near the end, far past the driver's sample: the workers' stream finds it (a whole epoch,
-    # so the stream must reach it; Ray Data parses ahead of the steps, so the run stops before its first)
-    lines = big.read_text().splitlines(keepends=True)
-    bad_at = len(lines) - 3
-    lines[bad_at] = "token-without-a-tag\n"
-    big.write_text("".join(lines))
-    folder = tmp_path / "bad"
-    folder.mkdir()
-    # ranges of 1 MB: the bad line sits in the file's last range, parsed by a task of its own
-    # (launcher.data.ranges), which must still name its line in the whole file
-    whole_epoch = {**sections, "train": {"epochs": 1, "batch_size": 256, "eval_every": 10**6}}
-    res, _ = _launch_peak_rss(tiny_ner_recipe(folder, data={"train": str(big)}, **whole_epoch), ray_tmp,
-                              ZEROSHIP_RANGE_BYTES=str(2**20))
+    res = results["64x"]
     assert res.returncode == 2  # a user error
     assert f"{big}:{bad_at + 1}" in res.stdout + res.stderr, (res.stdout + res.stderr)[-3000:]
     assert "Traceback" not in res.stderr
-    status = json.loads(next((folder / "runs").glob("run-*/status.json")).read_text())
+    status = json.loads(next((tmp_path / "64x" / "runs").glob("run-*/status.json")).read_text())
     assert status["state"] == "failed" and f"{big.name}:{bad_at + 1}" in status["error"]
-    assert not list((folder / "runs").glob("run-*/best"))
+    assert not list((tmp_path / "64x" / "runs").glob("run-*/best"))

@@ -84,22 +84,6 @@ def test_ner_run_zero2(ner_run):
     assert not torch.equal(table[TITLE], table[LOWER]) and not torch.equal(table[UPPER], table[LOWER])
 
 
-def test_ner_run_zero3(tmp_path, ray_tmp):
-    """ZeRO-3, 2 workers, with L2-SP acting on each rank's gradient partition (tests/worker/test_l2sp_zero3.py
-    checks its arithmetic); its penalty, summed over the ranks, is logged per evaluation."""
-    recipe = tiny_ner_recipe(tmp_path, deepspeed={"zero_stage": 3}, train={"epochs": 2},
-                             regularization={"l2_sp": 0.01})
-    res = cli("launch", str(recipe), env={"ZEROSHIP_RAY_TMPDIR": ray_tmp})
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    run = run_dir(tmp_path, res.stdout)
-    assert f"{run.name} succeeded: eval_f1=" in res.stdout
-    assert f"zeroship export onnx {run.name}" in res.stdout
-    check_ner_run(run, epochs=2)
-    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
-    penalties = [e["train_loss_l2_sp"] for e in evals]
-    assert 0 < penalties[0] < penalties[1]  # θ drifts from θ₀ as training goes on
-
-
 def test_sequence_classification_zero_auto_is_stage0_on_cpu(cls_run):
     # zero_stage auto on CPU workers: stage 0, said on the console, recorded with the model
     console = (cls_run.parent.parent / "console.txt").read_text()
@@ -291,7 +275,7 @@ def test_single_worker_run_stops_at_max_steps_and_listens_on_loopback_only(tmp_p
                         listeners[f"{c.laddr.ip}:{c.laddr.port}"] = p.name()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
-        time.sleep(1)
+        time.sleep(2)  # every listener lives the whole run (~60 s): each sweep reads ~20 processes' sockets
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-4000:]
     assert len(listeners) >= 5, listeners  # GCS, raylet, dashboard, agents, workers were seen

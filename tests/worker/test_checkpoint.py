@@ -1,7 +1,9 @@
 """best/ holds fp32 master weights whatever the training precision: at ZeRO-0, where DeepSpeed's
-zero_to_fp32 does not reach, the worker writes them itself (launcher.worker.checkpoint). Real DeepSpeed on
-one CPU process (gloo) trains a few bf16 steps; the weights kept must be the optimizer's fp32 masters,
-not the bf16 copies the model ran on upcast, and must come back from the checkpoint folder unchanged."""
+zero_to_fp32 does not reach, the worker writes them itself (launcher.worker.checkpoint); at ZeRO-1–3
+they come from the optimizer's fp32 partitions through zero_to_fp32. Real DeepSpeed on one CPU process
+(gloo) trains a few bf16 steps; the weights kept must be the optimizer's fp32 masters, not the bf16
+copies the model ran on upcast, and must come back from the checkpoint folder unchanged.
+(tests/e2e/test_e2e_precision.py runs bf16 through a whole launch at ZeRO-3.)"""
 
 from __future__ import annotations
 
@@ -12,15 +14,16 @@ pytestmark = pytest.mark.e2e
 
 SCRIPT = r"""
 import tempfile
-from launcher.worker.checkpoint import STATE_FILE, merged_state_dict, save_stage0_fp32, stage0_fp32_state_dict
+from launcher.worker.checkpoint import (CKPT_TAG, STATE_FILE, merged_state_dict, save_stage0_fp32,
+                                       stage0_fp32_state_dict)
 from launcher.recipe.ds_config import build_ds_config
 from launcher.worker.engine import adamw
 from launcher.nn.model import build_model, param_groups
 
-precision = sys.argv[2]
+precision, stage = sys.argv[2], int(sys.argv[3])
 torch.manual_seed(0)
 model = build_model(MODEL, ["O", "B-PER", "I-PER"])
-cfg = build_ds_config({"deepspeed": {"zero_stage": 0, "offload_optimizer": "none", "offload_params": "none",
+cfg = build_ds_config({"deepspeed": {"zero_stage": stage, "offload_optimizer": "none", "offload_params": "none",
                                      "precision": precision, "config": {}},
                        "train": {"batch_size": 2, "grad_accum": 1}, "regularization": {"max_grad_norm": 1.0}}, 1)
 opt = adamw(param_groups(model, 0.0, 1e-3, None), 1e-3)  # the workers' optimizer
@@ -31,15 +34,24 @@ for _ in range(3):
     loss = engine(input_ids=ids, attention_mask=torch.ones_like(ids)).float().logsumexp(-1).mean()
     engine.backward(loss)
     engine.step()
-state = stage0_fp32_state_dict(engine)
-masters = {id(lp): hp for g16, g32 in zip(getattr(engine.optimizer, "fp16_groups", []),
-                                          getattr(engine.optimizer, "fp32_groups", [])) for lp, hp in zip(g16, g32)}
 folder = tempfile.mkdtemp()
-save_stage0_fp32(engine, folder)
-json.dump({"zero_stage": 0}, open(os.path.join(folder, STATE_FILE), "w"))
+if stage == 0:  # what the worker writes at stage 0 (launcher.worker.train_loop.save_checkpoint)
+    state = stage0_fp32_state_dict(engine)
+    masters = {id(lp): hp for g16, g32 in zip(getattr(engine.optimizer, "fp16_groups", []),
+                                              getattr(engine.optimizer, "fp32_groups", []))
+               for lp, hp in zip(g16, g32)}
+    save_stage0_fp32(engine, folder)
+else:  # ZeRO-1-3: DeepSpeed's own checkpoint; its public accessor gives each parameter's fp32 master
+    from deepspeed.utils import safe_get_full_fp32_param
+    masters = {id(p): safe_get_full_fp32_param(p) for p in engine.module.parameters() if p.requires_grad}
+    masters = {k: v for k, v in masters.items() if v is not None}
+    engine.save_checkpoint(folder, tag=CKPT_TAG)
+json.dump({"zero_stage": stage}, open(os.path.join(folder, STATE_FILE), "w"))
 from launcher.worker.signing import load_key, sign_checkpoint
 sign_checkpoint(folder, load_key(), 0)  # the driver merges only signed checkpoints
 back = merged_state_dict(folder)
+if stage:
+    state = back
 out = {"module_dtype": str(next(engine.module.parameters()).dtype), "masters": len(masters)}
 for name, p in engine.module.named_parameters():
     if name != "classifier.weight":
@@ -55,12 +67,13 @@ print(json.dumps(out))
 """
 
 
-def run(precision: str) -> dict:
-    return run_deepspeed_script(SCRIPT, precision)
+def run(precision: str, stage: int = 0) -> dict:
+    return run_deepspeed_script(SCRIPT, precision, str(stage))
 
 
-def test_bf16_stage0_keeps_the_fp32_masters():
-    got = run("bf16")
+@pytest.mark.parametrize("stage", [0, 2])
+def test_bf16_keeps_the_fp32_masters(stage):
+    got = run("bf16", stage)
     assert got["module_dtype"] == "torch.bfloat16" and got["masters"] > 0  # DeepSpeed's mixed-precision wrapper
     assert got["dtype"] == "torch.float32" and got["equals_master"]
     # the masters carry bits the bf16 copy cannot hold: an upcast of the module would lose them
