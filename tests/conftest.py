@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from zeroship.ray_session import free_port  # tests import it from here too
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
@@ -101,12 +103,7 @@ batch = collate(encode_ner(tok, ex, {t: i for i, t in enumerate(LABELS)}, 32, 4)
 
 
 def run_deepspeed_script(body: str, *args: str) -> dict:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    res = subprocess.run([sys.executable, "-c", DEEPSPEED_PRELUDE + body, str(port), *args], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-c", DEEPSPEED_PRELUDE + body, str(free_port()), *args], cwd=ROOT,
                          capture_output=True, text=True, timeout=600,
                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false"})
     assert res.returncode == 0, res.stderr[-3000:]
@@ -194,14 +191,6 @@ def ner_run(tmp_path_factory) -> Path:
         shards = toy_ner_shards(folder / "train_shards", "conll", 3)  # a folder of shards, read in name order
         return train_run(folder, ray_dir, data={"train": str(shards)}, train={"epochs": 2},
                          run={"mlflow_uri": str(folder / "mlruns")}, model={"freeze": "none", "casing": True})
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
