@@ -1,7 +1,7 @@
 """Every private Ray API zeroship reaches, each in one place: serving (a private Ray's core processes,
 the replica's gRPC bind), training (Ray Train's placement-group cleaner, DataConfig's execution options)
-and ingest (Ray Data's per-operator statistics of a streaming split and of a materialized dataset, a
-repartition's task resources).
+and ingest (Ray Data's per-operator statistics of a streaming split, of a plain iterator and of a
+materialized dataset, a repartition's task resources).
 
 Each use has a test in tests/base/test_ray_compat.py that fails loudly when a Ray upgrade removes or changes
 what it relies on (Ray 2.60 here). Imports nothing heavy: the serving process loads no torch.
@@ -132,11 +132,15 @@ def _operator_rows(summary: Any, operator: str) -> tuple[int, int]:
 
 def split_operator_rows(iterator: Any, operator: str) -> tuple[int, int] | None:
     """(rows in, rows out) of the first Ray Data operator whose name contains `operator`, summed over its
-    tasks, in the last execution behind a `streaming_split` iterator (the split coordinator actor's private
-    `stats()`: a DatasetStats whose summary holds the operators before the split as parents); None when
-    this Ray's look different."""
+    tasks, in the last execution behind a worker's data iterator; None when this Ray's look different.
+    A `streaming_split` iterator: its split coordinator actor's private `stats()` (a DatasetStats whose
+    summary holds the operators before the split as parents). A plain `Dataset.iterator()` (a single
+    worker's, launcher.driver.trainer.shard_config): its private `_base_dataset`, which executed in this
+    process (`dataset_operator_rows`)."""
     import ray
 
+    if not hasattr(iterator, "_coord_actor") and hasattr(iterator, "_base_dataset"):
+        return dataset_operator_rows(iterator._base_dataset, operator)
     try:
         return _operator_rows(ray.get(iterator._coord_actor.stats.remote(), timeout=60).to_summary(), operator)
     except (AttributeError, StopIteration, TypeError, ray.exceptions.GetTimeoutError):

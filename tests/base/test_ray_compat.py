@@ -133,7 +133,14 @@ again = mat.streaming_split(2, equal=True)
 threads = [threading.Thread(target=lambda i=i: sum(1 for _ in again[i].iter_batches())) for i in (0, 1)]
 [t.start() for t in threads]
 [t.join() for t in threads]
+# a single worker's data (launcher.driver.trainer.shard_config): the dataset whole, as a plain iterator
+from launcher.driver.trainer import shard_config
+(one,) = shard_config().configure({"train": ds.map_batches(tokenize_batch, batch_size=100)}, 1, None, None)
+plain_rows = sum(len(batch["id"]) for batch in one["train"].iter_batches(batch_size=128))
 print(json.dumps({"stats": split_operator_rows(splits[0], "tokenize_batch"), "rows": rows,
+                  "plain": split_operator_rows(one["train"], "tokenize_batch"), "plain_rows": plain_rows,
+                  "plain_split": hasattr(one["train"], "_coord_actor"),
+                  "plain_ordered": one["train"].get_context().execution_options.preserve_order,
                   "missing": split_operator_rows(splits[0], "no_such_operator"),
                   "unfamiliar": split_operator_rows(object(), "tokenize_batch"),
                   "materialized": dataset_operator_rows(mat, "tokenize_batch"),
@@ -144,9 +151,9 @@ print(json.dumps({"stats": split_operator_rows(splits[0], "tokenize_batch"), "ro
 
 
 def test_split_and_dataset_operator_rows_read_ray_datas_statistics(ray_tmp):
-    """The private path read: a streaming_split iterator's `_coord_actor.stats()` (DatasetStats), whose
-    summary keeps the operators before the split in `parents`, each with `operator_name`,
-    `total_input_num_rows` and `output_num_rows.sum`. Real Ray, two consumers, one execution."""
+    """The private paths read: a streaming_split iterator's `_coord_actor.stats()` (DatasetStats), whose
+    summary keeps the operators before the split in `parents`, and a plain iterator's `_base_dataset`; each
+    operator with `operator_name`, `total_input_num_rows` and `output_num_rows.sum`. Real Ray."""
     res = subprocess.run([sys.executable, "-c", SPLIT_STATS], capture_output=True, text=True, cwd=ROOT, timeout=300,
                          env={"PATH": "/usr/bin:/bin", "ZEROSHIP_RAY_TMPDIR": ray_tmp, "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
@@ -154,6 +161,10 @@ def test_split_and_dataset_operator_rows_read_ray_datas_statistics(ray_tmp):
     assert got["rows"] == [1000, 1000]  # what the two consumers read: every window once, split equally
     assert got["stats"] == [1000, 2000]  # Ray Data's own count: rows into the operator, windows out
     assert got["missing"] is None and got["unfamiliar"] is None  # no such operator / an unfamiliar Ray: no crash
+    # one worker reads the dataset whole through a plain iterator, in order, with no split coordinator;
+    # the private path there is its `_base_dataset`'s statistics of the execution it ran
+    assert got["plain_rows"] == 2000 and got["plain"] == [1000, 2000]
+    assert got["plain_split"] is False and got["plain_ordered"] is True
     # a materialized dataset's statistics (`get_stats_summary`): the execution that made it
     assert got["materialized"] == [1000, 2000]
     assert got["materialized_missing"] is None and got["materialized_unfamiliar"] is None
