@@ -2,7 +2,8 @@
 
 Ray Data hands each rank an equal share of the tokenized windows (`streaming_split(equal=True)`; blocks are
 small, launcher.data.ingest.block_rows, and dealt to the rank with the fewest rows so far, so every rank's
-share spans the whole corpus), in chunks of `batch_size × CHUNK_BATCHES` rows (`iter_batches`, after a
+share spans the whole corpus; a single worker reads it whole through a plain iterator,
+launcher.driver.trainer.shard_config), in chunks of `batch_size × CHUNK_BATCHES` rows (`iter_batches`, after a
 seeded local shuffle). Each chunk is sorted by length and cut into batches, whose order is then shuffled
 (`chunk_batches`): the padding saving of length grouping, with at most one chunk (plus Ray Data's shuffle
 buffer) in memory. A global sort would need the whole corpus in one process; a chunk of 64 batches already

@@ -87,6 +87,11 @@ def trained(stage, fused, precision="fp32", offload="none"):
     for _ in range(3):
         train_step(engine, loss_fn, dict(batch), torch.device("cpu"))
     base = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+    if precision == "bf16":  # the fp32 masters the optimizer stepped (what the worker saves at stage 0): the
+        # bf16 copies the module runs on round near-ties either way, one bf16 ulp apart on some CPUs
+        from launcher.worker.checkpoint import stage0_fp32_state_dict
+        state = stage0_fp32_state_dict(engine)
+        return bool(base.defaults.get("fused")), {n: state[n] for n, _ in engine.module.named_parameters()}
     from deepspeed.utils import safe_get_full_fp32_param
     # at ZeRO-3 each parameter is a partition: gathered back to compare
     full = (lambda p: safe_get_full_fp32_param(p).clone()) if stage == 3 else (lambda p: p.detach().float().clone())
@@ -109,7 +114,8 @@ print(json.dumps(out))
 def test_the_fused_adamw_steps_like_torchs_per_tensor_loop_at_every_stage():
     """The workers' AdamW is torch's fused kernel, under DeepSpeed at ZeRO-0, over ZeRO-2/3's flat
     partitions, with optimizer offload and under bf16's fp32 master weights: the same update as the
-    per-tensor loop, to float rounding."""
+    per-tensor loop, to float rounding (under bf16 the masters are compared: on some CPUs the bf16 copies
+    of the two runs round a near-tie apart, 1.2e-4 on 2026-12-03's machine while the masters agree to 3e-8)."""
     out = run_deepspeed_script(FUSED)
     assert set(out) == {"zero0", "zero2", "zero3", "zero2_offload", "zero0_bf16"}
     for name, r in out.items():
