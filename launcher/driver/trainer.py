@@ -90,23 +90,23 @@ def shard_config():
     class ShardConfig(DataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
             if world_size == 1:
-                return [{name: self.whole(name, ds) for name, ds in datasets.items()}]
+                return [{name: self.prepared(name, ds).iterator() for name, ds in datasets.items()}]
             # Ray Train (V2) asks for one dataset at a time
             train = {name: ds for name, ds in datasets.items() if name != "validation"}
             out = super().configure(train, world_size, worker_handles, worker_node_ids, **kwargs)
             if "validation" in datasets:
-                val = datasets["validation"].copy(datasets["validation"])
-                val.context.execution_options = execution_options(self, "validation")
+                val = self.prepared("validation", datasets["validation"])
                 for i, split in enumerate(val.streaming_split(world_size, equal=False)):
                     out[i]["validation"] = split
             return out
 
-        def whole(self, name, ds):
+        def prepared(self, name, ds):
+            """A copy of `ds` named and with the execution options Ray Train gives the datasets it shards."""
             ds = ds.copy(ds)
             if ds.name is None:
                 ds.set_name(name)
             ds.context.execution_options = execution_options(self, name)
-            return ds.iterator()
+            return ds
 
     return ShardConfig(execution_options=ExecutionOptions(preserve_order=True))
 
