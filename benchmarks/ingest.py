@@ -14,6 +14,7 @@ is not what this measures. A copy whose run would leave less than `--min-free-gb
 memory free is stopped, and the row says so.
 
     .venv/bin/python benchmarks/ingest.py [--copies 1 16 64] [--workers 2] [--shards 1] [--corpus conll]
+                                         [--repeat N]   # N rounds of every size, and their medians
     .venv/bin/python benchmarks/ingest.py --feed-rate [--copies 4]
 
 `--feed-rate` measures the input pipeline alone, with no model: Ray Data reads, parses and tokenizes the
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -242,15 +244,24 @@ def feed_table(feed: dict, step: dict, gpu_rate: float | None) -> str:
     return "\n".join(lines)
 
 
+def base_of(rows: list[dict], r: dict) -> float | None:
+    """The 1× row's time to the first step in `r`'s round (a ratio compares rows measured side by side)."""
+    return next((b["first_step_s"] for b in rows if b["copies"] == 1 and "failed" not in b
+                 and b.get("round", 1) == r.get("round", 1)), None)
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| copies | train MB | driver peak RSS (MB) | worker peak RSS (MB) | other Ray peak (MB) "
-             "| launch → first step (s) | vs 1× | of which plan (s) | ray data phase (s) | worker data phase (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    base = next((r["first_step_s"] for r in rows if r["copies"] == 1 and "failed" not in r), None)
+    rounds = max((r.get("round", 1) for r in rows), default=1) > 1
+    lines = ["| " + ("round | " if rounds else "") + "copies | train MB | driver peak RSS (MB) | worker peak RSS (MB) "
+             "| other Ray peak (MB) | launch → first step (s) | vs 1× | of which plan (s) | ray data phase (s) "
+             "| worker data phase (s) |",
+             "|---" * (11 if rounds else 10) + "|"]
     for r in rows:
+        base = base_of(rows, r)
         workers = sorted(v for k, v in r["peaks"].items() if k.startswith("worker"))
         shown = " / ".join(f"{w:.0f}" for w in workers) or "–"
-        head = (f"| {r['copies']}× | {r['mb']:.0f} | {r['peaks'].get('driver', 0):.0f} | {shown} "
+        head = ((f"| {r.get('round', 1)} " if rounds else "")
+                + f"| {r['copies']}× | {r['mb']:.0f} | {r['peaks'].get('driver', 0):.0f} | {shown} "
                 f"| {r['peaks'].get('ray other', 0):.0f} ")
         if "failed" in r:
             lines.append(head + f"| {r['failed']} (after {r['wall_s']:.0f} s) | | | | |")
@@ -262,11 +273,29 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def medians(rows: list[dict]) -> str:
+    """Over `--repeat` rounds: each size's median time to the first step and its median ratio to the 1× row
+    of the same round (on a 2-core box one launch's time moves by a third from run to run)."""
+    out = ["| copies | rounds | launch → first step, median (s) | vs 1× per round | vs 1×, median |",
+           "|---|---|---|---|---|"]
+    for copies in dict.fromkeys(r["copies"] for r in rows):
+        done = [r for r in rows if r["copies"] == copies and "failed" not in r]
+        if not done:
+            continue
+        ratios = [r["first_step_s"] / b for r in done if (b := base_of(rows, r))]
+        out.append(f"| {copies}× | {len(done)} | {statistics.median(r['first_step_s'] for r in done):.1f} "
+                   f"| {', '.join(f'{x:.2f}×' for x in ratios) or '–'} "
+                   f"| {f'{statistics.median(ratios):.2f}×' if ratios else '–'} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--copies", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--shards", type=int, default=1, help="write each corpus as a folder of this many files")
+    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="measure every size N times, in rounds (1×, 16×, … then again), and add their medians")
     ap.add_argument("--min-free-gb", type=float, default=2.0)
     ap.add_argument("--label", default="", help="a word for the results heading (e.g. before/after)")
     ap.add_argument("--corpus", choices=["conll", "quickstart"], default="conll",
@@ -287,11 +316,14 @@ def main() -> None:
         append_results("Ingest: the input pipeline's feed rate (no model)",
                        "benchmarks/ingest.py " + " ".join(sys.argv[1:]), out)
         return
+    if args.repeat < 1:
+        ap.error(f"--repeat: at least 1 round, got {args.repeat}")
     rows = []
-    for copies in args.copies:
-        rows.append(measure(copies, args.workers, args.shards, args.min_free_gb, args.corpus))
-        print(table(rows[-1:]), flush=True)
-    out = table(rows)
+    for round_ in range(1, args.repeat + 1):
+        for copies in args.copies:
+            rows.append({**measure(copies, args.workers, args.shards, args.min_free_gb, args.corpus), "round": round_})
+            print(table(rows[-1:]), flush=True)
+    out = table(rows) + ("\n\n" + medians(rows) if args.repeat > 1 else "")
     print(out)
     name = f"Ingest ({args.corpus}): driver and worker memory, time to first step, by corpus size" + (
         f" ({args.label})" if args.label else "")

@@ -1,8 +1,9 @@
 """launcher.data.ranges: a big file cut into byte ranges parses to exactly what one task makes of it.
 
-The cuts are found by `scan` (what the Ray tasks run) and `file_ranges`, called here in process with tiny
-range sizes, so that records straddle many cuts; each range is parsed by ingest.ParseRange as a Ray Data
-task would. The last test runs the real thing: `read_split` on a local Ray, through Ray Data's tasks.
+The cuts are found by `scan` (what the driver or the Ray tasks run) and `file_ranges`, called here in process
+with tiny range sizes, so that records straddle many cuts; each range is parsed by ingest.ParseRange as a Ray
+Data task would. `test_read_split…` runs the real thing: the scan by Ray tasks and by the driver, then
+`read_split` on a local Ray, through Ray Data's tasks.
 """
 
 from __future__ import annotations
@@ -125,12 +126,16 @@ import ray.data
 from zeroship.ray_session import init_ray
 init_ray()
 ray.data.DataContext.get_current().execution_options.preserve_order = True  # as build_datasets sets it
+from launcher.data.ranges import SCANNED, plan_ranges
+from launcher.data.sources import expand
+by_tasks, _ = plan_ranges(expand(sys.argv[1], "data.train"), "conll", 0.25, driver_bytes=0)  # Ray tasks scan
+SCANNED.clear()
 data = {"format": "conll"}
-ds, _ = read_split(sys.argv[1], data, "token_classification", "data.train")
+ds, _ = read_split(sys.argv[1], data, "token_classification", "data.train")  # a small local file: the driver
 rows = ds.take_all()
-from launcher.data.ranges import SCANNED
-ranges = sum(len(parts) for parts in SCANNED.values())
-print(json.dumps([ranges, [[r["where"], list(r["tokens"]), list(r["tags"])] for r in rows]]), flush=True)
+(here,) = SCANNED.values()
+print(json.dumps([len(here), here == by_tasks, [[r["where"], list(r["tokens"]), list(r["tags"])] for r in rows]]),
+      flush=True)
 """
 
 
@@ -142,8 +147,9 @@ def test_read_split_parses_a_big_file_in_several_ray_data_tasks(tmp_path, ray_tm
                          timeout=300, env={"PATH": "/usr/bin:/bin", "ZEROSHIP_RAY_TMPDIR": ray_tmp,
                                            "ZEROSHIP_RANGE_BYTES": str(16 * 1024), "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
-    ranges, got = json.loads(res.stdout.strip().splitlines()[-1])
+    ranges, same, got = json.loads(res.stdout.strip().splitlines()[-1])
     assert ranges >= 8  # one Ray Data task each
+    assert same  # the driver's scan cuts where the Ray tasks' scan does
     want = [[ex.where, ex.tokens, ex.tags] for ex in read_conll(str(path))]
     assert len(want) == 61 * 13 and got == want
 
