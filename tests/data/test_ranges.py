@@ -17,7 +17,7 @@ from conftest import ROOT, TOY_CLS, TOY_NER
 
 from launcher.data.ingest import ParseRange
 from launcher.data.parse import read_conll
-from launcher.data.ranges import Range, boundary, file_ranges, scan
+from launcher.data.ranges import Range, boundary, file_ranges, scan, scan_in_pieces
 from launcher.data.sources import Source
 from zeroship.errors import DataError
 
@@ -108,6 +108,36 @@ def test_a_bad_line_in_a_late_range_is_reported_at_its_line_in_the_file(tmp_path
     with pytest.raises(DataError) as ranged:
         parsed(cut(path, "conll", 256), "conll")
     assert ranged.value.problems[0].where == one.value.problems[0].where == f"{path}:{len(lines) - 4}"
+
+
+def _files(tmp_path) -> dict[str, list]:
+    """The tests' files per format: long records, CRLF, BOMs, no final newline, a quoted CSV newline."""
+    jsonl = tmp_path / "j.jsonl"
+    rows = [json.dumps({"tokens": ["long"] * (300 if i == 30 else 2), "tags": ["O"] * (300 if i == 30 else 2)})
+            for i in range(80)]
+    jsonl.write_bytes(("\ufeff" + "\r\n".join(rows[:40]) + "\n\n  \n" + "\n".join(rows[40:])).encode())
+    csv, quoted = tmp_path / "c.csv", tmp_path / "q.csv"
+    csv.write_bytes(("\ufeff" + "\r\n".join((TOY_CLS / "train.csv").read_text().splitlines()[:120])).encode())
+    quoted.write_text("text,label\n" + "plain,b\n" * 20 + '"first line\nsecond line",a\n' + "plain,b\n" * 20)
+    (tmp_path / "lf").mkdir()
+    (tmp_path / "crlf").mkdir()
+    return {"conll": [conll_file(tmp_path / "lf", False), conll_file(tmp_path / "crlf", True)],
+            "jsonl": [jsonl], "csv": [csv, quoted]}
+
+
+@pytest.mark.parametrize("piece", [1, 7, 64, 300])
+def test_a_stretch_scanned_in_pieces_gives_the_whole_stretchs_answer(tmp_path, piece):
+    """The driver's scan (`scan_in_pieces`, a piece at a time) against `scan` of the whole stretch (the Ray
+    tasks'): the same counts, cut and quote check for every stretch, including cuts that lie pieces or
+    stretches past a stretch's start (a record longer than both)."""
+    for fmt, paths in _files(tmp_path).items():
+        for path in paths:
+            size = path.stat().st_size
+            for limit in (97, 512, 4096):
+                for start in range(0, size, limit):
+                    stop = min(size, start + limit)
+                    assert scan_in_pieces(str(path), start, stop, size, fmt, piece) == \
+                        scan(str(path), start, stop, size, fmt), (path.name, start, stop)
 
 
 def test_boundary_waits_for_more_bytes_and_stops_at_the_end():
