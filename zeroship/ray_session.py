@@ -6,6 +6,7 @@ nothing heavy, so a serving process never loads torch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -54,16 +55,49 @@ def init_ray(env_vars: dict[str, str] | None = None, log_to_driver: bool = True,
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # One logical CPU more than the machine has: Ray Train keeps the workers' CPUs out of Ray Data's
     # budget, and the data tasks (launcher.data.ingest, a quarter CPU each) need some to run at all.
-    ray.init(
+    start_local(lambda: ray.init(
         num_cpus=(os.cpu_count() or 1) + 1,  # = + plan.DATA_CPUS (not imported: serve loads no launcher.driver.plan)
         include_dashboard=dashboard,
         _node_ip_address="127.0.0.1",
         log_to_driver=log_to_driver,
         **kwargs,
-    )
+    ))
     global _LEAN
     _LEAN = not dashboard
     return f"local ray ({os.cpu_count()} CPUs, 127.0.0.1)"
+
+
+START_TRIES = 3
+NODE_TIMEOUT = "timed out during startup"  # Ray's message when its raylet did not register in 30 s
+
+
+def start_local(init, tries: int = START_TRIES) -> None:
+    """Run `init` (a local `ray.init`), again when Ray's node did not come up. The raylet waits at most
+    15 s for its dashboard agent, a Python process that imports a lot: on a busy 2-core machine (two
+    launches at once beside other work) it can miss that, the raylet aborts, and `ray.init` raises
+    "The current node timed out during startup" after 30 s. Neither wait can be configured in Ray 2.60
+    (RAY_agent_register_timeout_ms does not reach it), so the processes that attempt started, all this
+    process's children, are ended and Ray is started afresh."""
+    import sys
+
+    import psutil
+
+    me = psutil.Process()
+    for attempt in range(1, tries + 1):
+        before = {p.pid for p in me.children(recursive=True)}
+        try:
+            init()
+            return
+        except Exception as exc:
+            if NODE_TIMEOUT not in str(exc) or attempt == tries:
+                raise
+            left = [p for p in me.children(recursive=True) if p.pid not in before]
+            for proc in left:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+            psutil.wait_procs(left, timeout=10)
+            print(f"ray: the local Ray's node did not start in time (a busy machine?); starting it again "
+                  f"({attempt + 1}/{tries})", file=sys.stderr, flush=True)
 
 
 def lean() -> bool:
