@@ -16,6 +16,13 @@ from zeroship.ray_session import free_port  # tests import it from here too
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# Ray renices its worker processes to 15 (RayConfig worker_niceness). `make test` runs two test processes
+# on 2 cores, so a launch's workers (Train controller and ranks, Ray Data tasks) starved whenever the other
+# process ran nice-0 work (a test, an export, another launch's driver), while the launch's own nice-0
+# daemons kept polling: a tiny launch beside two busy loops took 260 s and 150 CPU-s at 15, 124 s and
+# 126 CPU-s at 0 (the Train controller alone waited 140 s to start). Every Ray the suite starts, and every
+# launch's private one, inherits this; a user's Ray keeps Ray's default.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -51,6 +51,19 @@ def test_corrupt_or_missing_files_refused(tmp_path, model):
         load_model(tmp_path / "nope")
 
 
+def test_dropout_overrides_reach_every_encoder_dropout_module():
+    """regularization.hidden_dropout / attention_dropout (the workers pass them to build_model): the
+    encoder's config and each of its Dropout modules carry them; None keeps the pretrained value (0.1)."""
+    m = build_model({**MODEL, "num_hidden_layers": 2}, ["O", "B-X"], dropout={"hidden": 0.2, "attention": 0.3})
+    assert m.encoder.config.hidden_dropout_prob == 0.2 and m.encoder.config.attention_probs_dropout_prob == 0.3
+    layer = m.encoder.encoder.layer[1]
+    assert layer.output.dropout.p == 0.2 and m.encoder.embeddings.dropout.p == 0.2
+    assert layer.attention.self.dropout.p == 0.3  # the attention probabilities' (sdpa reads its p)
+    kept = build_model(MODEL, ["O", "B-X"], dropout={"hidden": None, "attention": 0.0})
+    assert kept.encoder.config.hidden_dropout_prob == 0.1 and kept.encoder.config.attention_probs_dropout_prob == 0.0
+    assert kept.encoder.encoder.layer[0].output.dropout.p == 0.1
+
+
 def test_freeze_and_param_groups():
     m = build_model({**MODEL, "num_hidden_layers": 2}, ["O", "B-X"])
     assert apply_freeze(m, 1) > 0
