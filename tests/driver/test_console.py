@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, ROOT, tiny_ner_recipe, toy_ner_shards
+from conftest import BIN, ROOT, listeners_of, tiny_ner_recipe, toy_ner_shards
 
 pytestmark = pytest.mark.e2e
 
@@ -58,7 +58,8 @@ def test_two_launches_at_once_each_use_only_their_own_ray_on_loopback(tmp_path):
     import psutil
 
     a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir(), b.mkdir()
+    a.mkdir()
+    b.mkdir()
     shards = toy_ner_shards(a / "shards", "jsonl", 2)
     recipes = {
         "a": tiny_ner_recipe(a, scaling={"workers": 1, "cpus_per_worker": 2}, deepspeed={"zero_stage": 0},
@@ -82,16 +83,9 @@ def test_two_launches_at_once_each_use_only_their_own_ray_on_loopback(tmp_path):
     deadline = time.time() + 600
     while first.poll() is None and time.time() < deadline:
         try:
-            family = [psutil.Process(first.pid), *psutil.Process(first.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
+            listeners.update({f"{ip}:{port}": name for name, ip, port in listeners_of(first.pid)})
+        except psutil.NoSuchProcess:  # launch itself just exited
             break
-        for p in family:
-            try:
-                for c in p.net_connections(kind="inet"):
-                    if c.status == psutil.CONN_LISTEN:
-                        listeners[f"{c.laddr.ip}:{c.laddr.port}"] = p.name()
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
         time.sleep(2)  # every listener lives the whole run (~60 s): each sweep reads ~20 processes' sockets
     outputs = [proc.communicate(timeout=900)[0] for _, _, proc in procs]
     for (folder, ray_tmp, proc), output in zip(procs, outputs):
