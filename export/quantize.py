@@ -136,13 +136,21 @@ class Int8Builder:
 
         # uint8 activations × int8 weights with 7-bit weights: onnxruntime's advice for x86 without VNNI
         # (its u8s8 kernels can saturate otherwise); constant-B MatMuls only — the attention products of
-        # two activations stay fp32.
+        # two activations stay fp32. The ranges depend on the graph and the op types, not on which nodes
+        # are quantized: calibrated once, every later candidate (the ranking quantizes each node alone)
+        # reads them from onnxruntime's calibration cache instead of running the calibration data again.
         quantize_static(str(self.src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(STATIC_OPS), per_channel=True, reduce_range=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         nodes_to_quantize=only, nodes_to_exclude=exclude,
-                        extra_options={**extra, "MatMulConstBOnly": True})
+                        extra_options={**extra, "MatMulConstBOnly": True},
+                        calibration_cache_path=str(self.calibration_cache))
         return dst
+
+    @property
+    def calibration_cache(self) -> Path:
+        """Where the static ranges of `src` are kept between candidates (inside the work folder)."""
+        return self.folder / f".calibration-{self.src.stem}.json"
 
     # ------------------------------------------------------------ sensitivity
     def logits(self, path: Path) -> list[np.ndarray]:

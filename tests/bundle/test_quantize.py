@@ -50,3 +50,65 @@ def test_pad_feeds_pads_each_batch_to_its_longest_and_keeps_every_row():
         assert (feed["token_type_ids"] == 0).all()
     assert sorted(int(n) for f in feeds for n in f["attention_mask"].sum(1)) == [2, 3, 4, 8, 9]
     assert [f["input_ids"].shape[0] for f in pad_feeds(rows, ["input_ids"], 0, 1)] == [1] * 5
+
+
+class CountedFeeds(list):
+    """Calibration feeds that count how often the quantizer reads them through."""
+
+    passes = 0
+
+    def __iter__(self):
+        def read():  # counted when the first feed is taken, not when an iterator is made
+            self.passes += 1
+            yield from list.__iter__(self)
+
+        return read()
+
+
+def two_matmul_graph(path) -> None:
+    """x[B, 8] → MatMul → Relu → MatMul → logits[B, 4]: two constant-B MatMuls for static int8."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    w1, w2 = (numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n) for n, s in
+              (("w1", (8, 8)), ("w2", (8, 4))))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="first"), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["logits"], name="second")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])], [w1, w2])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def static_builder(src, folder, calibration):
+    from export.quantize import Int8Builder
+
+    folder.mkdir()
+    x = np.random.default_rng(5).normal(size=(6, 8)).astype(np.float32)
+    return Int8Builder(src, folder, evaluate=lambda p: ({}, 0.0), sample=[({"x": x}, np.ones(6, dtype=bool))],
+                       calibration=calibration, serve_feeds=lambda independent: [], budget=0.5, log=lambda m: None)
+
+
+def test_static_ranking_calibrates_once_and_builds_what_a_fresh_calibration_builds(tmp_path):
+    """The sensitivity ranking quantizes every node alone: the activation ranges are computed on the first
+    of those and read back for the rest (onnxruntime's calibration cache), and each candidate is byte for
+    byte the model a fresh calibration of the same data builds."""
+    src = tmp_path / "model.onnx"
+    two_matmul_graph(src)
+    feeds = [{"x": np.random.default_rng(i).normal(size=(4, 8)).astype(np.float32)} for i in range(6)]
+    cached = static_builder(src, tmp_path / "work", CountedFeeds(feeds))
+    ranked = cached.sensitivity("static")
+    assert sorted(s["node"] for s in ranked) == ["first", "second"]
+    assert all(s["kl"] >= 0 for s in ranked)
+    assert cached.calibration.passes == 1  # two candidates, one pass over the calibration data
+    cached.quantize("static", tmp_path / "plain.onnx")
+    cached.quantize("static", tmp_path / "second.onnx", only=["second"])
+    assert cached.calibration.passes == 1
+    for name, only in (("plain", None), ("second", ["second"])):
+        fresh = static_builder(src, tmp_path / f"fresh-{name}", CountedFeeds(feeds))
+        fresh.quantize("static", tmp_path / f"fresh-{name}.onnx", only=only)
+        assert fresh.calibration.passes == 1
+        assert (tmp_path / f"fresh-{name}.onnx").read_bytes() == (tmp_path / f"{name}.onnx").read_bytes()
+    # the cache lives in the builder's work folder, which the export removes with its candidates
+    assert cached.calibration_cache.parent == tmp_path / "work" and cached.calibration_cache.is_file()
