@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from launcher.driver.plan import resource_problems
+from launcher.driver.plan import local_cpus, resource_problems
 from launcher.recipe.schema import Recipe
 from launcher.runs.storage import is_uri
 from launcher.worker.signing import KEY_ENV, load_key
@@ -27,6 +27,8 @@ def connect_ray(recipe: Recipe, storage: str | None = None, log_to_driver: bool 
     if os.environ.get("ZEROSHIP_FAULT"):  # test-only fault hook (launcher.worker.loop_state.FaultHook)
         env["ZEROSHIP_FAULT"] = os.environ["ZEROSHIP_FAULT"]
     env[KEY_ENV] = load_key().hex()  # workers sign their checkpoints with it (launcher.worker.signing)
+    if not os.environ.get("RAY_ADDRESS"):
+        _check_local_cpus(recipe)  # before a Ray that could not hold the run is started (~8 s) for nothing
     # a sweep that stops trials early (ASHA) gets the dashboard that Ray Train's placement-group cleaner
     # needs (launcher.driver.trainer.trainer_class); every other run, k-fold and plain grids included, is lean
     where = init_ray(env, log_to_driver, dashboard=stops_trials_early(recipe))
@@ -88,6 +90,20 @@ def _probe_on_node(node_ids: list[str], path: str, token: str) -> list[bool]:
     refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(path, token)
             for node in node_ids]
     return ray.get(refs, timeout=120)
+
+
+def _check_local_cpus(recipe: Recipe) -> None:
+    """A local Ray declares this machine's CPUs and one more (zeroship.ray_session): its CPU count is known
+    before it starts. Its GPUs are Ray's to detect (the driver imports no torch), so `_check_resources`
+    judges them once it runs."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    have = {"CPU": local_cpus(), "GPU": float("inf")}  # GPUs: not judged here
+    problems = resource_problems(recipe, have, "this machine")
+    if problems:
+        raise ClusterError(problems)
 
 
 def _check_resources(recipe: Recipe) -> None:

@@ -43,6 +43,11 @@ class Plan:
 DATA_CPUS = 1  # what a run leaves free beside its workers for Ray Data's reading and tokenization
 
 
+def local_cpus() -> int:
+    """The CPUs a private local Ray declares (zeroship.ray_session): this machine's and DATA_CPUS more."""
+    return (os.cpu_count() or 1) + DATA_CPUS
+
+
 def resource_problems(recipe: Recipe, have: dict, where: str) -> list[Problem]:
     """What the recipe's workers (and Ray Data beside them) need and `have` (Ray resources) lacks."""
     sc = recipe.scaling
@@ -145,7 +150,7 @@ def build_plan(recipe: Recipe, recipe_path: str, check: bool = False) -> Plan:
         recipe = recipe.updated({"model.init_from": str(parent_dir.resolve())})  # workers read it from here
         source = str(parent_dir.resolve())  # the parent's tokenizer
     sc = recipe.scaling
-    local = {"CPU": (os.cpu_count() or 1) + DATA_CPUS, "GPU": 0}  # as zeroship.ray_session starts it
+    local = {"CPU": local_cpus(), "GPU": 0}  # as zeroship.ray_session starts it
     if sc.use_gpu:
         try:
             import torch

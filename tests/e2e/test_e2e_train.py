@@ -115,6 +115,8 @@ def test_unschedulable_run_is_marked_failed(tmp_path, ray_tmp):
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "failed" and "64 workers" in status["error"]
     assert not (run / "best").exists()
+    # a local Ray's CPUs are known before it starts: none was started for a run it could not hold
+    assert not list(Path(ray_tmp).iterdir()) and "ray:" not in res.stdout
 
 
 def test_warm_start_with_every_regularizer_freezes_and_stops_early(tmp_path, ray_tmp, ner_run):
