@@ -38,17 +38,18 @@ def evaluate(args) -> int:
     from launcher.data.parse import load_dataset
     from launcher.eval.evaluate import evaluate_model
     from launcher.eval.report import print_report
-    from launcher.nn.model import load_model
+    from launcher.nn.model import load_model, read_model_json
     from launcher.runs.outputs import check_output, write_output
 
     if args.json:  # refused before the evaluation's work, not after it
         check_output(Path(args.json), PURPOSE, "--json", force=args.force)
     run = resolve_run(args.run, args.runs)
-    model, meta = load_model(run.best_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(run.best_dir))
+    meta = read_model_json(run.best_dir)  # the labels, so that bad data is refused before the model is built
     data = dict(yaml.safe_load((run.dir / "recipe.yaml").read_text())["data"])
     data.update(train=args.data, validation=args.data, test=None, labels=meta["labels"])  # closed label set
     examples = load_dataset(data, meta["task"], sample="train").splits["validation"].examples  # read once whole
+    model, _ = load_model(run.best_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(run.best_dir))
     forward, engine = None, "pytorch"
     if args.onnx:
         bundle = run.bundle_dir
