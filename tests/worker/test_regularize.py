@@ -76,7 +76,8 @@ def test_l2_head(setup):
     model, batch, labels = setup
     model.eval()
     _, parts = TaskLoss(model, {"l2_head": 0.2})(model, model, batch, labels)
-    expected = 0.1 * sum(float((p ** 2).sum()) for p in [*model.head.parameters(), *model.classifier.parameters()])
+    head = [*model.head.parameters(), *model.classifier.parameters()]
+    expected = 0.1 * sum(float((p.detach() ** 2).sum()) for p in head)
     assert parts["l2_head"] == pytest.approx(expected, rel=1e-5)
 
 
@@ -86,7 +87,8 @@ def test_r_drop_symmetric_kl_between_two_dropout_passes(setup):
     torch.manual_seed(11)
     total, parts = TaskLoss(model, {"r_drop": 2.0})(model, model, batch, labels)
     torch.manual_seed(11)  # the same two dropout masks, in the same order
-    a, b = model(**batch), model(**batch)
+    with torch.no_grad():  # the reference values only (dropout still applies: the model is in train mode)
+        a, b = model(**batch), model(**batch)
     keep = labels.reshape(-1) != -100
     pa = a.reshape(-1, a.shape[-1])[keep].softmax(-1)
     pb = b.reshape(-1, b.shape[-1])[keep].softmax(-1)
@@ -110,7 +112,7 @@ def test_fgm_perturbs_word_embeddings_along_normalized_gradient(setup):
     clean = ce(model(inputs_embeds=emb, **rest), labels)
     (grad,) = torch.autograd.grad(clean, emb)
     adversarial = ce(model(inputs_embeds=emb + grad / grad.norm(), **rest), labels)
-    assert parts["fgm"] == pytest.approx(float(adversarial), rel=1e-5)
+    assert parts["fgm"] == pytest.approx(float(adversarial.detach()), rel=1e-5)
     assert parts["fgm"] > parts["ce"]  # a step up the gradient raises the loss
 
 
