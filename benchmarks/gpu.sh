@@ -8,7 +8,9 @@
 # 2. trains the quickstart recipe with `launch` on one GPU (NCCL, bf16) at ZeRO 0/2/3 and the
 #    transformers Trainer with the same DeepSpeed config: samples/s and peak GPU memory per stage;
 # 3. finds the largest encoder (random-init BERT shapes) each stage trains on that GPU;
-# 4. runs serve_latency.py with onnxruntime's CUDA provider (fp32, fp16, IO binding).
+# 4. runs serve_latency.py with onnxruntime's CUDA provider (fp32, fp16, IO binding);
+# 5. with wrk on the PATH: serve_http.py --device cuda (zeroship serve on the GPU, one box and Ray Serve,
+#    beside the hand-written server on the GPU).
 # Every table is appended to benchmarks/RESULTS.md with the device named.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,4 +63,11 @@ PYEOF
 
 # 4. serving on the GPU: needs a trained run; the quickstart is enough (latency depends on the shape)
 launch recipes/quickstart_ner.yaml scaling.use_gpu=true deepspeed.precision=bf16 scaling.workers=1
-"$PY" benchmarks/serve_latency.py --gpu
+"$PY" benchmarks/serve_latency.py --gpu  # exports the run's fp16 variant if it has none
+
+# 5. zeroship serve on the GPU under load (the same bundle; `auto` picks fp16 on CUDA)
+if command -v wrk >/dev/null; then
+  "$PY" benchmarks/serve_http.py --device cuda
+else
+  echo "gpu.sh: wrk not found (apt-get install wrk): serve_http.py --device cuda skipped" >&2
+fi

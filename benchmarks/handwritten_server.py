@@ -1,5 +1,5 @@
 """The server a user would write by hand around the bundle (benchmarks/serve_http.py's baseline):
-FastAPI + uvicorn, one process, no batching. Usage: handwritten_server.py BUNDLE PORT THREADS"""
+FastAPI + uvicorn, one process, no batching. Usage: handwritten_server.py BUNDLE PORT THREADS [cpu|cuda]"""
 import sys
 
 import uvicorn
@@ -7,7 +7,7 @@ from fastapi import FastAPI
 
 from export.runtime import Predictor
 
-predictor = Predictor.load(sys.argv[1], threads=int(sys.argv[3]))
+predictor = Predictor.load(sys.argv[1], threads=int(sys.argv[3]), device=(sys.argv[4:] or ["cpu"])[0])
 app = FastAPI()
 
 

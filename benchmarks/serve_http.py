@@ -17,6 +17,9 @@ model call (from /stats). Appends the table and the ratios the targets are state
 
     make quickstart && apt-get install wrk
     .venv/bin/python benchmarks/serve_http.py [--run latest] [--runs runs] [--seconds 15] [--threads 2]
+
+With `--device cuda` (onnxruntime-gpu, benchmarks/gpu.sh) every server and the ceiling run on onnxruntime's
+CUDA provider: the variant each picks is the same (`auto`: fp16 when the bundle has one).
 """
 
 from __future__ import annotations
@@ -113,10 +116,10 @@ def wrk(url: str, clients: int, seconds: float, script: Path | None, bodies: Pat
             "p99_ms": ms("99%"), "non2xx": non2xx}
 
 
-def in_process_b32(bundle: Path, texts: list[str], threads: int, seconds: float) -> float:
+def in_process_b32(bundle: Path, texts: list[str], threads: int, seconds: float, device: str) -> float:
     from export.runtime import Predictor
 
-    pred = Predictor.load(bundle, threads=threads)
+    pred = Predictor.load(bundle, threads=threads, device=device)
     pred.predict(texts[:32])
     times, i, stop = [], 0, time.time() + seconds
     while time.time() < stop:
@@ -128,11 +131,11 @@ def in_process_b32(bundle: Path, texts: list[str], threads: int, seconds: float)
     return 32 / statistics.median(times)
 
 
-def servers(bundle: Path, threads: int, port: int) -> dict[str, list[str]]:
+def servers(bundle: Path, threads: int, port: int, device: str = "cpu") -> dict[str, list[str]]:
     zeroship = str(BIN / "zeroship")
-    common = ["--port", str(port), "--threads-per-replica", str(threads)]
+    common = ["--port", str(port), "--threads-per-replica", str(threads), "--device", device]
     return {"hand-written FastAPI + uvicorn": [sys.executable, str(ROOT / "benchmarks" / "handwritten_server.py"),
-                                               str(bundle), str(port), str(threads)],
+                                               str(bundle), str(port), str(threads), device],
             "zeroship serve (one box)": [zeroship, "serve", str(bundle), *common],
             "zeroship serve --ray-serve (1 replica, direct ingress)": [zeroship, "serve", str(bundle), "--ray-serve",
                                                                       *common],
@@ -184,6 +187,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime threads of every server and of the ceiling")
     ap.add_argument("--seconds", type=float, default=15, help="load time per row")
     ap.add_argument("--sentences", type=int, default=512)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="onnxruntime's provider, every row")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
@@ -192,7 +196,7 @@ def main() -> None:
     if not (bundle / "manifest.json").is_file():
         raise SystemExit(f"{bundle}: not exported; run `zeroship export onnx {run.id} --runs {args.runs}` first")
     texts = [" ".join(s) for s in random.Random(0).sample(sentences("test.txt"), args.sentences)]
-    ceiling = in_process_b32(bundle, texts, args.threads, 10)
+    ceiling = in_process_b32(bundle, texts, args.threads, 10, args.device)
     with tempfile.TemporaryDirectory(prefix="zs-bench-") as tmp:
         bodies, script = Path(tmp) / "bodies.jsonl", Path(tmp) / "post.lua"
         bodies.write_text("".join(json.dumps({"texts": [t]}) + "\n" for t in texts))
@@ -202,7 +206,7 @@ def main() -> None:
             port = sock.getsockname()[1]
         url = f"http://127.0.0.1:{port}"
         results = {name: measure(name, cmd, url, args.seconds, script, bodies)
-                   for name, cmd in servers(bundle, args.threads, port).items()}
+                   for name, cmd in servers(bundle, args.threads, port, args.device).items()}
     hand, local, ray, ray_logged, proxied = (results[name] for name in servers(bundle, args.threads, 0))
     lines = ["| server | clients | req/s | p50 ms | p99 ms | non-2xx | texts per model call |",
              "|---|---|---|---|---|---|---|"]
@@ -239,10 +243,10 @@ def main() -> None:
     ]
     table = "\n".join(lines) + "\n\n" + "\n".join(f"- {r}" for r in ratios) + (
         f"\n\nModel: {run.id} bundle ({json.loads((bundle / 'manifest.json').read_text())['task']}), "
-        f"{args.threads} onnxruntime threads per server; wrk with 1/8/32 connections, {args.seconds:g} s per row, one "
-        "CoNLL-2003 test sentence per request, client and server on the same cores.")
+        f"{args.threads} onnxruntime threads per server, device {args.device}; wrk with 1/8/32 connections, "
+        f"{args.seconds:g} s per row, one CoNLL-2003 test sentence per request, client and server on the same cores.")
     print(table)
-    append_results("serve_http: hand-written server vs zeroship serve (one box, Ray Serve)",
+    append_results(f"serve_http: hand-written server vs zeroship serve (one box, Ray Serve), {args.device}",
                    " ".join(["benchmarks/serve_http.py", *sys.argv[1:]]), table)
 
 

@@ -208,12 +208,13 @@ def providers_for(device: str) -> list[str]:
     """onnxruntime providers for "cpu" or "cuda" (CUDA needs the onnxruntime-gpu build)."""
     if device == "cpu":
         return ["CPUExecutionProvider"]
+    title = "The device asked for cannot run the model."
     if device != "cuda":
-        raise BundleError(f"device {device!r}: use cpu or cuda")
+        raise BundleError(f"device {device!r}: use cpu or cuda", title)
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise BundleError(
             "device cuda: this onnxruntime has no CUDA provider (has "
-            f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu instead of onnxruntime"
+            f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu instead of onnxruntime", title
         )
     return list(CUDA_PROVIDERS)
 

@@ -15,7 +15,10 @@ def serve_parser() -> Parser:
                 "on Ray Serve to scale out (--replicas/--autoscale, RAY_ADDRESS set, --ray-serve, --config-only).")
     p.add_argument("bundle", help="bundle folder, or a run id whose runs/RUN/onnx to serve")
     p.add_argument("--runs", default="runs", metavar="DIR", help="storage root for run ids (default: runs)")
-    p.add_argument("--variant", default="auto", choices=["auto", "fp32", "optimized", "int8", "fp16"])
+    p.add_argument("--variant", default="auto", choices=["auto", "fp32", "optimized", "int8", "fp16"],
+                   help="the model file (default auto: int8, optimized, fp32 on cpu; fp16, optimized, fp32 on cuda)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="onnxruntime's provider (cuda needs onnxruntime-gpu; on Ray Serve a GPU per replica)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     scale = p.add_mutually_exclusive_group()
@@ -44,7 +47,7 @@ def serve_command(argv: list[str]) -> int:
     def go() -> int:
         from pydantic import ValidationError
 
-        from export.runtime import Predictor
+        from export.runtime import Predictor, pick_variant, providers_for, read_manifest
         from export.serve.ray_serve import ServeOptions, config_yaml, run_forever
         from launcher.runs.registry import bundle_folder
 
@@ -61,15 +64,20 @@ def serve_command(argv: list[str]) -> int:
                       or os.environ.get("RAY_ADDRESS"))
         threads = args.threads_per_replica or (1 if on_ray else os.cpu_count() or 1)
         # the whole bundle, checked here before Ray starts (export.runtime.check_bundle): a bad one is exit 2
-        # with its field, never a replica that fails to deploy or answers wrongly
-        Predictor.load(bundle, variant=args.variant, threads=1)
+        # with its field, never a replica that fails to deploy or answers wrongly. On the CPU, also for cuda:
+        # the variant a GPU replica picks, without a CUDA context held by this process while it serves.
+        if not (args.config_only or os.environ.get("RAY_ADDRESS")):  # the model runs on this machine
+            providers_for(args.device)  # cuda without onnxruntime-gpu: exit 2, saying what to install
+        first = "CUDAExecutionProvider" if args.device == "cuda" else "CPUExecutionProvider"
+        variant = pick_variant(read_manifest(bundle, verify=False), args.variant, [first])
+        Predictor.load(bundle, variant=variant, threads=1)
         if on_ray and args.access_log:
             raise ServeError(Problem("--access-log", "is for the one-box server", "on Ray Serve, -v logs one "
                                         "line per request in the replicas' logs"))
         access = access_logger(args.access_log, args.verbose) if not args.config_only else None
         try:
-            opts = ServeOptions(bundle=str(bundle.resolve()), variant=args.variant, replicas=args.replicas,
-                                autoscale=autoscale, threads_per_replica=threads,
+            opts = ServeOptions(bundle=str(bundle.resolve()), variant=variant, device=args.device,
+                                replicas=args.replicas, autoscale=autoscale, threads_per_replica=threads,
                                 max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                                 max_texts=args.max_texts, max_chars=args.max_chars, max_queue=args.max_queue,
                                 access_log=access is not None)

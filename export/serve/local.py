@@ -188,7 +188,8 @@ def run_local(opts: ServeOptions, host: str, port: int, say, access: logging.Log
                             timeout_graceful_shutdown=10, lifespan="on")
     server = _server_class()(config)
     url = f"http://{host}:{port}"
-    say(f"serving {opts.bundle} ({service.predictor.variant}, {opts.threads_per_replica} threads) in this "
+    on = "on CUDA, " if service.provider == "CUDAExecutionProvider" else ""
+    say(f"serving {opts.bundle} ({service.predictor.variant}, {on}{opts.threads_per_replica} threads) in this "
         f"process: {url}")
     say(f"  POST {url}/predict  GET {url}/healthz {url}/readyz {url}/metadata {url}/stats  docs: {url}/docs")
     say("  Ctrl-C stops it")

@@ -8,7 +8,7 @@ length. Routes (FastAPI, so /docs and /openapi.json come with it):
     POST /predict   {"texts": [...]} → {"model": {run, variant, sha256}, "predictions": [...]}
     GET  /healthz   the replica is alive
     GET  /readyz    the model is loaded and answered a warm-up call (503 until then)
-    GET  /metadata  task, labels, variant, max length, versions (from the bundle's manifest)
+    GET  /metadata  task, labels, variant, device and provider, max length, versions
     GET  /stats     this replica's model calls, texts and requests (how well batching works)
 
 A bad request gets a 4xx with {"error", "detail"} and never reaches the model (a text the tokenizer
@@ -119,11 +119,17 @@ def build_app(args: dict) -> serve.Application:
         scaling = {"autoscaling_config": {"min_replicas": lo, "max_replicas": hi, "initial_replicas": max(lo, 1),
                                           "target_ongoing_requests": 2 * opts.max_batch_size}}
     # beyond max_queue requests waiting at a replica Serve's proxy answers 503 itself (backpressure)
-    deployment = BundleServer.options(ray_actor_options={"num_cpus": opts.threads_per_replica},
+    deployment = BundleServer.options(ray_actor_options=actor_options(opts),
                                       max_ongoing_requests=4 * opts.max_batch_size,
                                       max_queued_requests=opts.max_queue,
                                       logging_config={"enable_access_log": opts.access_log}, **scaling)
     return deployment.bind(opts.model_dump())
+
+
+def actor_options(opts: ServeOptions) -> dict:
+    """What Ray reserves for a replica: its onnxruntime threads' CPUs, and on cuda a whole GPU (Ray sets
+    the replica's CUDA_VISIBLE_DEVICES to it, so onnxruntime's device 0 is that GPU)."""
+    return {"num_cpus": opts.threads_per_replica, **({"num_gpus": 1} if opts.device == "cuda" else {})}
 
 
 def config_yaml(opts: ServeOptions, host: str, port: int) -> str:
@@ -250,7 +256,8 @@ def run_forever(opts: ServeOptions, host: str, port: int, say, warn=None, verbos
         serve.start(http_options={"host": host, "port": proxy_port})
         serve.run(build_app(opts.model_dump()), name=APP_NAME, route_prefix="/", blocking=False)
         url = f"http://{host}:{port}"
-        say(f"serving {opts.bundle} on {where}: {url}")
+        say(f"serving {opts.bundle} ({opts.variant}{', a GPU per replica' if opts.device == 'cuda' else ''}) "
+            f"on {where}: {url}")
         say(f"  POST {url}/predict  GET {url}/healthz {url}/readyz {url}/metadata {url}/stats  docs: {url}/docs")
         say("  Ctrl-C stops it")
         watch, tick = Watch(), 0

@@ -5,7 +5,7 @@ the counters. One app, two runners: both expose these routes through FastAPI wit
     POST /predict   {"texts": [...]} → {"model": {run, variant, sha256}, "predictions": [...]}
     GET  /healthz   the server is alive
     GET  /readyz    the model is loaded and answered a warm-up call (503 until then, and once stopping)
-    GET  /metadata  task, labels, variant, max length, limits, versions (from the bundle's manifest)
+    GET  /metadata  task, labels, variant, device and provider, max length, limits, versions
     GET  /stats     model calls, texts, requests, texts per call, queue depth, rejected requests
 
 A bad request gets a 4xx with {"error", "detail"} and never reaches the model (a text the tokenizer
@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, model_validator
@@ -35,6 +35,7 @@ class ServeOptions(BaseModel):
 
     bundle: str
     variant: str = "auto"
+    device: Literal["cpu", "cuda"] = "cpu"  # onnxruntime's provider (cuda: onnxruntime-gpu; a GPU per Serve replica)
     threads_per_replica: int = Field(1, ge=1, le=256)
     replicas: int = Field(1, ge=1, le=1024)
     autoscale: tuple[int, int] | None = None  # (min, max) replicas, scaled on ongoing requests
@@ -130,12 +131,13 @@ class BundleService:
 
     def load(self, options: dict) -> None:
         self.opts = ServeOptions(**options)
-        self.predictor = Predictor.load(self.opts.bundle, variant=self.opts.variant,
+        self.predictor = Predictor.load(self.opts.bundle, variant=self.opts.variant, device=self.opts.device,
                                         threads=self.opts.threads_per_replica)
         manifest = self.predictor.manifest
         model_file = variant_files(manifest)[self.predictor.variant]
         self.model_info = {"run": manifest.get("run"), "variant": self.predictor.variant,
                            "sha256": manifest["files"][model_file]["sha256"]}
+        self.provider = self.predictor.session.get_providers()[0]  # what really runs it (/metadata)
         self.counts = {"model_calls": 0, "texts": 0, "requests": 0, "rejected": 0}
         self.predictor.predict(["warm up"])  # /readyz answers only once the model has answered
         self.ready = True
@@ -173,7 +175,8 @@ class BundleService:
 
     def metadata(self) -> dict:
         m = self.predictor.manifest
-        return {"model": self.model_info, "task": m["task"], "labels": m["labels"], "metric": m.get("metric"),
+        return {"model": self.model_info, "device": self.opts.device, "provider": self.provider,
+                "task": m["task"], "labels": m["labels"], "metric": m.get("metric"),
                 "max_length": m["max_length"], "stride": m["stride"], "versions": m.get("versions", {}),
                 "limits": {"max_texts": self.opts.max_texts, "max_chars": self.opts.max_chars,
                            "max_queue": self.opts.max_queue},

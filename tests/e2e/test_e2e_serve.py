@@ -8,8 +8,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import tempfile
 import threading
 import time
 import urllib.error
@@ -17,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import BIN, ROOT, TOY_NER, cli, free_port, is_loopback, listeners_of
+from conftest import TOY_NER, Server, cli, http, is_loopback, listeners_of
 
 from export.runtime import Predictor
 from launcher.data.parse import read_conll
@@ -27,74 +25,8 @@ pytestmark = pytest.mark.e2e
 TEXTS = [" ".join(ex.tokens) for ex in read_conll(str(TOY_NER / "validation.conll"))[:40]]
 
 
-def http(url: str, body: bytes | None = None, timeout: float = 60) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            return exc.code, json.loads(raw or b"{}")
-        except ValueError:  # Serve's proxy answers 404 in plain text until the app's routes reach it
-            return exc.code, {"raw": raw.decode(errors="replace")}
-
-
 def predict(url: str, texts: list[str], timeout: float = 60) -> tuple[int, dict]:
     return http(f"{url}/predict", json.dumps({"texts": texts}).encode(), timeout)
-
-
-class Server:
-    """`zeroship serve` in its own process session, with its own Ray temp dir."""
-
-    def __init__(self, bundle: Path, *args: str):
-        self.runner = "ray" if {"--ray-serve", "--replicas", "--autoscale"} & set(args) else "local"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.ray_dir = tempfile.mkdtemp(prefix="zs-", dir="/tmp")
-        self.log = open(Path(self.ray_dir) / "serve.log", "w+")
-        env = {**os.environ, "ZEROSHIP_RAY_TMPDIR": self.ray_dir}
-        self.proc = subprocess.Popen(
-            [str(BIN / "zeroship"), "serve", str(bundle), "--port", str(self.port), *args],
-            cwd=ROOT,
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            self._wait_ready(240)
-        except BaseException:  # never leave a server (and its Ray and replicas) behind for the next test
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            raise
-
-    def _wait_ready(self, seconds: int) -> None:
-        deadline = time.time() + seconds
-        while time.time() < deadline:
-            assert self.proc.poll() is None, self.output()
-            try:  # ready, and the command has printed its routes (start-up is over)
-                if http(f"{self.url}/readyz", timeout=5)[0] == 200 and "Ctrl-C stops it" in self.output():
-                    return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(1)
-        raise AssertionError(f"server not ready in {seconds} s:\n" + self.output())
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()[-4000:]
-
-    def stop(self, sig=signal.SIGINT) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:  # past the runner's own bound (ray_serve._shut_down: Serve 60 + Ray 30 + 5 s; reached under load)
-                self.proc.wait(timeout=150)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +126,7 @@ def test_metadata_and_openapi(server, bundle):
         "max_chars": 500,
         "max_queue": 512,
     }
+    assert meta["device"] == "cpu" and meta["provider"] == "CPUExecutionProvider"  # the default, and what runs it
     status, spec = http(f"{server.url}/openapi.json")
     assert status == 200 and {"/predict", "/healthz", "/readyz", "/metadata"} <= set(spec["paths"])
 

@@ -84,21 +84,32 @@ def test_warm_start_on_gpu(gpu_run, tmp_path, ray_tmp):
     assert json.loads((run / "status.json").read_text())["state"] == "succeeded"
 
 
-def test_fp16_export_checked_on_cuda_and_predictor_on_cuda(gpu_run):
+TEXTS = [" ".join(line.split()[0] for line in block.splitlines())
+         for block in (TOY_NER / "validation.conll").read_text().strip().split("\n\n")]
+
+
+def spans(predictions: list) -> list:
+    return [[(e["label"], e["start"], e["end"]) for e in p] for p in predictions]
+
+
+@pytest.fixture(scope="module")
+def gpu_bundle(gpu_run) -> Path:
+    """gpu_run exported with its fp16 variant (checked on onnxruntime's CUDA provider)."""
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime has no CUDA provider: make test-gpu installs onnxruntime-gpu")
-    from export.runtime import Predictor
-
     res = cli("zeroship", "export", "onnx", gpu_run.name, "--runs", str(gpu_run.parent), "--fp16")
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
-    bundle = gpu_run / "onnx"
+    return gpu_run / "onnx"
+
+
+def test_fp16_export_checked_on_cuda_and_predictor_on_cuda(gpu_bundle):
+    from export.runtime import Predictor
+
+    bundle, texts = gpu_bundle, TEXTS
     fp16 = json.loads((bundle / "manifest.json").read_text())["variants"]["fp16"]["parity"]
     assert fp16["provider"] == "CUDAExecutionProvider" and fp16["io_binding"] and fp16["argmax_agreement"] >= 0.99
-    texts = [" ".join(line.split()[0] for line in block.splitlines())
-             for block in (TOY_NER / "validation.conll").read_text().strip().split("\n\n")]
-    spans = lambda preds: [[(e["label"], e["start"], e["end"]) for e in p] for p in preds]  # noqa: E731
     cpu = spans(Predictor.load(bundle, variant="fp32").predict(texts))
     cuda32 = Predictor.load(bundle, variant="fp32", device="cuda")
     assert cuda32.io_binding and cuda32.session.get_providers()[0] == "CUDAExecutionProvider"
@@ -106,6 +117,32 @@ def test_fp16_export_checked_on_cuda_and_predictor_on_cuda(gpu_run):
     cuda16 = spans(Predictor.load(bundle, variant="fp16", device="cuda").predict(texts))
     same = sum(a == b for a, b in zip(cuda16, cpu)) / len(cpu)
     assert same >= 0.98, same  # fp16 may flip a near-tie; the metric gate is in the export
+
+
+@pytest.mark.parametrize("runner", [[], ["--ray-serve"]], ids=["local", "ray"])
+def test_serve_on_cuda_answers_as_the_predictor_on_cuda(gpu_bundle, runner):
+    """`zeroship serve --device cuda`, in process and on Ray Serve (a replica holding the GPU): /metadata names
+    the CUDA provider and the fp16 variant `auto` picks there, and the answers are the CUDA Predictor's."""
+    import signal
+
+    from conftest import Server, http
+
+    from export.runtime import Predictor
+
+    server = Server(gpu_bundle, "--device", "cuda", *runner)
+    try:
+        status, meta = http(f"{server.url}/metadata")
+        assert meta["device"] == "cuda" and meta["provider"] == "CUDAExecutionProvider", meta
+        assert meta["model"]["variant"] == "fp16"
+        status, body = http(f"{server.url}/predict", json.dumps({"texts": TEXTS[:64]}).encode(), timeout=120)
+        assert status == 200, body
+        served = spans(body["predictions"])
+        alone = spans(Predictor.load(gpu_bundle, variant="fp16", device="cuda").predict(TEXTS[:64]))
+        # fp16 logits can differ in the last digit with the batch's shape: a near-tie may flip (as above)
+        assert sum(a == b for a, b in zip(served, alone)) / len(alone) >= 0.98
+    finally:
+        code = server.stop(signal.SIGTERM)
+    assert code == 0, server.output()
 
 
 def test_two_workers_cannot_share_one_gpu(tmp_path):

@@ -27,7 +27,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import BIN, ROOT, TOY_NER, cli, is_loopback
+import yaml
+from conftest import BIN, ROOT, TOY_NER, cli, free_port, is_loopback
 
 from export.serve.ray_serve import RequestError, Watch, parse_texts, predict_isolated
 from launcher.data.parse import read_jsonl
@@ -304,6 +305,27 @@ def test_serve_refuses_an_inconsistent_bundle_before_starting(ner_bundle, tmp_pa
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
         assert expected in res.stderr and "export the run again" in res.stderr, res.stderr
         assert "serving" not in res.stdout and time.monotonic() - start < 60  # no Ray was started
+
+
+@e2e
+def test_serve_on_cuda_without_onnxruntime_gpu_is_refused_and_its_config_asks_a_gpu_per_replica(ner_bundle):
+    """Here onnxruntime is the CPU build: `--device cuda` stops before Ray with what to install. The config
+    for a cluster is still written (its nodes have their own onnxruntime), with the variant a GPU picks from
+    this bundle (fp32, optimized, int8: no fp16, so optimized; int8 on the CPU)."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():  # CI's build (`make install`)
+        start = time.monotonic()
+        res = cli("zeroship", "serve", str(ner_bundle), "--device", "cuda", "--port", str(free_port()), timeout=120)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert "cannot run the model" in res.stderr and "no CUDA provider" in res.stderr, res.stderr
+        assert "install onnxruntime-gpu" in res.stderr
+        assert "serving" not in res.stdout and time.monotonic() - start < 60  # no Ray, no server was started
+    for device, variant in (("cuda", "optimized"), ("cpu", "int8")):
+        res = cli("zeroship", "serve", str(ner_bundle), "--device", device, "--config-only", timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        (app,) = yaml.safe_load(res.stdout)["applications"]
+        assert app["args"]["device"] == device and app["args"]["variant"] == variant, app["args"]
 
 
 # ------------------------------------------------------------------ 7. excerpts, never runs of lines

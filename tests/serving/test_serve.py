@@ -66,6 +66,18 @@ def test_config_file_is_what_serve_deploy_reads(tmp_path):
     assert config["http_options"] == {"host": "0.0.0.0", "port": 9000}
 
 
+def test_a_cuda_replica_reserves_a_gpu_and_a_cpu_replica_none():
+    from pydantic import ValidationError
+
+    from export.serve.ray_serve import actor_options
+
+    assert actor_options(ServeOptions(bundle="b", threads_per_replica=3)) == {"num_cpus": 3}
+    assert actor_options(ServeOptions(bundle="b", threads_per_replica=3, device="cuda")) == {"num_cpus": 3,
+                                                                                            "num_gpus": 1}
+    with pytest.raises(ValidationError, match="device"):
+        ServeOptions(bundle="b", device="tpu")
+
+
 def test_serve_cli_refuses_bad_arguments_and_missing_bundles(tmp_path):
     res = cli("zeroship", "serve", str(tmp_path), "--config-only")
     assert res.returncode == 2 and "no manifest.json" in res.stderr and "Traceback" not in res.stderr
