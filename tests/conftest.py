@@ -55,10 +55,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def cli(
     *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900
 ) -> subprocess.CompletedProcess:
-    """Run one of the console scripts (launch, export, zeroship) in a fresh process."""
+    """Run one of the console scripts (launch, export, zeroship) in a fresh process. A private Ray it
+    starts lives in a temp folder of its own (removed afterwards) unless `env` names one: never Ray's
+    shared /tmp/ray, where another Ray on the machine (or a clean-up of it) could meet it."""
+    import shutil
+
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([str(BIN / args[0]), *args[1:]], cwd=cwd or ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    own = None if full_env.get("ZEROSHIP_RAY_TMPDIR") else tempfile.mkdtemp(prefix="zs-", dir="/tmp")
+    if own:
+        full_env["ZEROSHIP_RAY_TMPDIR"] = own
+    try:
+        return subprocess.run([str(BIN / args[0]), *args[1:]], cwd=cwd or ROOT, env=full_env,
+                              capture_output=True, text=True, timeout=timeout)
+    finally:
+        if own:
+            shutil.rmtree(own, ignore_errors=True)
 
 
 EVAL_BEST = """
