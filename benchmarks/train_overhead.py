@@ -133,7 +133,9 @@ def hf_trainer(steps: int, threads: int, gpu: bool = False, zero_stage: int | No
         skip_shm_comm_build()  # as the workers do
         resolved["deepspeed"].update(zero_stage=zero_stage or 0, precision="bf16" if gpu else "fp32")
         resolved["train"]["batch_size"] = batch_size
-        extra = {"bf16": gpu, "deepspeed": build_ds_config(resolved, world_size=1)}
+        from launcher.nn.model import trainable_params
+
+        extra = {"bf16": gpu, "deepspeed": build_ds_config(resolved, world_size=1, trainable=trainable_params(model))}
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             out,
@@ -408,7 +410,10 @@ def worker_step(stage: int, threads: int, steps: int, batch_size: int | None = N
     resolved["train"]["batch_size"] = batch_size
     device = torch.device("cpu")  # as worker_device() gives a CPU worker (it needs Ray Train's context)
     task_loss = TaskLoss(model, resolved["regularization"], partitioned=stage == 3, device=device)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=build_ds_config(resolved, 1))
+    from launcher.nn.model import trainable_params
+
+    config = build_ds_config(resolved, 1, trainable_params(model))  # as the workers build it
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     if not keep_allreduce:
         skip_single_rank_allreduce(engine, 1, stage)  # as the worker does
     order = batches_for(recipe, feats, batch_size, steps)

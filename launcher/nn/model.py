@@ -254,6 +254,11 @@ def apply_lora(model: ZeroshipModel, lora: dict) -> int:
     return sum(p.numel() for n, p in model.encoder.named_parameters() if "lora_" in n)
 
 
+def trainable_params(model: torch.nn.Module) -> int:
+    """Elements the optimizer updates (frozen parameters and LoRA's base weights excluded)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def merge_lora(model: ZeroshipModel) -> ZeroshipModel:
     """Fold the adapters into the encoder's weights: a plain encoder again, same outputs."""
     if hasattr(model.encoder, "merge_and_unload"):

@@ -16,10 +16,21 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def build_ds_config(recipe: dict, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config for one run. `recipe` is `Recipe.as_dict()`."""
+# DeepSpeed's reduce bucket (elements). ZeRO-1/2 with contiguous gradients and ZeRO-3 allocate a buffer of
+# this many elements on the device, whatever the model's size: on one H200, a bf16 run of the 15M-parameter
+# test model peaked at 1,102 MB at ZeRO-2 against 157 MB at ZeRO-0 (the 5e8-element bf16 buffer is 954 MB).
+DS_REDUCE_BUCKET = 500_000_000
+
+
+def build_ds_config(recipe: dict, world_size: int, trainable: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config for one run. `recipe` is `Recipe.as_dict()`. `trainable` (the model's trainable
+    parameters, known in the workers) caps the reduce bucket at what the gradients can fill: all of
+    them in one bucket, as before, without reserving 5e8 elements for a smaller model. The recipe's own
+    `deepspeed.config` still overrides it."""
     ds, train = recipe["deepspeed"], recipe["train"]
     zero: dict[str, Any] = {"stage": ds["zero_stage"]}
+    if trainable is not None and ds["zero_stage"]:
+        zero["reduce_bucket_size"] = max(1, min(DS_REDUCE_BUCKET, trainable))
     if ds["offload_optimizer"] != "none":
         zero["offload_optimizer"] = {"device": ds["offload_optimizer"], "pin_memory": False}
     if ds["offload_params"] != "none":

@@ -29,7 +29,7 @@ from launcher.data.features import collate, length_grouped_batches
 from launcher.data.stream import Shards, batches_in_epoch, lockstep, stand_in, whole_steps
 from launcher.eval.evaluate import gold_and_pred, metrics_of, predict
 from launcher.nn.device import worker_device
-from launcher.nn.model import apply_freeze, apply_lora, build_model, param_groups, warm_start
+from launcher.nn.model import apply_freeze, apply_lora, build_model, param_groups, trainable_params, warm_start
 from launcher.recipe import zero_auto
 from launcher.recipe.ds_config import build_ds_config
 from launcher.recipe.schema import Recipe, tokenizer_source
@@ -136,7 +136,7 @@ class TrainingRun:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=build_ds_config(self.recipe.as_dict(), self.world))
+            config=build_ds_config(self.recipe.as_dict(), self.world, trainable_params(model)))
         skip_single_rank_allreduce(self.engine, self.world, self.stage)
         self.l2_sp_z3 = PartitionedL2SP(self.engine.module, rc.l2_sp, self.device) if zero3 and rc.l2_sp else None
 

@@ -18,7 +18,7 @@ from launcher.worker.checkpoint import (CKPT_TAG, STATE_FILE, merged_state_dict,
                                        stage0_fp32_state_dict)
 from launcher.recipe.ds_config import build_ds_config
 from launcher.worker.engine import adamw
-from launcher.nn.model import build_model, param_groups
+from launcher.nn.model import build_model, param_groups, trainable_params
 
 
 def check(precision, stage):
@@ -26,11 +26,20 @@ def check(precision, stage):
     model = build_model(MODEL, ["O", "B-PER", "I-PER"])
     cfg = build_ds_config({"deepspeed": {"zero_stage": stage, "offload_optimizer": "none", "offload_params": "none",
                                          "precision": precision, "config": {}},
-                           "train": {"batch_size": 2, "grad_accum": 1}, "regularization": {"max_grad_norm": 1.0}}, 1)
+                           "train": {"batch_size": 2, "grad_accum": 1}, "regularization": {"max_grad_norm": 1.0}}, 1,
+                          trainable_params(model))  # as the workers build it
     opt = adamw(param_groups(model, 0.0, 1e-3, None), 1e-3)  # the workers' optimizer
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     torch.manual_seed(1)
     ids = torch.randint(0, 1000, (2, 9))
+    buffers = []  # the gradient buffers DeepSpeed allocates for its reduce bucket (launcher.recipe.ds_config)
+    if stage:  # each backward sets them up and releases them at its end: seen as they are set up
+        setup = engine.optimizer.setup_buckets
+
+        def watched():
+            setup()
+            buffers.extend(b.numel() for bucket in engine.optimizer.ipg_buckets.values() for b in bucket.buffer)
+        engine.optimizer.setup_buckets = watched
     for _ in range(3):
         loss = engine(input_ids=ids, attention_mask=torch.ones_like(ids)).float().logsumexp(-1).mean()
         engine.backward(loss)
@@ -53,7 +62,10 @@ def check(precision, stage):
     back = merged_state_dict(folder)
     if stage:
         state = back
-    out = {"module_dtype": str(next(engine.module.parameters()).dtype), "masters": len(masters)}
+    out = {"module_dtype": str(next(engine.module.parameters()).dtype), "masters": len(masters),
+           "params": sum(p.numel() for p in model.parameters())}
+    if stage:
+        out["bucket"], out["bucket_buffers"] = engine.optimizer.reduce_bucket_size, buffers
     for name, p in engine.module.named_parameters():
         if name != "classifier.weight":
             continue
@@ -84,6 +96,13 @@ def test_bf16_keeps_the_fp32_masters(runs, stage):
     # the masters carry bits the bf16 copy cannot hold: an upcast of the module would lose them
     assert not got["bf16_representable"] and not got["equals_module"]
     assert got["round_trip"] and got["all_float_fp32"]
+
+
+def test_zero2_reserves_a_gradient_bucket_of_the_models_size_not_deepspeeds_default(runs):
+    got = runs["bf16-2"]
+    # every parameter trains here; DeepSpeed's default would reserve 500,000,000 elements (on a GPU: 954 MB in bf16)
+    assert got["bucket"] == got["params"] and 0 < got["params"] < 500_000_000
+    assert got["bucket_buffers"] and all(n <= got["params"] for n in got["bucket_buffers"]), got
 
 
 def test_fp32_stage0_keeps_the_module_weights(runs):
