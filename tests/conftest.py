@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,8 +59,6 @@ def cli(
     """Run one of the console scripts (launch, export, zeroship) in a fresh process. A private Ray it
     starts lives in a temp folder of its own (removed afterwards) unless `env` names one: never Ray's
     shared /tmp/ray, where another Ray on the machine (or a clean-up of it) could meet it."""
-    import shutil
-
     full_env = {**os.environ, **(env or {})}
     own = None if full_env.get("ZEROSHIP_RAY_TMPDIR") else tempfile.mkdtemp(prefix="zs-", dir="/tmp")
     if own:

@@ -18,7 +18,7 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 # DeepSpeed's reduce bucket (elements). ZeRO-1/2 with contiguous gradients and ZeRO-3 allocate a buffer of
 # this many elements on the device, whatever the model's size: on one H200, a bf16 run of the 15M-parameter
-# test model peaked at 1,102 MB at ZeRO-2 against 157 MB at ZeRO-0 (the 5e8-element bf16 buffer is 954 MB).
+# test model peaked at 1,103 MB at ZeRO-2 against 157 MB at ZeRO-0 (the 5e8-element bf16 buffer is 954 MB).
 DS_REDUCE_BUCKET = 500_000_000
 
 
